@@ -1,0 +1,88 @@
+"""`edentune` command line: a thin Typer layer over the Python API.
+
+Each stage (data, train, evaluate, export, cycle) owns its commands in `<stage>/cli.py`, which
+must import heavy libraries (torch, transformers) inside the command functions so that
+`edentune --help` stays instant. User mistakes raise `EdentuneError`: printed without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from .errors import EdentuneError
+
+console = Console(stderr=True)
+app = typer.Typer(
+    name="edentune",
+    help="Turn your assistant's conversations into a better local model, and deploy it to Ollama.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and check run configurations.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@app.command()
+def init(
+    model: str = typer.Option("qwen2.5-14b", help="qwen2.5-0.5b…32b, llama-3.1-8b, embedded, a hub id or a path"),
+    output: Path = typer.Option(Path("edentune.yaml"), "--output", "-o", help="where to write the config"),
+    force: bool = typer.Option(False, help="overwrite an existing file"),
+) -> None:
+    """Write a commented run config with the guide's preset for MODEL."""
+    from .config import config_for_model, render_config_yaml
+    from .io import write_text_atomic
+
+    if output.exists() and not force:
+        raise EdentuneError(f"{output} exists", hint="use --force to overwrite, or -o another path")
+    cfg = config_for_model(model)
+    write_text_atomic(output, render_config_yaml(cfg))
+    console.print(f"wrote [bold]{output}[/] (preset [bold]{cfg.preset}[/]: {cfg.preset_obj.description})")
+
+
+@config_app.command("check")
+def config_check(path: Path = typer.Argument(..., help="run config YAML")) -> None:
+    """Validate a config: errors name the key; values outside the preset's safe range are warned about."""
+    from .config import load_config
+
+    cfg = load_config(path)
+    for w in cfg.range_warnings():
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print(f"[green]ok[/] {path}: preset {cfg.preset}, model {cfg.model.name_or_path}")
+
+
+# Stage command modules: `register(app)` adds top-level commands; a module-level Typer `app`
+# becomes a command group named after the stage (`edentune data …`). Import errors are not
+# swallowed: a broken stage module is a packaging bug.
+for _stage in ("data", "train", "evaluate", "export", "cycle"):
+    if importlib.util.find_spec(f"edentune.{_stage}.cli") is None:
+        continue
+    _mod = importlib.import_module(f"edentune.{_stage}.cli")
+    if hasattr(_mod, "register"):
+        _mod.register(app)
+    else:
+        app.add_typer(_mod.app, name=_stage)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("EDENTUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except EdentuneError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

