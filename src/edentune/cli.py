@@ -59,6 +59,44 @@ def config_check(path: Path = typer.Argument(..., help="run config YAML")) -> No
     console.print(f"[green]ok[/] {path}: preset {cfg.preset}, model {cfg.model.name_or_path}")
 
 
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="run config YAML"),
+    device_gb: float = typer.Option(None, help="memory of the training device in GB (default: the CUDA card, else 24)"),
+    device: str = typer.Option("cuda", help="cuda | cpu | mps: where the run will train"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Estimate peak training memory term by term, and say what to change if it does not fit."""
+    import json
+
+    from rich.table import Table
+
+    from .config import load_config
+    from .train.plan import estimate, model_config_for
+
+    cfg = load_config(config)
+    if device_gb is None:
+        import torch
+
+        device_gb = torch.cuda.get_device_properties(0).total_memory / 1024**3 if torch.cuda.is_available() else 24.0
+    p = estimate(cfg, model_config_for(cfg), device_gb, device)
+    if as_json:
+        print(json.dumps({"terms_gb": p.terms, "total_gb": p.total_gb, "device_gb": device_gb, "fits": p.fits,
+                          "tokens_per_micro_batch": p.tokens_per_micro_batch, "advice": p.advice}, indent=2))
+        return
+    table = Table(title=f"Peak memory estimate: {cfg.model.name_or_path} ({p.tokens_per_micro_batch} tokens per micro-batch)")
+    table.add_column("term")
+    table.add_column("GB", justify="right")
+    for k, v in p.terms.items():
+        table.add_row(k, f"{v:.2f}")
+    table.add_row("[bold]total[/]", f"[bold]{p.total_gb:.2f}[/]")
+    Console().print(table)
+    verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
+    Console().print(f"{verdict} in {device_gb:.0f} GB")
+    for a in p.advice:
+        Console().print(f"  change: {a}")
+
+
 # Stage command modules: `register(app)` adds top-level commands; a module-level Typer `app`
 # becomes a command group named after the stage (`edentune data …`). Import errors are not
 # swallowed: a broken stage module is a packaging bug.

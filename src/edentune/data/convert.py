@@ -78,8 +78,8 @@ CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai}
 def convert_record(rec: dict, fmt: str = "auto", system: str | None = None) -> tuple[dict, list[str]]:
     out = CONVERTERS[detect(rec) if fmt == "auto" else fmt](rec)
     msgs = out["messages"]
-    has_system = bool(msgs) and isinstance(msgs[0], dict) and msgs[0].get("role") == "system"
-    if system and isinstance(msgs, list) and not has_system:
+    first = msgs[0] if isinstance(msgs, list) and msgs else None
+    if system and isinstance(msgs, list) and not (isinstance(first, dict) and first.get("role") == "system"):
         out["messages"] = [{"role": "system", "content": system}, *msgs]
     return validate_record(out)
 

@@ -168,10 +168,3 @@ def write_outputs(report: Report, records: list[dict], write=None, quarantine=No
     if quarantine is not None:
         write_jsonl_atomic(quarantine, report.quarantine)
 
-
-def require_clean(report: Report, what: str) -> None:
-    """Stages that build training sets refuse invalid input instead of silently dropping it."""
-    if report.quarantined:
-        shown = "\n  ".join(report.problems[:5])
-        raise DataError(f"{report.quarantined} invalid line(s) in {what}:\n  {shown}",
-                        hint="run `edentune data validate` (or clean) first and use its output")

