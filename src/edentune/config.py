@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-from .presets import ALL_PROJECTIONS, DEFAULT_SYSTEM_PROMPT, OLLAMA_TAGS, PRESETS, RANGE_REASONS, Preset, resolve_model
+from .presets import ALL_PROJECTIONS, DATA_ROUNDS, DEFAULT_SYSTEM_PROMPT, OLLAMA_TAGS, PRESETS, RANGE_REASONS, Preset, resolve_model
 
 
 class _Section(BaseModel):
@@ -219,6 +219,21 @@ class RunConfig(_Section):
             out.append(f"lora.alpha={self.lora.alpha:g} is not 2 x r ({2 * self.lora.r}): the guide's recipe scales alpha with rank")
         if sorted(self.lora.target_modules) != sorted(ALL_PROJECTIONS):
             out.append("lora.target_modules is not all seven projections: the guide trains q,k,v,o,gate,up,down")
+        return out
+
+    def data_size_warnings(self, n_samples: int) -> list[str]:
+        """The guide's data schedule: how many samples and epochs each round should use."""
+        rnd = DATA_ROUNDS[self.data.round]
+        lo, hi = rnd.samples
+        out = []
+        if n_samples < lo:
+            out.append(f"{n_samples} training samples is below the {rnd.name} round's {lo}-{hi}: "
+                       "too little data to change behaviour reliably; collect more or expect underfitting")
+        elif n_samples > hi:
+            out.append(f"{n_samples} training samples is above the {rnd.name} round's {lo}-{hi}: "
+                       "consider data.round: " + next((r.name for r in DATA_ROUNDS.values() if r.samples[0] <= n_samples <= r.samples[1]), "round3"))
+        if self.training.max_steps is None and self.training.num_epochs != rnd.epochs:
+            out.append(f"training.num_epochs={self.training.num_epochs:g}; the guide uses {rnd.epochs} for the {rnd.name} round")
         return out
 
 

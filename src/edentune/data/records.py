@@ -112,7 +112,8 @@ def _parse(raw: bytes, source: str, max_line_bytes: int) -> Item:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            truncated = e.pos >= len(text.rstrip())  # the parser ran off the end: cut-off line
+            # The parser ran off the end (an open string can only end there): a cut-off line.
+            truncated = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
             item.error = Rejected("truncated JSON" if truncated else "invalid JSON",
                                   detail=None if truncated else f"{e.msg} at column {e.colno}")
         else:

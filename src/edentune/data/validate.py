@@ -24,7 +24,7 @@ ROLES = ("system", "user", "assistant", "tool")
 CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 # Which turn may follow which; "tool_calls" is an assistant turn that requests tools.
 NEXT = {
-    "start": {"user"},
+    "start": {"system", "user"},
     "system": {"user"},
     "user": {"assistant"},
     "assistant": {"user"},

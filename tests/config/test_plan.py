@@ -1,0 +1,46 @@
+"""Memory planner: the FACTS formula terms, fit verdict and advice."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from edentune.cli import app
+from edentune.config import config_for_model, render_config_yaml
+from edentune.train.plan import GB, KNOWN_ARCHITECTURES, Arch, estimate
+
+
+def test_qwen14b_parameter_count_matches_the_model_card():
+    arch = Arch.from_config(KNOWN_ARCHITECTURES["Qwen/Qwen2.5-14B-Instruct"])
+    # Qwen2.5-14B: 14.7B parameters (13.1B non-embedding) per its model card; no biases/norms here.
+    assert 14.6e9 < arch.params < 14.8e9
+    assert 13.0e9 < arch.block_params < 13.3e9
+
+
+def test_logits_term_dominates_qwen14b_at_guide_batch():
+    cfg = config_for_model("qwen2.5-14b")
+    p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=24)
+    # FACTS: 13.6 bytes x T x V; batch 4 x 2048 with V=152,064 is ~17 GB (decimal) on its own.
+    assert abs(p.terms["logits+loss"] * GB / 1e9 - 16.9) < 0.1
+    assert max(p.terms, key=p.terms.get) == "logits+loss"
+    assert not p.fits and any("per_device_batch_size: 2" in a for a in p.advice)
+
+
+def test_halving_micro_batch_fits_where_full_batch_does_not():
+    cfg = config_for_model("qwen2.5-14b")
+    arch = KNOWN_ARCHITECTURES[cfg.model.name_or_path]
+    cfg.training.per_device_batch_size, cfg.training.gradient_accumulation_steps = 1, 32
+    small = estimate(cfg, arch, device_gb=24)
+    assert small.fits and small.advice == []
+    assert small.terms["base weights"] > 6  # 4-bit blocks + fp32 embeddings
+
+
+def test_plan_cli_json(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text(render_config_yaml(config_for_model("qwen2.5-32b")))
+    res = CliRunner().invoke(app, ["plan", str(path), "--device-gb", "80", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert set(out["terms_gb"]) >= {"base weights", "logits+loss", "activations"}
+    assert out["tokens_per_micro_batch"] == 4 * 2048
