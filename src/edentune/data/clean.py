@@ -11,7 +11,6 @@ never writes a secret it found, anywhere.
 from __future__ import annotations
 
 import hashlib
-import os
 import unicodedata
 import zlib
 from collections.abc import Callable, Iterable
@@ -19,7 +18,7 @@ from collections.abc import Callable, Iterable
 from datasketch import MinHash, MinHashLSH
 
 from edentune.data.lang import detect
-from edentune.data.records import MAX_LINE_BYTES, Item, Rejected, Report, load, write_outputs
+from edentune.data.records import MAX_LINE_BYTES, Item, PathLike, Rejected, Report, load, write_outputs
 from edentune.data.scrub import MODES, scrub_record, scrub_text
 from edentune.data.validate import validate_record
 from edentune.errors import DataError
@@ -125,7 +124,8 @@ def _near_dups(threshold: float, num_perm: int) -> Callable[[Item], None]:
     return check
 
 
-def clean(paths: Iterable[str | os.PathLike], write=None, quarantine=None, *, scrub: str = "redact",
+def clean(paths: Iterable[PathLike], write: PathLike | None = None, quarantine: PathLike | None = None,
+          *, scrub: str = "redact",
           near_dup_threshold: float = 0.85, num_perm: int = 128, min_chars: int = 10,
           max_chars: int = 50_000, max_turn_chars: int = 20_000, language_check: bool = True,
           max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[dict], Report]:

@@ -13,11 +13,10 @@ that do not already have one (an existing prompt is the author's intent and wins
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from functools import partial
 
-from edentune.data.records import MAX_LINE_BYTES, Rejected, Report, load, write_outputs
+from edentune.data.records import MAX_LINE_BYTES, PathLike, Rejected, Report, load, write_outputs
 from edentune.data.validate import validate_record
 from edentune.errors import DataError
 
@@ -84,8 +83,9 @@ def convert_record(rec: dict, fmt: str = "auto", system: str | None = None) -> t
     return validate_record(out)
 
 
-def convert(paths: Iterable[str | os.PathLike], fmt: str = "auto", system: str | None = None,
-            write=None, quarantine=None, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[dict], Report]:
+def convert(paths: Iterable[PathLike], fmt: str = "auto", system: str | None = None,
+            write: PathLike | None = None, quarantine: PathLike | None = None,
+            max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[dict], Report]:
     """Convert JSONL files to ChatML; unconvertible lines are quarantined with the reason."""
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")

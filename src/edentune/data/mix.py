@@ -13,13 +13,13 @@ the ratio. On the first cycle, with no replay buffer yet, use ratio=1.0.
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Iterable
 
 from pydantic import BaseModel
 
-from edentune.data import topics
+from edentune.data.records import PathLike
+from edentune.data.topics import category
 from edentune.data.validate import load_valid
 from edentune.errors import DataError
 from edentune.io import write_jsonl_atomic
@@ -42,11 +42,6 @@ class MixReport(BaseModel):
     drawn: int
     draws: list[Draw]
     shortfalls: list[str]  # one explanation per source/category that could not be filled
-
-
-def category(record: dict) -> str:
-    cat = record.get("category")
-    return cat if isinstance(cat, str) and cat else topics.classify(record)
 
 
 def allocate(quotas: dict[str, int], ratio: float) -> dict[str, int]:
@@ -88,7 +83,7 @@ def mix_records(new: list[dict], replay: list[dict], ratio: float = 0.7,
     return out, report
 
 
-def mix(new_paths: Iterable[str | os.PathLike], replay_paths: Iterable[str | os.PathLike], out,
+def mix(new_paths: Iterable[PathLike], replay_paths: Iterable[PathLike], out: PathLike,
         ratio: float = 0.7, quotas: dict[str, int] | None = None, seed: int = 0) -> MixReport:
     """Mix JSONL files into `out` (written atomically); see mix_records."""
     records, report = mix_records(load_valid(new_paths), load_valid(replay_paths),

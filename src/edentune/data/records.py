@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from edentune.errors import DataError
 from edentune.io import write_jsonl_atomic
 
+PathLike = str | os.PathLike
 MAX_LINE_BYTES = 1_000_000
 BOM = b"\xef\xbb\xbf"
 
@@ -124,7 +125,7 @@ def _parse(raw: bytes, source: str, max_line_bytes: int) -> Item:
     return item
 
 
-def read_lines(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Item]:
+def read_lines(path: PathLike, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Item]:
     """Yield one Item per physical line: parsed record, blank, or `error` set with the reason."""
     path = Path(path)
     try:
@@ -139,7 +140,7 @@ def read_lines(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES) ->
 Transform = Callable[[dict], tuple[dict, list[str]]]  # record -> (record, repairs); raises Rejected
 
 
-def load(paths: Iterable[str | os.PathLike], transform: Transform, report: Report,
+def load(paths: Iterable[PathLike], transform: Transform, report: Report,
          max_line_bytes: int = MAX_LINE_BYTES) -> list[Item]:
     """Read every line of `paths`, apply `transform`; problems go to `report`, survivors return."""
     items = []
@@ -162,7 +163,8 @@ def load(paths: Iterable[str | os.PathLike], transform: Transform, report: Repor
     return items
 
 
-def write_outputs(report: Report, records: list[dict], write=None, quarantine=None) -> None:
+def write_outputs(report: Report, records: list[dict], write: PathLike | None = None,
+                  quarantine: PathLike | None = None) -> None:
     """Write the kept records and the quarantine file (each atomically) when paths are given."""
     if write is not None:
         write_jsonl_atomic(write, records)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 
-from edentune.data.records import MAX_LINE_BYTES
+from edentune.data.records import MAX_LINE_BYTES, PathLike
 from edentune.data.validate import load_valid
 from edentune.errors import DataError
 from edentune.io import write_jsonl_atomic
@@ -33,7 +32,7 @@ def split_records(records: Iterable[dict], val_fraction: float = 0.05) -> tuple[
     return train, val
 
 
-def split(paths: Iterable[str | os.PathLike], train_path, val_path, val_fraction: float = 0.05,
+def split(paths: Iterable[PathLike], train_path: PathLike, val_path: PathLike, val_fraction: float = 0.05,
           max_line_bytes: int = MAX_LINE_BYTES) -> tuple[int, int]:
     """Split valid JSONL files into train and validation files; returns their sizes."""
     train, val = split_records(load_valid(paths, max_line_bytes), val_fraction)

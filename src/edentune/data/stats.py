@@ -13,7 +13,6 @@ the plain sum is used. Tool-call arguments count towards the assistant turn that
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
@@ -22,8 +21,9 @@ from pydantic import BaseModel, Field
 
 from edentune.data import lang, topics
 from edentune.data.clean import dedup_key
-from edentune.data.records import MAX_LINE_BYTES, Report, load
+from edentune.data.records import MAX_LINE_BYTES, PathLike, Report, load
 from edentune.data.validate import validate_record
+from edentune.errors import DataError
 
 # The guide's target topic mix (share of conversations).
 TOPIC_TARGETS = {"coding": (0.50, 0.60), "general": (0.20, 0.30), "korean": (0.10, 0.20)}
@@ -48,9 +48,20 @@ class Stats(BaseModel):
     over_max_seq_len: int | None = None
     chat_template: bool = False
     languages: dict[str, int]
-    topics: dict[str, int]
+    topics: dict[str, int]  # coding/general/korean, plus any `category` labels the records carry
     topic_flags: list[str]  # topics outside their target range, explained
     exact_duplicates: int
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
+    """A local Hugging Face tokenizer (folder, cached hub name, or a GGUF file in a folder)."""
+    from transformers import AutoTokenizer  # heavy; only needed when token statistics are asked for
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load tokenizer {name_or_path!r}: {e}",
+                        hint="pass a local tokenizer folder, or a folder plus --gguf-file; nothing is downloaded") from None
 
 
 def _count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
@@ -82,7 +93,8 @@ def _template_overhead(tokenizer, records: list[dict]) -> list[int] | None:
         if roles not in cache:
             skeleton = [{"role": r, "content": ""} for r in roles]
             try:
-                cache[roles] = _count_tokens(tokenizer, [tokenizer.apply_chat_template(skeleton, tokenize=False)])[0]
+                rendered = tokenizer.apply_chat_template(skeleton, tokenize=False)
+                cache[roles] = _count_tokens(tokenizer, [rendered])[0]
             except Exception:  # templates raise arbitrary errors for roles they refuse: count content only
                 cache[roles] = 0
         out.append(cache[roles])
@@ -91,7 +103,8 @@ def _template_overhead(tokenizer, records: list[dict]) -> list[int] | None:
 
 def _lengths(values: list[int]) -> Lengths:
     a = np.asarray(values)
-    return Lengths(count=len(a), p50=float(np.percentile(a, 50)), p95=float(np.percentile(a, 95)), max=int(a.max()))
+    p50, p95 = np.percentile(a, [50, 95])
+    return Lengths(count=len(a), p50=float(p50), p95=float(p95), max=int(a.max()))
 
 
 def _histogram(values: list[int], bins: int = 10) -> list[tuple[int, int, int]]:
@@ -100,26 +113,28 @@ def _histogram(values: list[int], bins: int = 10) -> list[tuple[int, int, int]]:
 
 
 def topic_flags(mix: dict[str, int]) -> list[str]:
-    total = sum(mix.values()) or 1
+    """Topics outside the guide's range; shares are of coding+general+korean (persona and other
+    labelled categories have their own quotas and are left out)."""
+    total = sum(mix.get(t, 0) for t in TOPIC_TARGETS) or 1
     flags = []
     for topic, (lo, hi) in TOPIC_TARGETS.items():
         share = mix.get(topic, 0) / total
         if not lo <= share <= hi:
-            flags.append(f"{topic} is {share:.0%} of conversations, target {lo:.0%}-{hi:.0%}")
+            flags.append(f"{topic} is {share:.0%}, target {lo:.0%}-{hi:.0%}")
     return flags
 
 
 def compute_stats(records: list[dict], tokenizer: Callable | None = None,
                   max_seq_len: int | None = None, invalid_lines: int = 0) -> Stats:
     """Statistics over validated ChatML records; token figures need a tokenizer."""
-    lang_mix = Counter(lang.detect("\n".join(m.get("content") or "" for m in r["messages"] if m["role"] != "system"))
-                       for r in records)
-    topic_mix = Counter(topics.classify(r) for r in records)
+    dialogue = ("\n".join(m.get("content") or "" for m in r["messages"] if m["role"] != "system") for r in records)
+    lang_mix = Counter(lang.detect(text) for text in dialogue)
+    topic_mix = Counter(topics.category(r) for r in records)
     keys = Counter(dedup_key(r) for r in records)
     stats = Stats(
         conversations=len(records), invalid_lines=invalid_lines,
         turns=sum(len(r["messages"]) for r in records),
-        languages=dict(lang_mix), topics={t: topic_mix.get(t, 0) for t in topics.TOPICS},
+        languages=dict(lang_mix), topics={t: topic_mix.get(t, 0) for t in topics.TOPICS} | dict(topic_mix),
         topic_flags=topic_flags(topic_mix), exact_duplicates=sum(n - 1 for n in keys.values()),
     )
     if tokenizer is None or not records:
@@ -144,7 +159,7 @@ def compute_stats(records: list[dict], tokenizer: Callable | None = None,
     return stats
 
 
-def stats(paths: Iterable[str | os.PathLike], tokenizer: Callable | None = None,
+def stats(paths: Iterable[PathLike], tokenizer: Callable | None = None,
           max_seq_len: int | None = None, max_line_bytes: int = MAX_LINE_BYTES) -> Stats:
     """Statistics over the valid records of JSONL files; invalid lines are only counted."""
     report = Report()

@@ -14,10 +14,9 @@ Rules (each failure has one stable reason string):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
-from edentune.data.records import MAX_LINE_BYTES, Rejected, Report, load, write_outputs
+from edentune.data.records import MAX_LINE_BYTES, PathLike, Rejected, Report, load, write_outputs
 from edentune.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -91,8 +90,8 @@ def validate_record(record: dict) -> tuple[dict, list[str]]:
     return record, repairs
 
 
-def validate(paths: Iterable[str | os.PathLike], write=None, quarantine=None,
-             max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[dict], Report]:
+def validate(paths: Iterable[PathLike], write: PathLike | None = None,
+             quarantine: PathLike | None = None, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[dict], Report]:
     """Validate JSONL files; valid records go to `write`, rejected lines verbatim to `quarantine`."""
     report = Report()
     records = report.finish(load(paths, validate_record, report, max_line_bytes))
@@ -100,7 +99,7 @@ def validate(paths: Iterable[str | os.PathLike], write=None, quarantine=None,
     return records, report
 
 
-def load_valid(paths: Iterable[str | os.PathLike], max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
+def load_valid(paths: Iterable[PathLike], max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
     """Records of files that must be entirely valid (training-set inputs): invalid lines are an
     error here, never silently dropped."""
     paths = list(paths)

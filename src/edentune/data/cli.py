@@ -1,0 +1,173 @@
+"""`edentune data ...`: thin Typer wrappers over the data pipeline API; printing lives here only.
+
+Pipeline modules are imported inside the commands so `edentune --help` does not load numpy,
+datasketch or transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edentune.data.records import MAX_LINE_BYTES, Report
+from edentune.errors import DataError
+from edentune.io import write_json_atomic
+
+app = typer.Typer(help="Validate, convert, clean, inspect, split and mix chat datasets.", no_args_is_help=True)
+console = Console()
+
+Files = Annotated[list[Path], typer.Argument(help="Input JSONL files.", show_default=False)]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the kept records here (JSONL).")]
+Quarantine = Annotated[Optional[Path], typer.Option(help="Write rejected lines here with their reasons (JSONL).")]
+ReportPath = Annotated[Optional[Path], typer.Option("--report", help="Write the full report as JSON.")]
+MaxLine = Annotated[int, typer.Option(help="Reject lines longer than this many bytes.")]
+SHOWN_PROBLEMS = 20
+
+
+def _show(report: Report, title: str, report_path: Path | None) -> None:
+    table = Table(title=title, show_header=False)
+    for name in ("lines", "kept", "repaired", "quarantined", "blank"):
+        table.add_row(name, str(getattr(report, name)))
+    for label, counts in (("quarantined", report.reasons), ("repaired", report.repairs)):
+        for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            table.add_row(f"  {label}: {reason}", str(n))
+    console.print(table)
+    console.print(report.summary())
+    for problem in report.problems[:SHOWN_PROBLEMS]:
+        console.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)
+    if len(report.problems) > SHOWN_PROBLEMS:
+        console.print(f"  ... {len(report.problems) - SHOWN_PROBLEMS} more (see --quarantine / --report)")
+    if report_path is not None:
+        write_json_atomic(report_path, report.model_dump())
+
+
+@app.command()
+def validate(files: Files, out: Out = None, quarantine: Quarantine = None, report: ReportPath = None,
+             max_line_bytes: MaxLine = MAX_LINE_BYTES) -> None:
+    """Check ChatML records; report every problem as file:line: reason."""
+    from edentune.data.validate import validate as run
+
+    _, rep = run(files, write=out, quarantine=quarantine, max_line_bytes=max_line_bytes)
+    _show(rep, "validate", report)
+
+
+@app.command()
+def convert(files: Files, out: Out = None, quarantine: Quarantine = None, report: ReportPath = None,
+            fmt: Annotated[str, typer.Option("--from", help="alpaca, sharegpt, openai or auto (per record).")] = "auto",
+            system: Annotated[Optional[str], typer.Option(help="System prompt for conversations without one.")] = None,
+            max_line_bytes: MaxLine = MAX_LINE_BYTES) -> None:
+    """Convert alpaca / ShareGPT / OpenAI records to ChatML."""
+    from edentune.data.convert import convert as run
+
+    _, rep = run(files, fmt=fmt, system=system, write=out, quarantine=quarantine, max_line_bytes=max_line_bytes)
+    _show(rep, f"convert --from {fmt}", report)
+
+
+@app.command()
+def clean(files: Files, out: Out = None, quarantine: Quarantine = None, report: ReportPath = None,
+          scrub: Annotated[str, typer.Option(help="Secrets/personal data: redact, drop or off.")] = "redact",
+          near_dup: Annotated[float, typer.Option(help="Near-duplicate Jaccard threshold (1.0 disables).")] = 0.85,
+          min_chars: Annotated[int, typer.Option(help="Minimum characters per conversation.")] = 10,
+          max_chars: Annotated[int, typer.Option(help="Maximum characters per conversation.")] = 50_000,
+          max_turn_chars: Annotated[int, typer.Option(help="Maximum characters per turn.")] = 20_000,
+          language_check: Annotated[bool, typer.Option(help="Drop answers in another language than the question.")] = True,
+          max_line_bytes: MaxLine = MAX_LINE_BYTES) -> None:
+    """Validate, scrub, and drop duplicates, length outliers, broken turns and language mismatches."""
+    from edentune.data.clean import clean as run
+
+    _, rep = run(files, write=out, quarantine=quarantine, scrub=scrub, near_dup_threshold=near_dup,
+                 min_chars=min_chars, max_chars=max_chars, max_turn_chars=max_turn_chars,
+                 language_check=language_check, max_line_bytes=max_line_bytes)
+    _show(rep, "clean", report)
+    if rep.findings:
+        console.print(f"scrub: {len(rep.findings)} finding(s) ({scrub}); details in --report")
+
+
+@app.command()
+def stats(files: Files,
+          tokenizer: Annotated[Optional[str], typer.Option(help="Local tokenizer folder or cached model name.")] = None,
+          gguf_file: Annotated[Optional[str], typer.Option(help="GGUF file inside --tokenizer to read it from.")] = None,
+          max_seq_len: Annotated[Optional[int], typer.Option(help="Count conversations longer than this.")] = None,
+          json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the statistics as JSON.")] = None) -> None:
+    """Sizes, token lengths, language and topic mix, duplicates."""
+    from edentune.data.stats import load_tokenizer, stats as run
+
+    st = run(files, tokenizer=load_tokenizer(tokenizer, gguf_file) if tokenizer else None, max_seq_len=max_seq_len)
+    table = Table(title="dataset", show_header=False)
+    table.add_row("conversations", str(st.conversations))
+    table.add_row("invalid lines (skipped)", str(st.invalid_lines))
+    table.add_row("turns", str(st.turns))
+    table.add_row("exact duplicates", str(st.exact_duplicates))
+    for name, mix in (("language", st.languages), ("topic", st.topics)):
+        for key, n in mix.items():
+            table.add_row(f"{name}: {key}", f"{n} ({n / max(st.conversations, 1):.0%})")
+    if st.over_max_seq_len is not None:
+        table.add_row(f"over {st.max_seq_len} tokens", str(st.over_max_seq_len))
+    console.print(table)
+    if st.tokens:
+        tokens = Table(title="tokens" + (" (with chat template)" if st.chat_template else ""))
+        for col in ("role", "count", "p50", "p95", "max"):
+            tokens.add_column(col, justify="left" if col == "role" else "right")
+        for role, s in st.tokens.items():
+            tokens.add_row(role, str(s.count), f"{s.p50:.0f}", f"{s.p95:.0f}", str(s.max))
+        console.print(tokens)
+        peak = max(c for _, _, c in st.histogram) or 1
+        for lo, hi, c in st.histogram:
+            console.print(f"{lo:>7}-{hi:<7} {'#' * round(40 * c / peak)} {c}", highlight=False)
+    for flag in st.topic_flags:
+        console.print(f"[yellow]topic mix: {flag}[/yellow]")
+    if json_out is not None:
+        write_json_atomic(json_out, st.model_dump())
+
+
+@app.command()
+def split(files: Files,
+          train: Annotated[Path, typer.Option(help="Training output (JSONL).")],
+          val: Annotated[Path, typer.Option(help="Validation output (JSONL).")],
+          val_fraction: Annotated[float, typer.Option(help="Share of records for validation.")] = 0.05) -> None:
+    """Deterministic train/validation split by content hash (stable when data is appended)."""
+    from edentune.data.split import split as run
+
+    n_train, n_val = run(files, train, val, val_fraction)
+    console.print(f"train: {n_train} -> {train}\nvalidation: {n_val} -> {val}")
+
+
+def _quotas(specs: list[str] | None) -> dict[str, int] | None:
+    if not specs:
+        return None
+    quotas = {}
+    for spec in specs:
+        name, _, n = spec.partition("=")
+        if not name or not n.isdigit():
+            raise DataError(f"bad quota {spec!r}", hint="write quotas as category=count, e.g. --quota coding=300")
+        quotas[name] = int(n)
+    return quotas
+
+
+@app.command()
+def mix(new: Annotated[list[Path], typer.Option(help="New data (JSONL); repeat for several files.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Mixed training set (JSONL).")],
+        replay: Annotated[Optional[list[Path]], typer.Option(help="Replay buffer (JSONL); repeatable.")] = None,
+        ratio: Annotated[float, typer.Option(help="Share of new data (the rest is replay).")] = 0.7,
+        quota: Annotated[Optional[list[str]], typer.Option(help="category=count, repeatable; default: the guide's.")] = None,
+        seed: Annotated[int, typer.Option(help="Random seed (same seed, same mix).")] = 0,
+        report: ReportPath = None) -> None:
+    """Build a training set from new data and a replay buffer at a ratio, with per-category quotas."""
+    from edentune.data.mix import mix as run
+
+    rep = run(new, replay or [], out, ratio=ratio, quotas=_quotas(quota), seed=seed)
+    table = Table(title=f"mix (ratio {rep.ratio:.0%} new, seed {rep.seed})")
+    for col in ("category", "source", "wanted", "available", "drawn"):
+        table.add_column(col)
+    for d in rep.draws:
+        table.add_row(d.category, d.source, str(d.wanted), str(d.available), str(d.drawn))
+    console.print(table)
+    console.print(f"drew {rep.drawn} of {rep.wanted} -> {out}")
+    for short in rep.shortfalls:
+        console.print(f"[yellow]short: {short}[/yellow]")
+    if report is not None:
+        write_json_atomic(report, rep.model_dump())

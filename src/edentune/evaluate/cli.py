@@ -1,0 +1,91 @@
+"""`edentune eval` and `edentune compare`: thin wrappers over the evaluate API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+MODEL_HELP = "`base`, a PEFT adapter dir, a model dir / .gguf, or http://host:port[/v1]#model (OpenAI-compatible)"
+
+
+def _config(path: Path | None):
+    from edentune.config import RunConfig, load_config
+
+    return load_config(path) if path else RunConfig()
+
+
+def _run_eval(spec: str, cfg, suite_name: str | None, validation: list[Path], replay: list[Path], batch_size: int):
+    from rich.progress import Progress
+
+    from .backends import backend_from_spec
+    from .runner import evaluate, perplexity_sets
+    from .suite import load_suite
+
+    suite = load_suite(suite_name or cfg.evaluation.suite)  # validated before any model is loaded
+    backend = backend_from_spec(spec, cfg, batch_size=batch_size)
+    val, rep = perplexity_sets(cfg, [str(p) for p in validation], [str(p) for p in replay])
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"evaluating {spec}", total=len(suite.cases))
+        return evaluate(cfg, backend, suite, validation=val, replay=rep,
+                        progress=lambda done, total: progress.update(task, completed=done))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_command(
+        model: str = typer.Option("base", "--model", "-m", help=MODEL_HELP),
+        config: Path = typer.Option(None, "--config", "-c", help="run config YAML (persona, thresholds, data); defaults if omitted"),
+        suite: str = typer.Option(None, help="`default` or a suite .yaml/.jsonl (default: evaluation.suite)"),
+        output: Path = typer.Option(Path("eval-results.json"), "--output", "-o", help="results JSON (input of `compare`)"),
+        validation: list[Path] = typer.Option([], help="validation conversations (default: the run's validation split)"),
+        replay: list[Path] = typer.Option([], help="general-knowledge replay conversations (default: data.replay_files or the bundled sample)"),
+        batch_size: int = typer.Option(8, min=1, help="local models: answers generated together"),
+    ) -> None:
+        """Answer a test suite with MODEL and check language, keywords, code, behaviour, persona, perplexity, speed."""
+        from .runner import EvalResult
+
+        cfg = _config(config)
+        result: EvalResult = _run_eval(model, cfg, suite, validation, replay, batch_size)
+        result.save(output)
+        m = result.metrics
+        for key, value in m.items():
+            if value is not None and key != "n":
+                console.print(f"  {key:24} {value:.3f}")
+        failed = sum(not c.passed for c in result.cases)
+        console.print(f"wrote [bold]{output}[/]: {len(result.cases) - failed}/{len(result.cases)} cases passed")
+
+    @app.command("compare")
+    def compare_command(
+        base: str = typer.Option(..., help="results JSON from `edentune eval`, or a model spec: " + MODEL_HELP),
+        candidate: str = typer.Option(..., help="results JSON or model spec of the fine-tuned model"),
+        config: Path = typer.Option(None, "--config", "-c", help="run config YAML (tolerance, max_forgetting, persona)"),
+        suite: str = typer.Option(None, help="suite for model specs (default: evaluation.suite)"),
+        metrics_jsonl: Path = typer.Option(None, help="a run's metrics.jsonl: adds training curves"),
+        out_dir: Path = typer.Option(Path("eval-report"), help="where report.md, report.html and comparison.json go"),
+        gate: bool = typer.Option(False, help="exit with status 1 unless the verdict is ship"),
+    ) -> None:
+        """Base vs fine-tuned report (Markdown, HTML, JSON verdict) and the deploy gate."""
+        from .compare import compare
+        from .report import rich_table
+        from .runner import EvalResult
+
+        cfg = _config(config)
+
+        def result(spec: str, name: str) -> EvalResult:
+            if spec.endswith(".json"):
+                return EvalResult.load(spec)
+            evaluated = _run_eval(spec, cfg, suite, [], [], 8)
+            evaluated.save(out_dir / f"{name}-results.json")
+            return evaluated
+
+        comparison = compare(result(base, "base"), result(candidate, "candidate"), cfg, metrics_jsonl, out_dir)
+        Console().print(rich_table(comparison))
+        for reason in comparison.reasons:
+            console.print(f"[red]not shipping:[/] {reason}")
+        console.print(f"wrote [bold]{out_dir}[/]/report.md, report.html, comparison.json")
+        if gate and not comparison.ship:
+            raise typer.Exit(1)

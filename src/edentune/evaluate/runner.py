@@ -1,0 +1,209 @@
+"""`evaluate(cfg, backend, suite)`: generate every answer, run every check, aggregate metrics.
+
+Metrics (rates in 0..1, None when no case measures them):
+
+| key                       | meaning                                                              |
+|---------------------------|----------------------------------------------------------------------|
+| `language_consistency`    | answers in the expected language (per language in `by_language`)     |
+| `language_mixing`         | 1 - consistency: wrong language or mixed                             |
+| `persona_adherence`       | answers passing every persona rule                                   |
+| `code_pass_rate`          | answers with Python (or asked for it) whose code runs in the sandbox |
+| `keyword_hit_rate`        | keyword cases passing their any/all rule                             |
+| `keyword_recall`          | mean share of a case's keywords found                                |
+| `behavior_pass_rate`      | cases passing their named behaviour                                  |
+| `case_pass_rate`          | cases passing all their checks                                       |
+| `perplexity_validation`   | assistant-token perplexity of the validation split (local models)    |
+| `perplexity_replay`       | the same on the general-knowledge replay set (forgetting measure)    |
+| `latency_median_s`, `latency_p95_s`, `tokens_per_second` | response time per answer    |
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from edentune.config import RunConfig
+from edentune.errors import EdentuneError
+from edentune.io import write_json_atomic
+
+from .backends import Backend, Generation
+from .checks import AnswerContext, check_behavior, keyword_hits, language_ok, run_answer_code
+from .persona import check_persona
+from .sandbox import Limits
+from .suite import Case, Suite
+
+BUNDLED_REPLAY = Path(__file__).resolve().parents[1] / "data" / "sample" / "replay.jsonl"
+
+
+class CaseResult(BaseModel):
+    id: str
+    category: str
+    question: str
+    answer: str
+    seconds: float
+    completion_tokens: int | None = None
+    expected_language: str | None = None
+    detected_language: str | None = None
+    language_ok: bool | None = None
+    keywords_found: list[str] = []
+    keywords_missing: list[str] = []
+    keywords_ok: bool | None = None
+    code_status: str | None = None  # pass | fail | timeout | blocked, None without Python
+    code_error: str = ""
+    behavior: str | None = None
+    behavior_ok: bool | None = None
+    persona_ok: bool = True
+    failures: list[str] = []
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def keyword_recall(self) -> float | None:
+        total = len(self.keywords_found) + len(self.keywords_missing)
+        return len(self.keywords_found) / total if total else None
+
+
+class EvalResult(BaseModel):
+    model: str
+    suite: str
+    created: str
+    metrics: dict[str, float | None]
+    by_category: dict[str, dict[str, float | None]]
+    by_language: dict[str, dict[str, float | None]]
+    cases: list[CaseResult]
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        try:
+            return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as err:
+            raise EdentuneError(f"{path}: not an `edentune eval` results file ({str(err).splitlines()[0]})") from None
+
+
+def check_answer(case: Case, gen: Generation, cfg: RunConfig, limits: Limits = Limits()) -> CaseResult:
+    """Every check that applies to one answer; `failures` says why it did not pass."""
+    ev, persona, answer = cfg.evaluation, cfg.persona, gen.text
+    r = CaseResult(id=case.id, category=case.category, question=case.question, answer=answer,
+                   seconds=round(gen.seconds, 4), completion_tokens=gen.completion_tokens)
+    if case.expected_language:
+        r.expected_language = case.expected_language
+        r.language_ok, r.detected_language = language_ok(answer, case.expected_language, ev.korean_hangul_threshold)
+        if not r.language_ok:
+            r.failures.append(f"language: expected {case.expected_language}, got {r.detected_language}")
+    if case.expected_keywords:
+        kw = keyword_hits(answer, case.expected_keywords.words, case.expected_keywords.mode)
+        r.keywords_found, r.keywords_missing, r.keywords_ok = kw.found, kw.missing, kw.passed
+        if not kw.passed:
+            r.failures.append(f"keywords ({case.expected_keywords.mode}): missing {', '.join(kw.missing)}")
+    code = run_answer_code(answer, limits)
+    if code:
+        r.code_status, r.code_error = code.status, code.error
+        if code.status != "pass":
+            r.failures.append(f"code {code.status}: {code.error}")
+    if case.expected_behavior:
+        names = tuple(n for n in (persona.name, persona.korean_name) if n)
+        r.behavior = case.expected_behavior
+        r.behavior_ok, reason = check_behavior(case.expected_behavior, answer, AnswerContext(names, code))
+        already_listed = code is not None and case.expected_behavior == "provides_running_code"  # the code failure
+        if not r.behavior_ok and not already_listed:
+            r.failures.append(f"{case.expected_behavior}: {reason}")
+    p = check_persona(answer, case.question, persona)
+    r.persona_ok = p.passed
+    r.failures.extend(f"persona: {reason}" for reason in p.reasons)
+    return r
+
+
+def _rate(flags: list[bool | None]) -> float | None:
+    vals = [f for f in flags if f is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def case_metrics(cases: list[CaseResult]) -> dict[str, float | None]:
+    """Quality metrics of a set of answers (overall, or one category / language)."""
+    consistency = _rate([c.language_ok for c in cases])
+    recalls = [c.keyword_recall for c in cases if c.keyword_recall is not None]
+    wants_code = [c for c in cases if c.code_status or c.behavior == "provides_running_code"]
+    return {
+        "n": len(cases),
+        "language_consistency": consistency,
+        "language_mixing": None if consistency is None else 1 - consistency,
+        "persona_adherence": _rate([c.persona_ok for c in cases]),
+        "code_pass_rate": _rate([c.code_status == "pass" for c in wants_code]),
+        "keyword_hit_rate": _rate([c.keywords_ok for c in cases]),
+        "keyword_recall": sum(recalls) / len(recalls) if recalls else None,
+        "behavior_pass_rate": _rate([c.behavior_ok for c in cases]),
+        "case_pass_rate": _rate([c.passed for c in cases]),
+    }
+
+
+def timing_metrics(generations: list[Generation], generation_seconds: float) -> dict[str, float | None]:
+    """Per-answer latency and overall throughput (tokens / wall time spent generating)."""
+    latencies = [g.seconds for g in generations]
+    tokens = [g.completion_tokens for g in generations if g.completion_tokens is not None]
+    return {
+        "latency_median_s": statistics.median(latencies) if latencies else None,
+        "latency_p95_s": _percentile(latencies, 0.95),
+        "tokens_per_second": sum(tokens) / generation_seconds if tokens and generation_seconds > 0 else None,
+    }
+
+
+def perplexity_sets(cfg: RunConfig, validation_files: list[str] | None = None, replay_files: list[str] | None = None,
+                    limit: int = 200) -> tuple[list, list]:
+    """(validation, replay) conversations for perplexity, at most `limit` each. Validation: the given
+    files, else the run's validation split (as training makes it); replay: the given files, else
+    `data.replay_files`, else the bundled general-knowledge replay sample."""
+    from edentune.train.data import load_splits, read_conversations
+
+    if validation_files:
+        validation = [c for f in validation_files for c in read_conversations(f)]
+    else:
+        validation = load_splits(cfg.data)[1] if cfg.data.train_files else []
+    replay_files = replay_files or cfg.data.replay_files or [str(BUNDLED_REPLAY)]
+    replay = [c for f in replay_files for c in read_conversations(f)]
+    return validation[:limit], replay[:limit]
+
+
+def evaluate(cfg: RunConfig, backend: Backend, suite: Suite, *, validation: list | None = None,
+             replay: list | None = None, limits: Limits = Limits(),
+             progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Answer every case of `suite` with `backend` and check the answers against `cfg`'s persona and
+    thresholds. Perplexity needs a local backend and conversations (see `perplexity_sets`)."""
+    conversations = [c.conversation(cfg.model.system_prompt) for c in suite.cases]
+    generations: list[Generation] = []
+    seconds = 0.0
+    step = getattr(backend, "batch_size", 1)
+    for i in range(0, len(conversations), step):
+        batch = backend.generate(conversations[i: i + step], cfg.evaluation.max_new_tokens)
+        generations.extend(batch)
+        seconds += max((g.seconds for g in batch), default=0.0)  # answers of one batch share its time
+        if progress:
+            progress(len(generations), len(conversations))
+    results = [check_answer(c, g, cfg, limits) for c, g in zip(suite.cases, generations)]
+
+    metrics = {**case_metrics(results), **timing_metrics(generations, seconds)}
+    perplexity = getattr(backend, "perplexity", None)
+    for key, convs in (("perplexity_validation", validation), ("perplexity_replay", replay)):
+        metrics[key] = perplexity(convs, cfg.model.system_prompt) if convs and perplexity else None
+
+    by_category = {cat: case_metrics([r for r in results if r.category == cat]) for cat in suite.categories}
+    languages = sorted({r.expected_language for r in results if r.expected_language})
+    by_language = {lang: case_metrics([r for r in results if r.expected_language == lang]) for lang in languages}
+    return EvalResult(model=backend.name, suite=suite.path, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      metrics=metrics, by_category=by_category, by_language=by_language, cases=results)

@@ -1,0 +1,165 @@
+"""Export entry points: adapter route (GGUF LoRA on an Ollama base) and merged route (one GGUF).
+
+Each export writes its directory atomically (a reader never sees half an export): the GGUF,
+one Modelfile per model/persona, and `export_report.json` with the parity numbers. With
+`verify=True` the files are checked in llama.cpp before the directory is put in place; a failed
+check still keeps the files (for inspection) and then raises with the numbers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import EdentuneError
+from ..io import atomic_dir, write_json_atomic, write_text_atomic
+
+REPORT_NAME = "export_report.json"
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    gguf: Path  # adapter.gguf (adapter route) or model.gguf (merged route)
+    modelfiles: dict[str, Path]  # Ollama model name -> Modelfile
+    report_path: Path
+    report: dict = field(default_factory=dict)
+
+    @property
+    def create_commands(self) -> list[str]:
+        """What to run where Ollama lives (or use `edentune deploy`)."""
+        return [f"ollama create {shlex.quote(name)} -f {shlex.quote(str(p))}" for name, p in self.modelfiles.items()]
+
+
+def base_model_dir(cfg) -> str:
+    from ..models import resolve_model_dir
+
+    return resolve_model_dir(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.architecture)
+
+
+def base_gguf(cfg, base_dir: str) -> Path:
+    """A GGUF of the training base for llama.cpp checks: the original file when the base came as
+    GGUF in the same architecture, otherwise one written once from the HF weights (f16, cached)."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from ..models import cache_root, embedded_gguf_path, load_tokenizer
+    from .gguf_common import field_value
+    from .model_gguf import write_model_gguf
+
+    m = cfg.model
+    source = None
+    if m.name_or_path == "embedded":
+        source = embedded_gguf_path()
+    elif m.name_or_path.endswith(".gguf"):
+        source = Path(m.name_or_path).expanduser()
+    elif m.gguf_file:
+        source = Path(m.name_or_path).expanduser() / m.gguf_file
+    model_type = json.loads((Path(base_dir) / "config.json").read_text())["model_type"]
+    if source is not None and field_value(gguf.GGUFReader(source), "general.architecture") == model_type:
+        return source
+    key = hashlib.sha256(f"{Path(base_dir).resolve()}|{(Path(base_dir) / 'config.json').stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root() / "gguf-bases" / f"{Path(base_dir).name}-{key}-f16.gguf"
+    if not out.exists():
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+        write_model_gguf(model, load_tokenizer(base_dir), out, "f16", name=Path(base_dir).name)
+    return out
+
+
+def _write_modelfiles(cfg, tmp: Path, out_dir: Path, personas: dict[str, str] | None, **modelfile_kw) -> dict[str, Path]:
+    from .modelfile import modelfile_for, parse_modelfile, render_modelfile, validate_modelfile
+
+    personas = personas or {cfg.export.model_name: cfg.model.system_prompt}
+    paths = {}
+    for i, (name, system) in enumerate(personas.items()):
+        text = render_modelfile(modelfile_for(cfg, system=system, **modelfile_kw))
+        # Parse back what was written: the file itself is what must match training.
+        validate_modelfile(parse_modelfile(text), cfg, system=system, adapter_expected=modelfile_kw.get("adapter") is not None)
+        fname = "Modelfile" if i == 0 else f"Modelfile.{name.replace(':', '_').replace('/', '_')}"
+        write_text_atomic(tmp / fname, text)
+        paths[name] = out_dir / fname
+    return paths
+
+
+def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: bool = True,
+                   personas: dict[str, str] | None = None) -> ExportResult:
+    """PEFT adapter -> `adapter.gguf` + Modelfile(s) for `FROM <export.ollama_base>` + report."""
+    from transformers import AutoConfig
+
+    from .adapter_gguf import read_peft_adapter, validate_adapter_against_base, write_adapter_gguf
+    from .modelfile import CHATML_TEMPLATE
+    from .parity import adapter_parity, template_parity
+
+    out_dir = Path(out_dir)
+    base_dir = base_model_dir(cfg)
+    base_config = AutoConfig.from_pretrained(base_dir).to_dict()
+    adapter = read_peft_adapter(adapter_dir, base_config)  # refusals happen here, before anything is written
+    report: dict = {"route": "adapter", "created": _now(), "adapter_dir": str(adapter_dir), "base": base_dir,
+                    "ollama_base": cfg.export.ollama_base, "dtype": cfg.export.adapter_dtype,
+                    "lora": {"r": adapter.r, "alpha_in_gguf": adapter.alpha, "tensors": len(adapter.pairs)}}
+    with atomic_dir(out_dir) as tmp:
+        gguf_path = write_adapter_gguf(adapter, tmp / "adapter.gguf", cfg.export.adapter_dtype)
+        modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, adapter="./adapter.gguf")
+        logits = template = None
+        if verify:
+            ref = base_gguf(cfg, base_dir)
+            report["validation"] = validate_adapter_against_base(gguf_path, ref)
+            logits = adapter_parity(base_dir, adapter_dir, ref, gguf_path, cfg.model.system_prompt)
+            template = template_parity(CHATML_TEMPLATE, cfg.model.system_prompt, _tokenizer(base_dir), ref)
+            report.update(reference_gguf=str(ref), logits=asdict(logits), template=asdict(template))
+        write_json_atomic(tmp / REPORT_NAME, report)
+    return _finish(out_dir, out_dir / "adapter.gguf", modelfiles, report, logits, template)
+
+
+def export_merged(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: bool = True,
+                  dtype: str | None = None, personas: dict[str, str] | None = None) -> ExportResult:
+    """Fallback route: merge into the full-precision base and write `model.gguf` + Modelfile(s)."""
+    from .model_gguf import merged_model, write_model_gguf
+    from .modelfile import CHATML_TEMPLATE
+    from .parity import model_parity, template_parity
+
+    out_dir, dtype = Path(out_dir), dtype or cfg.export.merged_dtype
+    base_dir = base_model_dir(cfg)
+    tok = _tokenizer(base_dir)
+    model = merged_model(base_dir, adapter_dir).float().eval()
+    report: dict = {"route": "merged", "created": _now(), "adapter_dir": str(adapter_dir), "base": base_dir, "dtype": dtype}
+    with atomic_dir(out_dir) as tmp:
+        gguf_path = write_model_gguf(model, tok, tmp / "model.gguf", dtype, name=cfg.export.model_name)
+        modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, adapter=None, from_="./model.gguf",
+                                       template=CHATML_TEMPLATE)
+        logits = template = None
+        if verify:
+            logits = model_parity(model, tok, gguf_path, cfg.model.system_prompt)
+            template = template_parity(CHATML_TEMPLATE, cfg.model.system_prompt, tok, gguf_path)
+            report.update(logits=asdict(logits), template=asdict(template))
+        write_json_atomic(tmp / REPORT_NAME, report)
+    return _finish(out_dir, out_dir / "model.gguf", modelfiles, report, logits, template)
+
+
+def _finish(out_dir, gguf_path, modelfiles, report, logits, template) -> ExportResult:
+    from .parity import raise_on_failure
+
+    result = ExportResult(out_dir=out_dir, gguf=gguf_path, modelfiles=modelfiles, report_path=out_dir / REPORT_NAME, report=report)
+    raise_on_failure(logits, template, result.report_path)
+    return result
+
+
+def _tokenizer(base_dir: str):
+    from ..models import load_tokenizer
+
+    return load_tokenizer(base_dir)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def load_export(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / REPORT_NAME
+    if not path.exists():
+        raise EdentuneError(f"{out_dir}: not an edentune export (no {REPORT_NAME})", hint="run `edentune export` first")
+    return json.loads(path.read_text())

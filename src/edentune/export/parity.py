@@ -1,0 +1,235 @@
+"""Does the exported model behave like the trained one? Numbers instead of hope (USERS.md #8).
+
+Three checks, each reported with its numbers and threshold:
+- logits: llama.cpp (base GGUF + adapter GGUF, or merged GGUF) against the HF/PEFT model on the
+  same token ids: max abs and relative difference, top-1 agreement along greedy continuations;
+- adapter delta: (with adapter - without) in both, which isolates the adapter from base
+  quantization noise (a quantized base GGUF re-quantizes activations, the HF copy does not);
+- template: the prompt Ollama builds from TEMPLATE + SYSTEM tokenizes (llama.cpp, special=True)
+  to exactly training's `apply_chat_template` ids.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdentuneError
+
+# Probe conversations: plain, Korean, multi-turn, code and odd whitespace; prompts end at a user turn.
+PROBE_CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+    [{"role": "user", "content": "안녕하세요! 오늘 날씨가 어때요?"}],
+    [{"role": "user", "content": "Write a Python function that adds two numbers."},
+     {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+     {"role": "user", "content": "Now make it add three.  Thanks!\n\n"}],
+    [{"role": "user", "content": "List 3 colours:\n- red\n- ...  \t(tab) 12345 ünïcödé 🙂"}],
+]
+
+_EXACT_TYPES = (0, 1, 32)  # GGUF file types ALL_F32, MOSTLY_F16, MOSTLY_BF16
+
+
+@dataclass
+class Tolerance:
+    max_rel: float  # max |llama.cpp - HF| / max |HF logit|
+    min_top1: float  # top-1 agreement along the greedy continuations
+    max_delta_rel: float | None = None  # ||delta_llama - delta_hf|| / ||delta_hf||
+
+
+EXACT = Tolerance(max_rel=0.02, min_top1=0.95, max_delta_rel=0.10)
+# A Q4 base in llama.cpp quantizes activations to 8 bits in every matmul while the HF copy runs
+# the dequantized weights in fp32: measured max rel ~0.07 and delta_rel ~0.6 on the embedded model.
+QUANTIZED = Tolerance(max_rel=0.15, min_top1=0.80, max_delta_rel=0.75)
+
+
+@dataclass
+class LogitReport:
+    max_abs: float
+    max_rel: float
+    top1_agreement: float
+    positions: int
+    tolerance: dict
+    delta_max_abs: float | None = None
+    delta_rel: float | None = None
+    passed: bool = False
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TemplateReport:
+    prompts: int
+    mismatches: list[dict]
+    passed: bool
+
+
+def tolerance_for(*gguf_paths: str | os.PathLike) -> Tolerance:
+    import gguf
+
+    from .gguf_common import field_value
+
+    for p in gguf_paths:
+        r = gguf.GGUFReader(p)
+        if field_value(r, "general.type") == "adapter":
+            if any(t.tensor_type.name not in ("F32", "F16", "BF16") for t in r.tensors):
+                return QUANTIZED
+        elif field_value(r, "general.file_type", 0) not in _EXACT_TYPES:
+            return QUANTIZED
+    return EXACT
+
+
+def probe_token_ids(tok, system: str | None, conversations=PROBE_CONVERSATIONS) -> list[list[int]]:
+    return [training_ids(tok, system, conv) for conv in conversations]
+
+
+def training_ids(tok, system: str | None, messages: list[dict]) -> list[int]:
+    """Token ids of training's rendering of a prompt (system inserted when the conversation has none)."""
+    if system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system}] + messages
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def _llama(path, lora: str | None = None, n_ctx: int = 512, vocab_only: bool = False):
+    from llama_cpp import Llama
+
+    return Llama(str(path), lora_path=str(lora) if lora else None, lora_scale=1.0, logits_all=True, n_ctx=n_ctx,
+                 n_threads=max(1, min(2, os.cpu_count() or 1)), vocab_only=vocab_only, verbose=False)
+
+
+def _llama_logits(llm, sequences: list[list[int]]) -> list[np.ndarray]:
+    out = []
+    for ids in sequences:
+        llm.reset()
+        llm.eval(ids)
+        out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    return out
+
+
+def _hf_logits(model, sequences: list[list[int]]) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        return [model(torch.tensor([ids])).logits[0].float().numpy() for ids in sequences]
+
+
+def _greedy_sequences(model, prompts: list[list[int]], tok, n_new: int) -> list[list[int]]:
+    import torch
+
+    seqs = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
+            seqs.append(out[0].tolist())
+    return seqs
+
+
+def compare_logits(hf: list[np.ndarray], ll: list[np.ndarray], prompt_lens: list[int], tol: Tolerance,
+                   hf_base: list[np.ndarray] | None = None, ll_base: list[np.ndarray] | None = None) -> LogitReport:
+    diff = max(float(np.abs(h - g).max()) for h, g in zip(hf, ll))
+    scale = max(float(np.abs(h).max()) for h in hf)
+    # Top-1 agreement on the positions that predict the prompt's next token and the continuation.
+    agree = [(h[n - 1:].argmax(-1) == g[n - 1:].argmax(-1)) for h, g, n in zip(hf, ll, prompt_lens)]
+    agree_all = np.concatenate(agree)
+    rep = LogitReport(max_abs=diff, max_rel=diff / scale, top1_agreement=float(agree_all.mean()),
+                      positions=int(agree_all.size), tolerance=asdict(tol))
+    if rep.max_rel > tol.max_rel:
+        rep.failures.append(f"max relative logit difference {rep.max_rel:.4f} > {tol.max_rel}")
+    if rep.top1_agreement < tol.min_top1:
+        rep.failures.append(f"top-1 agreement {rep.top1_agreement:.3f} < {tol.min_top1}")
+    if hf_base is not None and ll_base is not None:
+        dh = np.concatenate([(a - b).ravel() for a, b in zip(hf, hf_base)])
+        dl = np.concatenate([(a - b).ravel() for a, b in zip(ll, ll_base)])
+        rep.delta_max_abs = float(np.abs(dh - dl).max())
+        rep.delta_rel = float(np.linalg.norm(dh - dl) / max(np.linalg.norm(dh), 1e-12))
+        if tol.max_delta_rel is not None and rep.delta_rel > tol.max_delta_rel:
+            rep.failures.append(f"adapter delta relative error {rep.delta_rel:.3f} > {tol.max_delta_rel} "
+                                "(1.0 means the adapter has no effect in llama.cpp)")
+    rep.passed = not rep.failures
+    return rep
+
+
+def adapter_parity(base_dir: str, adapter_dir: str | Path, base_gguf: str | Path, adapter_gguf: str | Path,
+                   system: str | None, n_new: int = 8) -> LogitReport:
+    """llama.cpp base GGUF + adapter GGUF against HF base + PEFT adapter, with and without the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ..models import load_tokenizer
+    from .adapter_gguf import validate_adapter_against_base
+
+    validate_adapter_against_base(adapter_gguf, base_gguf)  # before llama.cpp touches it: no segfault
+    tok = load_tokenizer(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32"), str(adapter_dir))
+    model.eval()
+    prompts = probe_token_ids(tok, system)
+    seqs = _greedy_sequences(model, prompts, tok, n_new)
+    hf = _hf_logits(model, seqs)
+    with model.disable_adapter():
+        hf_base = _hf_logits(model, seqs)
+    n_ctx = max(len(s) for s in seqs) + 16
+    ll = _llama_logits(_llama(base_gguf, adapter_gguf, n_ctx), seqs)
+    ll_base = _llama_logits(_llama(base_gguf, None, n_ctx), seqs)
+    return compare_logits(hf, ll, [len(p) for p in prompts], tolerance_for(base_gguf, adapter_gguf), hf_base, ll_base)
+
+
+def model_parity(model, tok, model_gguf: str | Path, system: str | None, n_new: int = 8) -> LogitReport:
+    """llama.cpp on a merged (or plain) GGUF model against the HF model it was written from."""
+    prompts = probe_token_ids(tok, system)
+    seqs = _greedy_sequences(model, prompts, tok, n_new)
+    hf = _hf_logits(model, seqs)
+    ll = _llama_logits(_llama(model_gguf, None, max(len(s) for s in seqs) + 16), seqs)
+    return compare_logits(hf, ll, [len(p) for p in prompts], tolerance_for(model_gguf))
+
+
+def ollama_messages(system: str | None, messages: list[dict]) -> tuple[str, list[dict]]:
+    """What Ollama's chat handler passes to the template: the Modelfile SYSTEM is prepended as a
+    system message when the request has none, then system messages are joined into .System
+    (they also stay in .Messages) and consecutive same-role messages are merged."""
+    if system and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system}] + messages
+    systems, collated = [], []
+    for m in messages:
+        if m["role"] == "system":
+            systems.append(m["content"])
+        if collated and collated[-1]["Role"] == m["role"] and m["role"] != "tool":
+            collated[-1]["Content"] += "\n\n" + m["content"]
+        else:
+            collated.append({"Role": m["role"], "Content": m["content"]})
+    return "\n\n".join(systems), collated
+
+
+def render_ollama_prompt(template: str, system: str | None, messages: list[dict]) -> str:
+    from .gotemplate import render
+
+    sys_text, msgs = ollama_messages(system, messages)
+    return render(template, {"System": sys_text, "Messages": msgs, "Tools": None, "Prompt": "", "Response": ""})
+
+
+def template_parity(template: str, system: str | None, tok, vocab_gguf: str | Path,
+                    conversations=PROBE_CONVERSATIONS) -> TemplateReport:
+    """Every prompt prefix (ending at a user turn) must give the same ids through Ollama's path
+    (Go template, then llama.cpp's tokenizer) as through training's `apply_chat_template`."""
+    llm = _llama(vocab_gguf, vocab_only=True)
+    mismatches, count = [], 0
+    for conv in conversations:
+        for end in (i + 1 for i, m in enumerate(conv) if m["role"] == "user"):
+            msgs = conv[:end]
+            want = training_ids(tok, system, msgs)
+            text = render_ollama_prompt(template, system, msgs)
+            got = llm.tokenize(text.encode(), add_bos=True, special=True)
+            count += 1
+            if got != want:
+                mismatches.append({"messages": msgs, "ollama_text": text, "training_text": tok.decode(want),
+                                   "ollama_ids": got[:64], "training_ids": want[:64]})
+    return TemplateReport(prompts=count, mismatches=mismatches, passed=not mismatches)
+
+
+def raise_on_failure(logits: LogitReport | None, template: TemplateReport | None, report_path: Path) -> None:
+    problems = (logits.failures if logits else []) + ([f"{len(template.mismatches)} template mismatch(es)"]
+                                                       if template and not template.passed else [])
+    if problems:
+        raise EdentuneError("export parity check failed: " + "; ".join(problems),
+                            hint=f"details in {report_path}; the exported files were kept for inspection")

@@ -1,0 +1,63 @@
+"""`edentune train CONFIG [--resume]` and `edentune inspect CONFIG` (what exactly is trained)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def train_command(
+    config: Path = typer.Argument(..., help="run config YAML"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint in training.output_dir"),
+) -> None:
+    """Fine-tune the base model with LoRA/QLoRA on the assistant turns of the config's data."""
+    from edentune.config import load_config
+
+    from .recipe import train
+
+    cfg = load_config(config)
+    for w in cfg.range_warnings():
+        console.print(f"[yellow]warning:[/] {w}")
+    train(cfg, resume=resume, console=console)
+
+
+def inspect_command(
+    config: Path = typer.Argument(..., help="run config YAML"),
+    index: int = typer.Option(0, "--index", "-n", help="which conversation (0-based, in file order)"),
+    split: str = typer.Option("train", help="train or validation"),
+) -> None:
+    """Print one conversation as the model sees it, trained tokens highlighted."""
+    from rich.text import Text
+
+    from edentune.config import load_config
+    from edentune.errors import EdentuneError
+    from edentune.models import load_tokenizer, resolve_model_dir
+
+    from .data import IGNORE, encode_conversation, load_splits
+
+    cfg = load_config(config)
+    convs = dict(zip(("train", "validation"), load_splits(cfg.data))).get(split)
+    if convs is None:
+        raise EdentuneError(f"--split must be train or validation, not {split!r}")
+    if not 0 <= index < len(convs):
+        raise EdentuneError(f"--index {index} is out of range: the {split} split has {len(convs)} conversation(s)")
+    m = cfg.model
+    tok = load_tokenizer(resolve_model_dir(m.name_or_path, m.gguf_file, m.architecture), m.trust_remote_code)
+    ex = encode_conversation(tok, convs[index], m.system_prompt)
+    text = Text()
+    for token, label in zip(ex.input_ids, ex.labels):
+        text.append(tok.decode([token]), style="bold black on green" if label != IGNORE else "dim")
+    out = Console()
+    out.print(f"[bold]{ex.source}[/]  ({len(ex.input_ids)} tokens, [green]{ex.trained_tokens} trained[/])")
+    out.print(text)
+    if len(ex.input_ids) > m.max_seq_len:
+        out.print(f"[yellow]longer than max_seq_len={m.max_seq_len}[/]: training will {m.overlong} it")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("inspect")(inspect_command)

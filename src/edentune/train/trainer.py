@@ -1,0 +1,135 @@
+"""transformers' Trainer with the few behaviours it lacks, each a small override.
+
+- checkpoints appear atomically (Trainer writes them file by file in place),
+- the length-grouped order is seeded per epoch (so `--resume` replays the same order),
+- evaluation loss is the mean over trained tokens (Trainer averages per-batch means),
+- trained (label != -100) tokens are counted for tokens/s,
+- a non-finite loss or gradient stops training before anything is logged, evaluated or saved,
+  so the recipe can roll back to the last good checkpoint with a lower learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from transformers import Trainer
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import rotate_checkpoints
+
+from edentune.io import atomic_dir
+
+from .data import IGNORE
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped shuffling drawn from (seed, epoch) only, not from the global RNG.
+
+    Trainer's own sampler uses the global RNG at the time an epoch starts, which differs between
+    an uninterrupted run and one resumed mid-run: resuming would then see a different data order.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed))
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate calls this at the start of each epoch
+        self.generator.manual_seed(self.seed + epoch)
+
+
+class EdenTrainer(Trainer):
+    def __init__(self, *args, length_grouped: bool = True, rollback_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.length_grouped = length_grouped
+        self.rollback_lr = rollback_lr  # set when resuming after a NaN: replaces the checkpoint's LR
+        self.trained_tokens = 0
+        self.non_finite: str | None = None  # what went non-finite, and at which step
+        self._eval_loss_sum = self._eval_tokens = 0.0
+
+    # -- data order --------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.length_grouped:
+            return super()._get_train_sampler(train_dataset)  # random order (seeded per epoch by accelerate)
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = [len(ids) for ids in ds["input_ids"]]
+        # Groups span one optimizer step's micro-batches so padding is minimal within each.
+        size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return EpochSeededLengthGroupedSampler(size, lengths, self.args.seed)
+
+    # -- training step: token count and NaN/Inf detection ----------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.trained_tokens += int((inputs["labels"][:, 1:] != IGNORE).sum())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss) and self.non_finite is None:
+            self.non_finite = f"loss {loss.item()} at step {self.state.global_step + 1}"
+        return loss
+
+    def _clip_grad_norm(self, model):
+        norm = super()._clip_grad_norm(model)
+        if norm is not None and not math.isfinite(float(norm)) and self.non_finite is None:
+            self.non_finite = f"gradient norm {float(norm)} at step {self.state.global_step + 1}"
+        return norm
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        if self.non_finite:
+            # Nothing computed after a NaN/Inf step may be logged, evaluated or saved as "good".
+            self.control.should_training_stop = True
+            return
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint and self.rollback_lr is not None:
+            # The restored scheduler carries the LR of the failed attempt: rescale base and current LR.
+            factor = self.rollback_lr / self.lr_scheduler.base_lrs[0]
+            self.lr_scheduler.base_lrs = [lr * factor for lr in self.lr_scheduler.base_lrs]
+            for group in self.optimizer.param_groups:
+                group["lr"] *= factor
+            self.lr_scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
+
+    # -- evaluation: mean loss per trained token -------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not model.training:
+            loss = out[0] if return_outputs else out
+            n = int((inputs["labels"][:, 1:] != IGNORE).sum())
+            # With num_items_in_batch the model returns sum/num_items; without it, a per-token mean.
+            self._eval_loss_sum += float(loss) * (float(num_items_in_batch) if num_items_in_batch is not None else n)
+            self._eval_tokens += n
+        return out
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        self._eval_loss_sum = self._eval_tokens = 0.0
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self._eval_tokens:
+            loss = self._eval_loss_sum / self._eval_tokens
+            output.metrics[f"{metric_key_prefix}_loss"] = loss
+            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 50.0))
+        return output
+
+    # -- atomic checkpoints ----------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        # Same content as Trainer._save_checkpoint, but built under a temporary name and renamed into
+        # place: a kill mid-save leaves no half-written checkpoint-N for `--resume` to pick up.
+        run_dir = self.args.output_dir
+        step = self.state.global_step
+        self.store_flos()
+        if self.state.best_global_step:
+            best = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
+            if self.state.best_global_step == step or os.path.exists(best):
+                self.state.best_model_checkpoint = best
+        with atomic_dir(os.path.join(run_dir, f"checkpoint-{step}")) as tmp:
+            self.save_model(str(tmp), _internal_call=True)
+            self._save_optimizer_and_scheduler(str(tmp))
+            self._save_scaler(str(tmp))
+            self._save_rng_state(str(tmp))
+            for cb in [*self.callback_handler.callbacks, self.control]:
+                if isinstance(cb, ExportableState):
+                    self.state.stateful_callbacks[type(cb).__name__] = cb.state()
+            self.state.save_to_json(str(tmp / TRAINER_STATE))
+        rotate_checkpoints(run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)

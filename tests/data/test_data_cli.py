@@ -1,0 +1,31 @@
+import json
+
+from data_helpers import chat, read_jsonl, write_lines, write_records
+from typer.testing import CliRunner
+
+from edentune.data.cli import app
+
+runner = CliRunner()
+
+
+def test_validate_clean_stats_split_mix(tmp_path):
+    src = write_lines(tmp_path / "in.jsonl", [json.dumps(chat("How do I sort a list?", "Use sorted(xs).")), "[1]", ""])
+    res = runner.invoke(app, ["validate", str(src), "-o", str(tmp_path / "v.jsonl"), "--quarantine", str(tmp_path / "q.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert f"{src}:2: not a JSON object (list)" in res.output and "3 lines = 1 kept" in res.output
+    res = runner.invoke(app, ["clean", str(src), "-o", str(tmp_path / "c.jsonl"), "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0 and json.loads((tmp_path / "r.json").read_text())["kept"] == 1
+    res = runner.invoke(app, ["stats", str(tmp_path / "c.jsonl"), "--json", str(tmp_path / "s.json")])
+    assert res.exit_code == 0 and json.loads((tmp_path / "s.json").read_text())["conversations"] == 1
+    res = runner.invoke(app, ["split", str(tmp_path / "c.jsonl"), "--train", str(tmp_path / "t.jsonl"),
+                              "--val", str(tmp_path / "val.jsonl")])
+    assert res.exit_code == 0
+    res = runner.invoke(app, ["mix", "--new", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "m.jsonl"),
+                              "--quota", "general=2", "--ratio", "1.0"])
+    assert res.exit_code == 0 and "short" in res.output and len(read_jsonl(tmp_path / "m.jsonl")) == 1
+
+
+def test_convert(tmp_path):
+    src = write_records(tmp_path / "a.jsonl", [{"instruction": "Say hi", "output": "Hi!"}])
+    res = runner.invoke(app, ["convert", str(src), "--from", "alpaca", "-o", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 0 and read_jsonl(tmp_path / "o.jsonl")[0]["messages"][1]["content"] == "Hi!"
