@@ -60,6 +60,20 @@ def config_check(path: Path = typer.Argument(..., help="run config YAML")) -> No
 
 
 @app.command()
+def quickstart(
+    out_dir: Path = typer.Option(Path("runs/quickstart"), "--out", help="where data, run, report and export go"),
+    max_steps: int = typer.Option(40, help="optimizer steps (about 8 s each on 2 CPU cores)"),
+    eval_cases: int = typer.Option(8, help="evaluation-suite cases scored before and after"),
+    verify: bool = typer.Option(True, help="check the exported GGUF adapter against the PEFT model in llama.cpp"),
+) -> None:
+    """Clean the bundled data, QLoRA-fine-tune the embedded model, compare before/after, export for Ollama."""
+    from .quickstart import QuickstartOptions, run_quickstart
+
+    run_quickstart(QuickstartOptions(out_dir=out_dir, max_steps=max_steps, eval_cases=eval_cases, verify_export=verify),
+                   Console())
+
+
+@app.command()
 def plan(
     config: Path = typer.Argument(..., help="run config YAML"),
     device_gb: float = typer.Option(None, help="memory of the training device in GB (default: the CUDA card, else 24)"),

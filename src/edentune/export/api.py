@@ -41,9 +41,11 @@ def base_model_dir(cfg) -> str:
     return resolve_model_dir(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.architecture)
 
 
-def base_gguf(cfg, base_dir: str) -> Path:
-    """A GGUF of the training base for llama.cpp checks: the original file when the base came as
-    GGUF in the same architecture, otherwise one written once from the HF weights (f16, cached)."""
+def reference_ggufs(cfg, base_dir: str) -> list[Path]:
+    """Base GGUFs for the llama.cpp checks: first an exact one (f16/f32) that isolates the adapter
+    conversion, then the original base file when it is quantized (e.g. the embedded Q4_1), which
+    shows what quantization costs on top (USERS.md #8). The exact one is the original file when
+    that is unquantized, otherwise written once from the HF weights and cached."""
     import gguf
     from transformers import AutoModelForCausalLM
 
@@ -60,14 +62,20 @@ def base_gguf(cfg, base_dir: str) -> Path:
     elif m.gguf_file:
         source = Path(m.name_or_path).expanduser() / m.gguf_file
     model_type = json.loads((Path(base_dir) / "config.json").read_text())["model_type"]
-    if source is not None and field_value(gguf.GGUFReader(source), "general.architecture") == model_type:
-        return source
-    key = hashlib.sha256(f"{Path(base_dir).resolve()}|{(Path(base_dir) / 'config.json').stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_root() / "gguf-bases" / f"{Path(base_dir).name}-{key}-f16.gguf"
-    if not out.exists():
+    original = None
+    if source is not None:
+        reader = gguf.GGUFReader(source)
+        if field_value(reader, "general.architecture") == model_type:
+            if field_value(reader, "general.file_type", 0) in (0, 1):  # ALL_F32, MOSTLY_F16
+                return [source]
+            original = source
+    cfg_file = Path(base_dir) / "config.json"
+    key = hashlib.sha256(f"{Path(base_dir).resolve()}|{cfg_file.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    exact = cache_root() / "gguf-bases" / f"{Path(base_dir).name}-{key}-f16.gguf"
+    if not exact.exists():
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
-        write_model_gguf(model, load_tokenizer(base_dir), out, "f16", name=Path(base_dir).name)
-    return out
+        write_model_gguf(model, load_tokenizer(base_dir), exact, "f16", name=Path(base_dir).name)
+    return [exact] + ([original] if original else [])
 
 
 def _write_modelfiles(cfg, tmp: Path, out_dir: Path, personas: dict[str, str] | None, **modelfile_kw) -> dict[str, Path]:
@@ -104,13 +112,14 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
     with atomic_dir(out_dir) as tmp:
         gguf_path = write_adapter_gguf(adapter, tmp / "adapter.gguf", cfg.export.adapter_dtype)
         modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, adapter="./adapter.gguf")
-        logits = template = None
+        logits, template = [], None
         if verify:
-            ref = base_gguf(cfg, base_dir)
-            report["validation"] = validate_adapter_against_base(gguf_path, ref)
-            logits = adapter_parity(base_dir, adapter_dir, ref, gguf_path, cfg.model.system_prompt)
-            template = template_parity(CHATML_TEMPLATE, cfg.model.system_prompt, _tokenizer(base_dir), ref)
-            report.update(reference_gguf=str(ref), logits=asdict(logits), template=asdict(template))
+            refs = reference_ggufs(cfg, base_dir)
+            report["validation"] = validate_adapter_against_base(gguf_path, refs[0])
+            logits = adapter_parity(base_dir, adapter_dir, gguf_path, refs, cfg.model.system_prompt)
+            template = template_parity(CHATML_TEMPLATE, cfg.model.system_prompt, _tokenizer(base_dir), refs[0])
+            report["logits"] = {str(ref): asdict(rep) for ref, rep in zip(refs, logits)}
+            report["template"] = asdict(template)
         write_json_atomic(tmp / REPORT_NAME, report)
     return _finish(out_dir, out_dir / "adapter.gguf", modelfiles, report, logits, template)
 
@@ -131,11 +140,11 @@ def export_merged(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: 
         gguf_path = write_model_gguf(model, tok, tmp / "model.gguf", dtype, name=cfg.export.model_name)
         modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, adapter=None, from_="./model.gguf",
                                        template=CHATML_TEMPLATE)
-        logits = template = None
+        logits, template = [], None
         if verify:
-            logits = model_parity(model, tok, gguf_path, cfg.model.system_prompt)
+            logits = [model_parity(model, tok, gguf_path, cfg.model.system_prompt)]
             template = template_parity(CHATML_TEMPLATE, cfg.model.system_prompt, tok, gguf_path)
-            report.update(logits=asdict(logits), template=asdict(template))
+            report.update(logits={"model.gguf": asdict(logits[0])}, template=asdict(template))
         write_json_atomic(tmp / REPORT_NAME, report)
     return _finish(out_dir, out_dir / "model.gguf", modelfiles, report, logits, template)
 

@@ -133,7 +133,7 @@ _FUNCS = {
     "ne": lambda a, b: a != b,
     "not": lambda a: not _truthy(a),
     "len": len,
-    "slice": lambda seq, *ij: seq[slice(*ij)],
+    "slice": lambda seq, start=0, stop=None: seq[start:stop],  # Go: slice x 1 == x[1:]
 }
 
 

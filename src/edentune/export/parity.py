@@ -41,8 +41,10 @@ class Tolerance:
 
 EXACT = Tolerance(max_rel=0.02, min_top1=0.95, max_delta_rel=0.10)
 # A Q4 base in llama.cpp quantizes activations to 8 bits in every matmul while the HF copy runs
-# the dequantized weights in fp32: measured max rel ~0.07 and delta_rel ~0.6 on the embedded model.
-QUANTIZED = Tolerance(max_rel=0.15, min_top1=0.80, max_delta_rel=0.75)
+# the dequantized weights in fp32: measured max rel ~0.05 on the embedded model. The adapter
+# changes the activations, so that rounding noise does not cancel in the delta (measured delta_rel
+# 0.6-0.85): it is reported, not gated; the exact (f16) reference checks the adapter itself.
+QUANTIZED = Tolerance(max_rel=0.15, min_top1=0.80, max_delta_rel=None)
 
 
 @dataclass
@@ -151,16 +153,18 @@ def compare_logits(hf: list[np.ndarray], ll: list[np.ndarray], prompt_lens: list
     return rep
 
 
-def adapter_parity(base_dir: str, adapter_dir: str | Path, base_gguf: str | Path, adapter_gguf: str | Path,
-                   system: str | None, n_new: int = 8) -> LogitReport:
-    """llama.cpp base GGUF + adapter GGUF against HF base + PEFT adapter, with and without the adapter."""
+def adapter_parity(base_dir: str, adapter_dir: str | Path, adapter_gguf: str | Path, base_ggufs: list[Path],
+                   system: str | None, n_new: int = 8) -> list[LogitReport]:
+    """llama.cpp base GGUF + adapter GGUF against HF base + PEFT adapter, with and without the
+    adapter, once per base GGUF (the HF side is computed once)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from ..models import load_tokenizer
     from .adapter_gguf import validate_adapter_against_base
 
-    validate_adapter_against_base(adapter_gguf, base_gguf)  # before llama.cpp touches it: no segfault
+    for ref in base_ggufs:
+        validate_adapter_against_base(adapter_gguf, ref)  # before llama.cpp touches it: no segfault
     tok = load_tokenizer(base_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32"), str(adapter_dir))
     model.eval()
@@ -170,9 +174,12 @@ def adapter_parity(base_dir: str, adapter_dir: str | Path, base_gguf: str | Path
     with model.disable_adapter():
         hf_base = _hf_logits(model, seqs)
     n_ctx = max(len(s) for s in seqs) + 16
-    ll = _llama_logits(_llama(base_gguf, adapter_gguf, n_ctx), seqs)
-    ll_base = _llama_logits(_llama(base_gguf, None, n_ctx), seqs)
-    return compare_logits(hf, ll, [len(p) for p in prompts], tolerance_for(base_gguf, adapter_gguf), hf_base, ll_base)
+    reports = []
+    for ref in base_ggufs:
+        ll = _llama_logits(_llama(ref, adapter_gguf, n_ctx), seqs)
+        ll_base = _llama_logits(_llama(ref, None, n_ctx), seqs)
+        reports.append(compare_logits(hf, ll, [len(p) for p in prompts], tolerance_for(ref, adapter_gguf), hf_base, ll_base))
+    return reports
 
 
 def model_parity(model, tok, model_gguf: str | Path, system: str | None, n_new: int = 8) -> LogitReport:
@@ -227,9 +234,10 @@ def template_parity(template: str, system: str | None, tok, vocab_gguf: str | Pa
     return TemplateReport(prompts=count, mismatches=mismatches, passed=not mismatches)
 
 
-def raise_on_failure(logits: LogitReport | None, template: TemplateReport | None, report_path: Path) -> None:
-    problems = (logits.failures if logits else []) + ([f"{len(template.mismatches)} template mismatch(es)"]
-                                                       if template and not template.passed else [])
+def raise_on_failure(logits: list[LogitReport], template: TemplateReport | None, report_path: Path) -> None:
+    problems = [f for rep in logits for f in rep.failures]
+    if template and not template.passed:
+        problems.append(f"{len(template.mismatches)} template mismatch(es)")
     if problems:
         raise EdentuneError("export parity check failed: " + "; ".join(problems),
                             hint=f"details in {report_path}; the exported files were kept for inspection")
