@@ -38,6 +38,7 @@ SCRIPTS = {
     "ru": re.compile(r"[\u0400-\u04ff]"),
 }
 LANGUAGES = ("ko", "en", *SCRIPTS)
+LETTER = re.compile(r"[^\W\d_]")
 
 
 def detect_answer_language(answer: str, ko_threshold: float = 0.5) -> str:
@@ -53,11 +54,13 @@ def detect_answer_language(answer: str, ko_threshold: float = 0.5) -> str:
     return best if counts[best] else "other"
 
 
-def language_ok(answer: str, expected: str, ko_threshold: float = 0.5) -> tuple[bool, str]:
-    """(consistent, detected). The detector (shared with the data pipeline) removes fenced and
+def language_ok(answer: str, expected: str, ko_threshold: float = 0.5) -> tuple[bool | None, str]:
+    """(consistent, detected); consistent is None for an answer with no prose outside code. The detector (shared with the data pipeline) removes fenced and
     inline code first, and counts Hangul runs against all letter runs for Korean, so Korean prose
     with English technical terms ("React의 useState 훅") stays Korean. Anything other than the
     expected language, including "mixed", counts as language mixing."""
+    if not LETTER.search(strip_code(answer)):
+        return None, "none"
     detected = detect_answer_language(answer, ko_threshold)
     return detected == expected, detected
 
@@ -91,7 +94,7 @@ def keyword_hits(answer: str, keywords: list[str], mode: str = "any") -> Keyword
 
 
 # -- Python code ------------------------------------------------------------------------------
-FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.S)
+FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)  # unclosed: cut off by max tokens
 PYTHON_LABELS = {"python", "py", "python3"}
 
 

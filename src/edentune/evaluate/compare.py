@@ -6,7 +6,8 @@ Verdict rules (thresholds from the `evaluation` config section):
   (absolute), else `same`;
 - validation perplexity: the same on the relative change (lower is better);
 - forgetting = candidate replay perplexity / base replay perplexity - 1: `worse` above
-  `max_forgetting`, `better` below -`tolerance`, else `same`;
+  `max_forgetting`, `better` below -`tolerance`, else `same` (the replay perplexity itself is shown
+  for context and does not gate);
 - response time and throughput: relative change beyond 25 % (machine noise is large); reported
   but not gating, since base and candidate are often timed on different machines or loads;
 - a metric missing on either side is `n/a` and does not gate.
@@ -34,11 +35,8 @@ class MetricSpec:
     key: str
     label: str
     higher_is_better: bool
-    kind: str  # rate | perplexity | timing
-
-    @property
-    def gating(self) -> bool:
-        return self.kind != "timing"
+    kind: str  # rate | perplexity | forgetting | timing
+    gating: bool = True
 
 
 METRICS = (
@@ -49,11 +47,14 @@ METRICS = (
     MetricSpec("behavior_pass_rate", "Behaviour checks", True, "rate"),
     MetricSpec("case_pass_rate", "Cases passed", True, "rate"),
     MetricSpec("perplexity_validation", "Perplexity (validation)", False, "perplexity"),
+    # Shown for context; forgetting (below) is its gated form, with its own threshold.
+    MetricSpec("perplexity_replay", "Perplexity (replay set)", False, "perplexity", gating=False),
     MetricSpec("forgetting", "Forgetting (replay perplexity increase)", False, "forgetting"),
-    MetricSpec("latency_median_s", "Response time median (s)", False, "timing"),
-    MetricSpec("latency_p95_s", "Response time p95 (s)", False, "timing"),
-    MetricSpec("tokens_per_second", "Tokens per second", True, "timing"),
+    MetricSpec("latency_median_s", "Response time median (s)", False, "timing", gating=False),
+    MetricSpec("latency_p95_s", "Response time p95 (s)", False, "timing", gating=False),
+    MetricSpec("tokens_per_second", "Tokens per second", True, "timing", gating=False),
 )
+SPEC_BY_KEY = {s.key: s for s in METRICS}
 CATEGORY_METRICS = ("case_pass_rate", "language_mixing", "persona_adherence", "keyword_hit_rate", "code_pass_rate")
 
 
@@ -79,6 +80,7 @@ class Comparison(BaseModel):
     candidate_model: str
     metrics: list[MetricRow]
     by_category: dict[str, list[MetricRow]]
+    by_language: dict[str, list[MetricRow]]  # language mixing per expected language
     failing: dict[str, list[FailingCase]]  # "base" / "candidate"
     korean_consistency: dict[str, float | bool | None]
     ship: bool
@@ -135,13 +137,17 @@ def compare(base: EvalResult, cand: EvalResult, cfg: RunConfig, metrics_jsonl: s
     by_category = {cat: _rows(cat_specs, base.by_category.get(cat, {}), cand.by_category.get(cat, {}), tol, max_f)
                    for cat in sorted(set(base.by_category) | set(cand.by_category))}
 
+    mixing = [SPEC_BY_KEY["language_mixing"]]
+    by_language = {lang: _rows(mixing, base.by_language.get(lang, {}), cand.by_language.get(lang, {}), tol, max_f)
+                   for lang in sorted(set(base.by_language) | set(cand.by_language))}
+
     gating = [r for r in rows if r.gating and r.verdict != "n/a"]
     reasons = [f"{r.label} is worse ({_fmt(r.base)} → {_fmt(r.candidate)})" for r in gating if r.verdict == "worse"]
     if not gating:
         reasons.append("no quality metric could be compared")
     ko = cand.by_language.get("ko", {}).get("language_consistency")
     comparison = Comparison(
-        base_model=base.model, candidate_model=cand.model, metrics=rows, by_category=by_category,
+        base_model=base.model, candidate_model=cand.model, metrics=rows, by_category=by_category, by_language=by_language,
         failing={"base": _failing(base), "candidate": _failing(cand)},
         korean_consistency={"value": ko, "target": KOREAN_CONSISTENCY_TARGET, "met": None if ko is None else ko > KOREAN_CONSISTENCY_TARGET},
         ship=not reasons, reasons=reasons, tolerance=tol, max_forgetting=max_f,

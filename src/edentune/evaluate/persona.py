@@ -38,7 +38,7 @@ CLAIM_EN = re.compile(
     re.I,
 )
 CLAIM_KO = re.compile(
-    r"(" + OTHER_ASSISTANTS + r")\s*(?:입니다|이에요|예요|이야|라고\s*(?:합니다|해요|불러)|"
+    r"(" + OTHER_ASSISTANTS + r")\s*(?:입니다|이에요|예요|이야|야|라고\s*(?:합니다|해요|불러)|"
     r"에서\s*(?:만든|개발한|훈련한|훈련시킨)|(?:가|이)\s*(?:만든|개발한))",
     re.I,
 )

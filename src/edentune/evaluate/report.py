@@ -65,7 +65,10 @@ def render_markdown(c: Comparison) -> str:
     if ko.get("value") is not None:
         out += [f"Korean language consistency: {100 * ko['value']:.1f}% (target > {100 * ko['target']:g}%: "
                 f"{'met' if ko['met'] else 'not met'})", ""]
-    out += ["## By category", ""]
+    out += ["## Language mixing by expected language", "", "| Language | Base | Fine-tuned | Verdict |", "|---|---:|---:|---|"]
+    out += [f"| {lang} | {fmt(r.kind, r.base)} | {fmt(r.kind, r.candidate)} | {VERDICT_MARK[r.verdict]} |"
+            for lang, (r,) in c.by_language.items()]
+    out += ["", "## By category", ""]
     for cat, rows in c.by_category.items():
         out += [f"### {cat}", "", "| Metric | Base | Fine-tuned | Verdict |", "|---|---:|---:|---|", *_md_rows(rows), ""]
     for side, title in (("candidate", "Fine-tuned"), ("base", "Base")):
@@ -117,7 +120,7 @@ def _curves_plot(curves: dict[str, list[list[float]]]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False, layout="constrained")
     for ax, names in zip(axes[0], panels):
         for name in names:
             if name in curves:
@@ -167,6 +170,8 @@ def render_html(c: Comparison) -> str:
         _html_table(c.metrics), "<p>* informational, not part of the deploy gate.</p>",
     ]
     parts += [f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{png}'>" for title, png in plots(c).items()]
+    parts.append("<h2>Language mixing by expected language</h2>")
+    parts.append(_html_table([r.model_copy(update={"label": lang}) for lang, (r,) in c.by_language.items()]))
     parts.append("<h2>By category</h2>")
     parts += [f"<h3>{e(cat)}</h3>{_html_table(rows)}" for cat, rows in c.by_category.items()]
     for side, title in (("candidate", "Fine-tuned"), ("base", "Base")):
@@ -183,6 +188,8 @@ def summary(c: Comparison) -> dict:
         "ship": c.ship, "reasons": c.reasons, "base": c.base_model, "candidate": c.candidate_model,
         "tolerance": c.tolerance, "max_forgetting": c.max_forgetting, "korean_consistency": c.korean_consistency,
         "metrics": {r.key: {"base": r.base, "candidate": r.candidate, "verdict": r.verdict, "gating": r.gating} for r in c.metrics},
+        "language_mixing_by_language": {lang: {"base": r.base, "candidate": r.candidate, "verdict": r.verdict}
+                                        for lang, (r,) in c.by_language.items()},
         "by_category": {cat: {r.key: {"base": r.base, "candidate": r.candidate, "verdict": r.verdict} for r in rows}
                         for cat, rows in c.by_category.items()},
         "failing": {side: [f.id for f in cases] for side, cases in c.failing.items()},

@@ -98,7 +98,7 @@ def check_answer(case: Case, gen: Generation, cfg: RunConfig, limits: Limits = L
     if case.expected_language:
         r.expected_language = case.expected_language
         r.language_ok, r.detected_language = language_ok(answer, case.expected_language, ev.korean_hangul_threshold)
-        if not r.language_ok:
+        if r.language_ok is False:
             r.failures.append(f"language: expected {case.expected_language}, got {r.detected_language}")
     if case.expected_keywords:
         kw = keyword_hits(answer, case.expected_keywords.words, case.expected_keywords.mode)

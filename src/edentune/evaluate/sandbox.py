@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 BLOCKED_MARK = "EDENTUNE_SANDBOX_BLOCKED"
@@ -95,9 +95,6 @@ class RunResult:
     error: str = ""
     stdout: str = ""
     seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,8 @@ def read_peft_adapter(adapter_dir: str | Path, base_config: dict) -> LoraAdapter
     # llama.cpp scales by alpha / r; rsLoRA scales by alpha / sqrt(r): store alpha * sqrt(r).
     adapter = LoraAdapter(arch=arch, r=r, alpha=alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha)
     halves: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
+    # lm_head keys first: on a tied base PEFT also saves the embedding, and the lm_head LoRA is the cause.
+    for key, value in sorted(tensors.items(), key=lambda kv: not _LM_HEAD_KEY.match(kv[0])):
         halves.setdefault(_gguf_target(key, base_config), {})[_ab(key)] = value.astype(np.float32)
     for name, ab in sorted(halves.items()):
         if set(ab) != {"A", "B"}:

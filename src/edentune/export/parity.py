@@ -82,8 +82,8 @@ def tolerance_for(*gguf_paths: str | os.PathLike) -> Tolerance:
     return EXACT
 
 
-def probe_token_ids(tok, system: str | None, conversations=PROBE_CONVERSATIONS) -> list[list[int]]:
-    return [training_ids(tok, system, conv) for conv in conversations]
+def probe_token_ids(tok, system: str | None, conversations: list | None = None) -> list[list[int]]:
+    return [training_ids(tok, system, conv) for conv in conversations or PROBE_CONVERSATIONS]
 
 
 def training_ids(tok, system: str | None, messages: list[dict]) -> list[int]:
@@ -216,12 +216,12 @@ def render_ollama_prompt(template: str, system: str | None, messages: list[dict]
 
 
 def template_parity(template: str, system: str | None, tok, vocab_gguf: str | Path,
-                    conversations=PROBE_CONVERSATIONS) -> TemplateReport:
+                    conversations: list | None = None) -> TemplateReport:
     """Every prompt prefix (ending at a user turn) must give the same ids through Ollama's path
     (Go template, then llama.cpp's tokenizer) as through training's `apply_chat_template`."""
     llm = _llama(vocab_gguf, vocab_only=True)
     mismatches, count = [], 0
-    for conv in conversations:
+    for conv in conversations or PROBE_CONVERSATIONS:
         for end in (i + 1 for i, m in enumerate(conv) if m["role"] == "user"):
             msgs = conv[:end]
             want = training_ids(tok, system, msgs)

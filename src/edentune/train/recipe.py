@@ -45,6 +45,7 @@ class TrainResult:
 def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype):
     """Base model (4-bit NF4 for QLoRA, else plain) wrapped with a fresh LoRA adapter."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
     q, gc = cfg.quantization, cfg.training.gradient_checkpointing
     model = load_base_model(model_dir, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type, double_quant=q.double_quant,
@@ -57,6 +58,7 @@ def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torc
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     lora = cfg.lora
+    set_seed(cfg.training.seed)  # LoRA A is initialised from the global RNG: same seed, same adapter
     return get_peft_model(model, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM",
@@ -151,10 +153,30 @@ def oom_error(cfg: RunConfig) -> EdentuneError:
         "`edentune plan CONFIG` shows the memory budget"))
 
 
+def prepare_data(cfg: RunConfig, tokenizer, console: Console):
+    """Encoded train and validation examples, with overlong handling reported (never silent)."""
+    m = cfg.model
+    train_convs, val_convs = load_splits(cfg.data)
+    train_set, train_stats = encode_all(tokenizer, train_convs, m.max_seq_len, m.overlong, m.system_prompt)
+    val_set, val_stats = encode_all(tokenizer, val_convs, m.max_seq_len, m.overlong, m.system_prompt)
+    if not train_set:
+        raise EdentuneError("no training conversation fits model.max_seq_len", hint="raise model.max_seq_len or use overlong: truncate")
+    for name, s in (("train", train_stats), ("validation", val_stats)):
+        if s.dropped_overlong or s.truncated:
+            console.print(f"{name}: {s.dropped_overlong} conversation(s) longer than max_seq_len={m.max_seq_len} dropped, "
+                          f"{s.truncated} truncated (model.overlong={m.overlong})")
+    if not val_set:
+        console.print("[yellow]no validation data[/]: evaluation, best-checkpoint selection and early stopping are off")
+    stats = {name: {k: v for k, v in vars(st).items() if k != "dropped_sources"}
+             for name, st in (("train", train_stats), ("validation", val_stats))}
+    return train_set, val_set, stats
+
+
 # -- the recipe ---------------------------------------------------------------------------------
 def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), console: Console | None = None) -> TrainResult:
     from torch.utils.tensorboard import SummaryWriter
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+    from transformers.integrations import TensorBoardCallback
 
     from .trainer import EdenTrainer
 
@@ -180,22 +202,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # safe: labels come from the assistant spans, not from pad ids
 
-    # Data.
-    m = cfg.model
-    train_convs, val_convs = load_splits(cfg.data)
-    train_set, train_stats = encode_all(tokenizer, train_convs, m.max_seq_len, m.overlong, m.system_prompt)
-    val_set, val_stats = encode_all(tokenizer, val_convs, m.max_seq_len, m.overlong, m.system_prompt)
-    if not train_set:
-        raise EdentuneError("no training conversation fits model.max_seq_len", hint="raise model.max_seq_len or use overlong: truncate")
-    for name, s in (("train", train_stats), ("validation", val_stats)):
-        if s.dropped_overlong or s.truncated:
-            console.print(f"{name}: {s.dropped_overlong} conversation(s) longer than max_seq_len={m.max_seq_len} dropped, "
-                          f"{s.truncated} truncated (model.overlong={m.overlong})")
+    train_set, val_set, data_stats = prepare_data(cfg, tokenizer, console)
     has_eval = bool(val_set)
-    if not has_eval:
-        console.print("[yellow]no validation data[/]: evaluation, best-checkpoint selection and early stopping are off")
-    data_stats = {"train": {k: v for k, v in vars(train_stats).items() if k != "dropped_sources"},
-                  "validation": {k: v for k, v in vars(val_stats).items() if k != "dropped_sources"}}
 
     # Batching: length-grouped (default) or random order, padded to the longest in the batch.
     batching = t.batching
@@ -247,8 +255,6 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
             metrics_log.write("nan_rollback", reason=trainer.non_finite, checkpoint=checkpoint, learning_rate=rollback_lr, retry=rollbacks)
             if checkpoint is None:
                 model = load_training_model(cfg, model_dir, device, dtype)  # nothing to roll back to: fresh adapter
-
-        from transformers.integrations import TensorBoardCallback
 
         trainer.remove_callback(TensorBoardCallback)  # it closed its writer at train end; metrics.jsonl gets this one
         final_eval = trainer.evaluate() if has_eval else {}

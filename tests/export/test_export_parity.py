@@ -1,0 +1,52 @@
+"""Acceptance: real model, real llama.cpp. A PEFT adapter on the embedded SmolLM2 (llama) and its
+Qwen2 twin is exported, validated, loaded with the base GGUF, and matches HF/PEFT (logits, adapter
+delta, greedy top-1, template). The merged route matches the HF merged model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import embedded_cfg, make_adapter
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_adapter_export_parity(arch, request, tmp_path, short_probes):
+    from edentune.export import export_adapter
+
+    model_dir = request.getfixturevalue("embedded_dir" if arch == "llama" else "embedded_qwen2_dir")
+    cfg = embedded_cfg(arch, tmp_path)
+    result = export_adapter(cfg, make_adapter(model_dir, tmp_path / "ad"), tmp_path / "export", verify=True)
+    report = json.loads(result.report_path.read_text())
+    assert (tmp_path / "export" / "adapter.gguf").exists() and (tmp_path / "export" / "Modelfile").exists()
+    exact, *quantized = report["logits"].values()
+    assert exact["passed"] and exact["delta_rel"] < 0.1 and exact["top1_agreement"] >= 0.95
+    assert report["template"]["passed"]
+    if arch == "llama":  # the original Q4_1 GGUF is compared too, with quantization tolerances
+        assert quantized and quantized[0]["passed"] and quantized[0]["tolerance"]["max_delta_rel"] is None
+    assert result.create_commands == [f"ollama create eden -f {tmp_path / 'export' / 'Modelfile'}"]
+
+
+def test_merged_export_parity(embedded_qwen2_dir, tmp_path, short_probes):
+    from edentune.export import export_merged
+
+    cfg = embedded_cfg("qwen2", tmp_path)
+    result = export_merged(cfg, make_adapter(embedded_qwen2_dir, tmp_path / "ad"), tmp_path / "export", dtype="f16")
+    report = json.loads(result.report_path.read_text())
+    assert report["logits"]["model.gguf"]["passed"] and report["template"]["passed"]
+    text = (tmp_path / "export" / "Modelfile").read_text()
+    assert "FROM ./model.gguf" in text and "TEMPLATE" in text and "ADAPTER" not in text
+
+
+def test_an_adapter_without_effect_fails_the_delta_check():
+    """If llama.cpp ignored the adapter, its delta is zero: relative error 1.0 must fail."""
+    import numpy as np
+
+    from edentune.export.parity import EXACT, compare_logits
+
+    rng = np.random.default_rng(0)
+    base = [rng.normal(size=(6, 50)).astype(np.float32)]
+    tuned = [base[0] + rng.normal(scale=0.5, size=(6, 50)).astype(np.float32)]
+    report = compare_logits(tuned, base, [3], EXACT, hf_base=base, ll_base=base)
+    assert not report.passed and report.delta_rel == 1.0
+    assert any("adapter delta relative error 1.000" in f for f in report.failures)
