@@ -58,17 +58,16 @@ def main() -> None:
     sample = ROOT / "src" / "edentune" / "data" / "sample" / "eden_sample.jsonl"
     split([sample], a.out / "train.jsonl", a.out / "val.jsonl", val_fraction=0.1)
 
-    cfg = config_for_model("qwen2.5-0.5b")
-    cfg.model.name_or_path = str(model_dir)
-    cfg.model.max_seq_len = 1024
-    cfg.lora.r, cfg.lora.alpha = 16, 32.0
+    steps = a.steps
+    cfg = config_for_model("qwen2.5-0.5b").updated({
+        "model.name_or_path": str(model_dir), "model.max_seq_len": 1024, "lora.r": 16, "lora.alpha": 32.0,
+        "training.output_dir": str(a.out / "run"), "training.max_steps": steps, "training.warmup_steps": min(5, steps - 1),
+        "training.learning_rate": 1e-3, "training.eval_steps": max(1, steps // 3), "training.save_steps": max(1, steps // 3),
+        "training.logging_steps": max(1, steps // 12), "training.per_device_batch_size": 8,
+        "training.gradient_accumulation_steps": 1,
+        "data.train_files": [str(a.out / "train.jsonl")], "data.validation_files": [str(a.out / "val.jsonl")],
+    })
     t = cfg.training
-    t.output_dir = str(a.out / "run")
-    t.warmup_steps, t.max_steps, t.learning_rate = min(5, a.steps - 1), a.steps, 1e-3
-    t.eval_steps = t.save_steps = max(1, a.steps // 3)
-    t.logging_steps = max(1, a.steps // 12)
-    t.per_device_batch_size, t.gradient_accumulation_steps = 8, 1
-    cfg.data.train_files, cfg.data.validation_files = [str(a.out / "train.jsonl")], [str(a.out / "val.jsonl")]
 
     started = time.time()
     result = train(cfg)

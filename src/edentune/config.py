@@ -196,6 +196,23 @@ class RunConfig(_Section):
             )
         return self
 
+    def updated(self, changes: dict[str, object]) -> RunConfig:
+        """A validated copy with dotted keys changed at once (`{"training.max_steps": 40}`).
+
+        Assigning fields one by one validates each assignment against the others (e.g. warmup
+        against max_steps) in whatever order they happen to be written; this checks the result.
+        """
+        data = self.model_dump()
+        for dotted, value in changes.items():
+            *parents, leaf = dotted.split(".")
+            node = data
+            for p in parents:
+                node = node[p]
+            if leaf not in node:
+                raise ConfigError(f"{dotted}: unknown key")
+            node[leaf] = value
+        return parse_config(data, "updated config")
+
     # -- derived --------------------------------------------------------------------------
     @property
     def preset_obj(self) -> Preset:

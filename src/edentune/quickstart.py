@@ -48,21 +48,23 @@ class QuickstartResult:
 
 
 def quickstart_config(opts: QuickstartOptions, train_file: Path, val_file: Path) -> RunConfig:
-    cfg = config_for_model("embedded")
-    cfg.model.max_seq_len = opts.max_seq_len
-    cfg.model.overlong = "drop"  # keep whole conversations: the model must see each <|im_end|>
-    t = cfg.training
-    t.output_dir = str(opts.out_dir / "run")
-    t.max_steps = opts.max_steps
-    t.warmup_steps = min(t.warmup_steps, max(0, opts.max_steps // 5))
-    t.logging_steps = max(1, opts.max_steps // 20)
-    t.eval_steps = t.save_steps = max(1, opts.max_steps // 2)
-    cfg.data.train_files, cfg.data.validation_files = [str(train_file)], [str(val_file)]
-    cfg.data.replay_files = [str(SAMPLE_DIR / "replay.jsonl")]
-    cfg.evaluation.max_new_tokens = opts.max_new_tokens
-    cfg.export.ollama_base = "smollm2:135m"
-    cfg.export.num_ctx = max(2048, opts.max_seq_len)
-    return cfg
+    steps, every = opts.max_steps, max(1, opts.max_steps // 2)
+    return config_for_model("embedded").updated({
+        "model.max_seq_len": opts.max_seq_len,
+        "model.overlong": "drop",  # keep whole conversations: the model must see each <|im_end|>
+        "training.output_dir": str(opts.out_dir / "run"),
+        "training.max_steps": steps,
+        "training.warmup_steps": min(5, max(0, steps // 5)),
+        "training.logging_steps": max(1, steps // 20),
+        "training.eval_steps": every,
+        "training.save_steps": every,
+        "data.train_files": [str(train_file)],
+        "data.validation_files": [str(val_file)],
+        "data.replay_files": [str(SAMPLE_DIR / "replay.jsonl")],
+        "evaluation.max_new_tokens": opts.max_new_tokens,
+        "export.ollama_base": "smollm2:135m",
+        "export.num_ctx": max(2048, opts.max_seq_len),
+    })
 
 
 def _step(console: Console, n: int, title: str) -> None:
@@ -144,6 +146,7 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
     from .train import train
 
     opts = opts or QuickstartOptions()
+    opts.out_dir = opts.out_dir.resolve()  # the written config must name absolute data paths
     console = console or Console()
     started = time.perf_counter()
     out = opts.out_dir
