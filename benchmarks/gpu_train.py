@@ -40,6 +40,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # edentune's loss and planner
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QWEN25_14B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
                   num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, rope_theta=1e6,
@@ -106,8 +107,7 @@ def peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def planner_estimate(config: Qwen2Config, batch: int, seq: int, device_gb: float) -> dict | None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+def planner_estimate(config: Qwen2Config, batch: int, seq: int, device_gb: float, loss: str) -> dict | None:
     try:
         from edentune.config import config_for_model
         from edentune.train.plan import estimate
@@ -117,13 +117,22 @@ def planner_estimate(config: Qwen2Config, batch: int, seq: int, device_gb: float
     cfg.model.max_seq_len, cfg.training.per_device_batch_size = seq, batch
     cfg.training.gradient_checkpointing, cfg.lora.r, cfg.lora.alpha = True, 32, 64.0
     try:
-        plan = estimate(cfg, config, device_gb)
+        plan = estimate(cfg, config, device_gb, loss=loss)
     except Exception as err:  # the planner is being written concurrently: report, never crash the benchmark
         return {"error": repr(err)}
     return {"total_gb": plan.total_gb, "terms": plan.terms}
 
 
-def run_seq(model, optimizer, config, device: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def compute_loss(model, ids: torch.Tensor, loss: str) -> torch.Tensor:
+    if loss == "hf":
+        return model(input_ids=ids, labels=ids).loss  # transformers' default: fp32 logits at every position
+    from edentune.train.trainer import trained_token_loss  # edentune's engine: trained positions, chunked
+
+    total, n = trained_token_loss(model, {"input_ids": ids, "labels": ids})
+    return total / n
+
+
+def run_seq(model, optimizer, config, device: str, batch: int, seq: int, steps: int, warmup: int, loss_kind: str) -> dict:
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -135,7 +144,7 @@ def run_seq(model, optimizer, config, device: str, batch: int, seq: int, steps: 
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = compute_loss(model, ids, loss_kind)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()
@@ -144,13 +153,13 @@ def run_seq(model, optimizer, config, device: str, batch: int, seq: int, steps: 
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError as err:
-        return {"seq": seq, "batch": batch, "oom": str(err).splitlines()[0], "peak_memory_gb": peak_memory_gb(device)}
+        return {"seq": seq, "batch": batch, "loss": loss_kind, "oom": str(err).splitlines()[0], "peak_memory_gb": peak_memory_gb(device)}
     timed = times[warmup:] or times
     tokens_per_s = batch * (seq - 1) / (sum(timed) / len(timed))  # trained tokens: every position but the first
     N, L, d = base_params(config), config.num_hidden_layers, config.hidden_size
     attn_fwd = 2 * L * seq * d  # causal attention matmuls per token, see the module docstring
     model_flops, hw_flops = 4 * N + 3 * attn_fwd, 6 * N + 4 * attn_fwd
-    out = {"seq": seq, "batch": batch, "steps": steps, "timed_steps": len(timed), "step_s": sum(timed) / len(timed),
+    out = {"seq": seq, "batch": batch, "loss": loss_kind, "steps": steps, "timed_steps": len(timed), "step_s": sum(timed) / len(timed),
            "trained_tokens_per_s": tokens_per_s, "peak_memory_gb": peak_memory_gb(device),
            "model_flops_per_token": model_flops, "hardware_flops_per_token": hw_flops, "final_loss": loss.item()}
     if device == "cuda":
@@ -165,6 +174,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--losses", nargs="+", default=["hf", "edentune"], choices=["hf", "edentune"])
     a = ap.parse_args()
     t_start = time.time()
     device = "cpu" if a.smoke else "cuda"
@@ -192,14 +202,14 @@ def main() -> None:
     measured = measured_peak_flops(device)
 
     runs = []
-    for seq in a.seqs:
-        r = run_seq(model, optimizer, config, device, a.batch, seq, a.steps, warmup=2 if a.steps > 3 else 1)
+    for loss_kind, seq in [(lk, sq) for lk in a.losses for sq in a.seqs]:
+        r = run_seq(model, optimizer, config, device, a.batch, seq, a.steps, warmup=2 if a.steps > 3 else 1, loss_kind=loss_kind)
         if "trained_tokens_per_s" in r:
             for label, peak in (("spec", spec), ("measured_peak", measured)):
                 if peak:
                     r[f"mfu_{label}"] = r["trained_tokens_per_s"] * r["model_flops_per_token"] / peak
                     r[f"hfu_{label}"] = r["trained_tokens_per_s"] * r["hardware_flops_per_token"] / peak
-        r["planner"] = planner_estimate(config, a.batch, seq, device_gb)
+        r["planner"] = planner_estimate(config, a.batch, seq, device_gb, loss_kind)
         runs.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "planner"}), flush=True)
 

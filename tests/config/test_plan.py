@@ -18,20 +18,28 @@ def test_qwen14b_parameter_count_matches_the_model_card():
     assert 13.0e9 < arch.block_params < 13.3e9
 
 
-def test_logits_term_dominates_qwen14b_at_guide_batch():
+def test_logits_term_dominates_qwen14b_at_guide_batch_with_hf_loss():
     cfg = config_for_model("qwen2.5-14b")
-    p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=24)
+    p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=24, loss="hf")
     # FACTS: 13.6 bytes x T x V; batch 4 x 2048 with V=152,064 is ~17 GB (decimal) on its own.
     assert abs(p.terms["logits+loss"] * GB / 1e9 - 16.9) < 0.1
     assert max(p.terms, key=p.terms.get) == "logits+loss"
     assert not p.fits and any("per_device_batch_size: 2" in a for a in p.advice)
 
 
+def test_chunked_loss_bounds_the_logits_term():
+    cfg = config_for_model("qwen2.5-14b")
+    arch = KNOWN_ARCHITECTURES[cfg.model.name_or_path]
+    hf, ours = estimate(cfg, arch, 24, loss="hf"), estimate(cfg, arch, 24)
+    assert ours.terms["logits+loss"] < 1.5 < 15 < hf.terms["logits+loss"]
+    assert ours.fits and not hf.fits  # the guide's 14B batch 4 x 2048 fits a 24 GB card only with it
+
+
 def test_halving_micro_batch_fits_where_full_batch_does_not():
     cfg = config_for_model("qwen2.5-14b")
     arch = KNOWN_ARCHITECTURES[cfg.model.name_or_path]
     cfg.training.per_device_batch_size, cfg.training.gradient_accumulation_steps = 1, 32
-    small = estimate(cfg, arch, device_gb=24)
+    small = estimate(cfg, arch, device_gb=24, loss="hf")
     assert small.fits and small.advice == []
     assert small.terms["base weights"] > 6  # 4-bit blocks + fp32 embeddings
 

@@ -11,6 +11,9 @@ Peak training memory is estimated term by term (bytes), following shared/FACTS.m
   layer's working set.
 - logits and loss: ~13.6 bytes x T x V with the default HF loss (fp32 upcast, softmax, grad).
   For Qwen's 152k vocabulary this dominates: 14B at 4 x 2048 tokens is ~17 GB on its own.
+  edentune's engine computes logits for trained positions only, in checkpointed chunks of
+  LOGITS_CHUNK_ELEMENTS (`train.trainer.trained_token_loss`), so the term is bounded by one
+  chunk (~0.9 GB) whatever T is; `loss="hf"` estimates the default loss for comparison.
 - runtime overhead: CUDA context, allocator fragmentation, dequantization buffers.
 
 T = tokens per micro-batch = per_device_batch_size x max_seq_len (worst case: a full batch).
@@ -102,8 +105,11 @@ def lora_param_count(arch: Arch, r: int, targets: list[str]) -> int:
     return arch.layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in targets)
 
 
-def estimate(cfg, model_config, device_gb: float, device: str = "cuda") -> Plan:
-    """Estimate peak memory of `cfg` for a model with `model_config` (a dict or HF config)."""
+def estimate(cfg, model_config, device_gb: float, device: str = "cuda", loss: str = "edentune") -> Plan:
+    """Estimate peak memory of `cfg` for a model with `model_config` (a dict or HF config).
+
+    `loss`: "edentune" (chunked loss on trained positions, what `edentune train` runs) or "hf"
+    (transformers' default loss over every position)."""
     arch = Arch.from_config(model_config)
     t, q = cfg.training, cfg.quantization
     T = t.per_device_batch_size * cfg.model.max_seq_len
@@ -124,7 +130,13 @@ def estimate(cfg, model_config, device_gb: float, device: str = "cuda") -> Plan:
         activations = 2 * T * arch.hidden * arch.layers + layer_ws
     else:
         activations = layer_ws * arch.layers
-    logits = LOGITS_BYTES_PER_TOKEN_VOCAB * T * arch.vocab
+    if loss == "hf":
+        logits = LOGITS_BYTES_PER_TOKEN_VOCAB * T * arch.vocab
+    else:
+        from .trainer import LOGITS_CHUNK_ELEMENTS
+
+        chunk_tokens = max(1, LOGITS_CHUNK_ELEMENTS // arch.vocab)
+        logits = LOGITS_BYTES_PER_TOKEN_VOCAB * min(T, chunk_tokens) * arch.vocab + T * arch.hidden * 4
     terms = {
         "base weights": base / GB,
         "LoRA weights+grads+optimizer": lora / GB,
