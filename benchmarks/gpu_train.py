@@ -144,7 +144,11 @@ def run_seq(model, optimizer, config, device: str, batch: int, seq: int, steps: 
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss = compute_loss(model, ids, loss_kind)
+            # bf16 autocast, as Trainer runs with `bf16=True`: without it the fp32 norms and head
+            # (prepare_model_for_kbit_training) keep activations in fp32 and attention falls back
+            # to kernels that materialise the s x s scores.
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = compute_loss(model, ids, loss_kind)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()

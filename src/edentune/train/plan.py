@@ -6,9 +6,10 @@ Peak training memory is estimated term by term (bytes), following shared/FACTS.m
   embedding and an untied head stay in 16 bits and become fp32 after
   `prepare_model_for_kbit_training`. Without quantization every weight is `dtype` sized.
 - LoRA: parameters x (4 weight + 4 gradient + optimizer state: 2 for 8-bit Adam, 8 for fp32 Adam).
-- activations: with gradient checkpointing, one hidden state per layer boundary
-  (2 bytes x T x hidden x layers) plus one layer's recomputed working set; without it, every
-  layer's working set.
+- activations: with gradient checkpointing, one hidden state per layer boundary (fp32 under
+  QLoRA: 4 bytes x T x hidden x layers) plus the larger of two transients that never coexist,
+  the logits/loss after the forward and one layer's recomputed working set in backward; without
+  checkpointing, every layer's working set plus the logits.
 - logits and loss: ~13.6 bytes x T x V with the default HF loss (fp32 upcast, softmax, grad).
   For Qwen's 152k vocabulary this dominates: 14B at 4 x 2048 tokens is ~17 GB on its own.
   edentune's engine computes logits for trained positions only, in checkpointed chunks of
@@ -126,10 +127,9 @@ def estimate(cfg, model_config, device_gb: float, device: str = "cuda", loss: st
     layer_ws = T * (8 * arch.hidden + 2 * arch.kv_dim + 5 * arch.intermediate) * w16 + T * 7 * arch.hidden * w16
     if q.load_in_4bit:
         layer_ws += max(a * b for a, b in arch.module_shapes().values()) * 2
-    if t.gradient_checkpointing:
-        activations = 2 * T * arch.hidden * arch.layers + layer_ws
-    else:
-        activations = layer_ws * arch.layers
+    # The residual stream is fp32 after prepare_model_for_kbit_training (fp32 embeddings and
+    # norms), so each checkpointed layer input costs 4 bytes per element, not 2 (measured on H100).
+    resid = 4 if q.load_in_4bit else w16
     if loss == "hf":
         logits = LOGITS_BYTES_PER_TOKEN_VOCAB * T * arch.vocab
     else:
@@ -137,12 +137,15 @@ def estimate(cfg, model_config, device_gb: float, device: str = "cuda", loss: st
 
         chunk_tokens = max(1, LOGITS_CHUNK_ELEMENTS // arch.vocab)
         logits = LOGITS_BYTES_PER_TOKEN_VOCAB * min(T, chunk_tokens) * arch.vocab + T * arch.hidden * 4
-    terms = {
-        "base weights": base / GB,
-        "LoRA weights+grads+optimizer": lora / GB,
-        "activations": activations / GB,
-        "logits+loss": logits / GB,
-    }
+    terms = {"base weights": base / GB, "LoRA weights+grads+optimizer": lora / GB}
+    if t.gradient_checkpointing:
+        # The loss is computed after the forward, a layer is recomputed during backward: the two
+        # transients never coexist, so only the larger counts.
+        terms["saved layer inputs (checkpoints)"] = resid * T * arch.hidden * arch.layers / GB
+        terms["largest transient: " + ("logits+loss" if logits >= layer_ws else "layer recompute")] = max(logits, layer_ws) / GB
+    else:
+        terms["activations (all layers)"] = layer_ws * arch.layers / GB
+        terms["logits+loss"] = logits / GB
     if device == "cuda":
         terms["runtime overhead"] = CUDA_OVERHEAD_GB
     plan = Plan(terms=terms, device_gb=device_gb, tokens_per_micro_batch=T, lora_params=n_lora)
@@ -155,11 +158,11 @@ def _advice(plan: Plan, cfg) -> list[str]:
         return []
     t, out = cfg.training, []
     biggest = max(plan.terms, key=plan.terms.get)
-    if biggest in ("logits+loss", "activations") and t.per_device_batch_size > 1:
+    if "weights" not in biggest and t.per_device_batch_size > 1:
         b = t.per_device_batch_size // 2
         out.append(f"training.per_device_batch_size: {b} with gradient_accumulation_steps: {t.gradient_accumulation_steps * 2} "
                    "(same effective batch, half the tokens per micro-batch)")
-    if biggest == "logits+loss":
+    if "logits" in biggest or "checkpoints" in biggest:
         out.append(f"model.max_seq_len: {cfg.model.max_seq_len // 2} if your conversations allow (check `edentune data stats`)")
     if not t.gradient_checkpointing:
         out.append("training.gradient_checkpointing: true")
