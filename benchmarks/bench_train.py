@@ -1,10 +1,12 @@
 """Trained tokens/s: edentune's engine vs a plain transformers Trainer + PEFT baseline.
 
 Same model (the embedded SmolLM2-135M, the embedded preset: 4-bit NF4 base, LoRA r=32 on seven
-projections, batch 4, max_seq_len 256), same tokens and assistant-only labels, same optimizer and
-schedule. The difference is the engine: edentune groups batches by length; the baseline takes
-random batches, each padded to its longest sample (already kinder than padding to max_length,
-which many baselines do). Each side runs in its own subprocess so peak RSS is its own.
+projections, batch 4), same data (the bundled Eden sample: 83-1,174 tokens per conversation,
+max_seq_len 1024 so that real length spread is kept), same assistant-only labels, optimizer and
+schedule. The difference is the engine: edentune groups batches by length and computes the loss
+on trained positions only; the baseline is a plain `Trainer` with random batches, each padded to
+its longest sample (already kinder than padding to max_length, which many baselines do), and
+transformers' default loss. Each side runs in its own subprocess so peak RSS is its own.
 
     python benchmarks/bench_train.py --steps 8 --out bench_train.json
 
@@ -42,13 +44,13 @@ def data_file(workdir: Path) -> str:
 def bench_config(data: str, out_dir: Path, steps: int):
     from edentune.config import config_for_model
 
-    cfg = config_for_model("embedded")
-    cfg.model.overlong = "truncate"  # keep every conversation: the length spread is what batching is about
-    cfg.data.train_files, cfg.data.validation_fraction = [data], 0.0
-    t = cfg.training
-    t.output_dir, t.max_steps, t.warmup_steps, t.logging_steps = str(out_dir), steps, 1, 1
-    t.load_best_model_at_end, t.save_steps = False, 10_000
-    return cfg
+    return config_for_model("embedded").updated({
+        "model.max_seq_len": 1024,
+        "model.overlong": "truncate",  # keep every conversation: the length spread is what batching is about
+        "data.train_files": [data], "data.validation_fraction": 0.0,
+        "training.output_dir": str(out_dir), "training.warmup_steps": 1, "training.max_steps": steps,
+        "training.logging_steps": 1, "training.load_best_model_at_end": False, "training.save_steps": 10_000,
+    })
 
 
 def peak_rss_gb() -> float:

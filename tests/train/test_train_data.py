@@ -59,11 +59,12 @@ def test_conversation_without_trained_tokens_is_an_error_naming_it(tok):
 
 def test_malformed_record_fails_clearly(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "bot", "content": "x"}]}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: message 0 needs a role"):
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+    path.write_text(good + '\n{"messages": [{"role": "bot", "content": "x"}]}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: message 0: unknown role"):
         read_conversations(path)
-    path.write_text("{not json\n")
-    with pytest.raises(DataError, match=r"bad.jsonl:1: not valid JSON"):
+    path.write_text('{"messages": [{"role": "user"\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: truncated JSON"):
         read_conversations(path)
 
 

@@ -11,7 +11,6 @@ not trained: at inference the runtime stops at the marker and never generates it
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ from edentune.errors import DataError
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of tokens that do not contribute to the loss (transformers' convention)
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -52,32 +50,21 @@ class EncodeStats:
 
 
 def read_conversations(path: str | Path) -> list[Conversation]:
-    """ChatML JSONL (`{"messages": [{"role", "content"}, ...]}`), failing on the first malformed record."""
-    path = Path(path)
-    if not path.exists():
+    """ChatML JSONL checked by the data stage's validator (the same rules as `edentune data
+    validate`); any invalid line is an error naming `file:line`, never a silently skipped row."""
+    from edentune.data.records import Report, load
+    from edentune.data.validate import validate_record
+
+    if not Path(path).exists():
         raise DataError(f"{path}: no such data file")
-    out = []
-    with path.open(encoding="utf-8-sig") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            source = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{source}: not valid JSON ({err.msg})", hint="run `edentune data validate` first") from None
-            out.append(Conversation(source, _checked_messages(record, source)))
-    return out
-
-
-def _checked_messages(record: object, source: str) -> list[dict]:
-    msgs = record.get("messages") if isinstance(record, dict) else None
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{source}: expected an object with a non-empty 'messages' list", hint="run `edentune data validate` first")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{source}: message {i} needs a role in {ROLES} and string content", hint="run `edentune data validate` first")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    report = Report()
+    items = load([path], validate_record, report)
+    if report.quarantined:
+        shown = "\n  ".join(report.problems[:5])
+        raise DataError(f"{report.quarantined} invalid line(s) in {path}:\n  {shown}",
+                        hint="run `edentune data clean` first and train on its output")
+    return [Conversation(item.source, [{"role": m["role"], "content": m["content"]} for m in item.record["messages"]])
+            for item in items]
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:

@@ -45,7 +45,15 @@ def trained_token_loss(model, inputs: dict) -> tuple[torch.Tensor, int]:
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = causal_lm.get_output_embeddings()
-    hidden = causal_lm.get_decoder()(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+    body_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    mask = body_inputs.get("attention_mask")
+    if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        # Right padding under a causal mask: real tokens never see the padding after them, and
+        # padding positions carry no label, so the padding mask changes no trained logit. Without
+        # it, SDPA takes its fused causal kernel instead of materialising batch x heads x s x s
+        # scores (measured on 2 CPU cores: less memory and faster; see docs/benchmarks.md).
+        body_inputs.pop("attention_mask")
+    hidden = causal_lm.get_decoder()(**body_inputs).last_hidden_state
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE
     h, t = hidden[:, :-1][keep], targets[keep]
