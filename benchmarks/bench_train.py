@@ -8,7 +8,7 @@ on trained positions only; the baseline is a plain `Trainer` with random batches
 its longest sample (already kinder than padding to max_length, which many baselines do), and
 transformers' default loss. Each side runs in its own subprocess so peak RSS is its own.
 
-    python benchmarks/bench_train.py --steps 8 --out bench_train.json
+    python benchmarks/bench_train.py --conversations 64 --out bench_train.json
 
 Rate = trained (label != -100) tokens / Trainer's train_runtime (all steps, same overheads).
 """
@@ -27,28 +27,25 @@ from pathlib import Path
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "edentune" / "data" / "sample" / "eden_sample.jsonl"
 
 
-def data_file(workdir: Path) -> str:
-    if SAMPLE.exists():
-        return str(SAMPLE)
-    # Fallback: generated conversations of varied length, for checkouts without the sample.
-    rng = random.Random(0)
-    words = "the a model data train local assistant answer question helpful short long".split()
-    path = workdir / "generated.jsonl"
-    with path.open("w") as fh:
-        for _ in range(200):
-            reply = " ".join(rng.choice(words) for _ in range(rng.choice([5, 20, 60, 150])))
-            fh.write(json.dumps({"messages": [{"role": "user", "content": "Tell me something."}, {"role": "assistant", "content": reply}]}) + "\n")
+def data_file(workdir: Path, conversations: int) -> str:
+    """A fixed random subset of the bundled sample, trained for exactly one epoch by both sides:
+    the same conversations, so only batching and the engine differ (a step budget would compare
+    different conversations, and length grouping deliberately starts with the longest)."""
+    lines = [ln for ln in SAMPLE.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    random.Random(0).shuffle(lines)
+    path = workdir / "subset.jsonl"
+    path.write_text("\n".join(lines[:conversations]) + "\n", encoding="utf-8")
     return str(path)
 
 
-def bench_config(data: str, out_dir: Path, steps: int):
+def bench_config(data: str, out_dir: Path):
     from edentune.config import config_for_model
 
     return config_for_model("embedded").updated({
         "model.max_seq_len": 1024,
         "model.overlong": "truncate",  # keep every conversation: the length spread is what batching is about
         "data.train_files": [data], "data.validation_fraction": 0.0,
-        "training.output_dir": str(out_dir), "training.warmup_steps": 1, "training.max_steps": steps,
+        "training.output_dir": str(out_dir), "training.warmup_steps": 1, "training.num_epochs": 1,
         "training.logging_steps": 1, "training.load_best_model_at_end": False, "training.save_steps": 10_000,
     })
 
@@ -99,9 +96,9 @@ def run_baseline(cfg) -> dict:
     return {"trained_tokens": counted["trained_tokens"], "train_runtime_s": out.metrics["train_runtime"]}
 
 
-def child(engine: str, steps: int) -> None:
+def child(engine: str, conversations: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = bench_config(data_file(Path(tmp)), Path(tmp) / "run", steps)
+        cfg = bench_config(data_file(Path(tmp), conversations), Path(tmp) / "run")
         res = (run_edentune if engine == "edentune" else run_baseline)(cfg)
     res["trained_tokens_per_s"] = res["trained_tokens"] / res["train_runtime_s"]
     res["peak_rss_gb"] = peak_rss_gb()
@@ -110,15 +107,15 @@ def child(engine: str, steps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--conversations", type=int, default=64, help="subset size, trained for one epoch")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--engine", choices=["edentune", "baseline"], help=argparse.SUPPRESS)  # child mode
     a = ap.parse_args()
     if a.engine:
-        return child(a.engine, a.steps)
+        return child(a.engine, a.conversations)
     results = {}
     for engine in ("baseline", "edentune"):
-        proc = subprocess.run([sys.executable, __file__, "--engine", engine, "--steps", str(a.steps)],
+        proc = subprocess.run([sys.executable, __file__, "--engine", engine, "--conversations", str(a.conversations)],
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -128,7 +125,7 @@ def main() -> None:
               f"peak RSS {results[engine]['peak_rss_gb']:.2f} GB   ({results[engine]['trained_tokens']} tokens "
               f"in {results[engine]['train_runtime_s']:.1f} s)")
     ratio = results["edentune"]["trained_tokens_per_s"] / results["baseline"]["trained_tokens_per_s"]
-    summary = {"steps": a.steps, "data": "eden_sample.jsonl" if SAMPLE.exists() else "generated", **results,
+    summary = {"conversations": a.conversations, "epochs": 1, "data": "eden_sample.jsonl subset", **results,
                "speedup": ratio, "memory_ok": results["edentune"]["peak_rss_gb"] <= results["baseline"]["peak_rss_gb"]}
     print(f"speedup {ratio:.2f}x (target >= 1.5x); peak memory not above baseline: {summary['memory_ok']}")
     if a.out:

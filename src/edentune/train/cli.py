@@ -59,5 +59,8 @@ def inspect_command(
 
 
 def register(app: typer.Typer) -> None:
+    from edentune.data.cli import app as data_app
+
     app.command("train")(train_command)
     app.command("inspect")(inspect_command)
+    data_app.command("inspect")(inspect_command)  # `edentune data inspect CONFIG`: same command
