@@ -67,3 +67,18 @@ def test_planner_within_ten_percent_of_h100_measurements():
         p = estimate(c, KNOWN_ARCHITECTURES[c.model.name_or_path], 80, loss=r["loss"])
         measured = r["peak_memory_gb"] + 0.8  # allocator peak + the CUDA context the planner counts
         assert abs(p.total_gb - measured) / measured < 0.10, (r["loss"], r["seq"], p.total_gb, measured)
+
+
+def test_planner_within_ten_percent_of_cpu_measurement():
+    """docs/results/bench_train_cpu.json: the embedded model, QLoRA, 4 x 1024, peak RSS on 2 cores."""
+    import json
+    from pathlib import Path
+
+    from edentune.models import resolve_model_dir
+
+    measured = json.loads((Path(__file__).resolve().parents[2] / "docs/results/bench_train_cpu.json").read_text())
+    model_config = json.loads((Path(resolve_model_dir("embedded")) / "config.json").read_text())
+    cfg = config_for_model("embedded").updated({"model.max_seq_len": 1024})
+    p = estimate(cfg, model_config, 24, device="cpu")
+    rss = measured["edentune"]["peak_rss_gb"]
+    assert abs(p.total_gb - rss) / rss < 0.10, (p.terms, rss)

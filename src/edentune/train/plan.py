@@ -42,6 +42,7 @@ KNOWN_ARCHITECTURES: dict[str, dict] = {
 LOGITS_BYTES_PER_TOKEN_VOCAB = 13.6  # fp32 logits, upcast, softmax/log-softmax, gradient (FACTS)
 NF4_BITS = 4.127  # 4-bit NF4 with double-quantized absmax (FACTS)
 CUDA_OVERHEAD_GB = 0.8  # context + allocator slack, measured order of magnitude on H100
+CPU_OVERHEAD_GB = 1.0  # interpreter, torch, tokenizer and data in the process's RSS
 
 
 @dataclass
@@ -146,8 +147,13 @@ def estimate(cfg, model_config, device_gb: float, device: str = "cuda", loss: st
     else:
         terms["activations (all layers)"] = layer_ws * arch.layers / GB
         terms["logits+loss"] = logits / GB
-    if device == "cuda":
-        terms["runtime overhead"] = CUDA_OVERHEAD_GB
+    if device != "cuda":
+        # No fused attention for training off CUDA: SDPA keeps batch x heads x s x s fp32 scores
+        # per layer for backward (measured: the embedded model at 4 x 1024 on 2 CPU cores).
+        s = cfg.model.max_seq_len
+        scores = t.per_device_batch_size * arch.heads * s * s * 4
+        terms["attention scores"] = scores * (1 if t.gradient_checkpointing else arch.layers) / GB
+    terms["runtime overhead"] = CUDA_OVERHEAD_GB if device == "cuda" else CPU_OVERHEAD_GB
     plan = Plan(terms=terms, device_gb=device_gb, tokens_per_micro_batch=T, lora_params=n_lora)
     plan.advice = _advice(plan, cfg)
     return plan
