@@ -29,7 +29,7 @@ SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
 @dataclass
 class QuickstartOptions:
     out_dir: Path = Path("runs/quickstart")
-    max_steps: int = 40
+    max_steps: int = 60
     max_seq_len: int = 384
     eval_cases: int = 8  # suite cases scored for base and fine-tuned
     max_new_tokens: int = 96
