@@ -5,6 +5,7 @@ delta, greedy top-1, template). The merged route matches the HF merged model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import embedded_cfg, make_adapter
@@ -50,3 +51,26 @@ def test_an_adapter_without_effect_fails_the_delta_check():
     report = compare_logits(tuned, base, [3], EXACT, hf_base=base, ll_base=base)
     assert not report.passed and report.delta_rel == 1.0
     assert any("adapter delta relative error 1.000" in f for f in report.failures)
+
+
+def test_adapter_trained_by_edentune_exports_with_parity_on_the_qwen2_twin(tmp_path, short_probes):
+    """The acceptance path: QLoRA-train a small adapter with edentune's own engine on the Qwen2
+    twin, export it, and pass the llama.cpp parity check (the llama model takes the same path
+    in tests/test_quickstart.py)."""
+    from edentune.export import export_adapter
+    from edentune.train import train
+
+    sample = Path(__file__).resolve().parents[2] / "src/edentune/data/sample/eden_sample.jsonl"
+    short = [ln for ln in sample.read_text(encoding="utf-8").splitlines() if ln.strip()][:24]
+    (tmp_path / "train.jsonl").write_text("\n".join(short[:20]) + "\n", encoding="utf-8")
+    (tmp_path / "val.jsonl").write_text("\n".join(short[20:]) + "\n", encoding="utf-8")
+    cfg = embedded_cfg("qwen2", tmp_path).updated({
+        "model.max_seq_len": 256, "model.overlong": "truncate", "quantization.load_in_4bit": True,
+        "lora.r": 8, "lora.alpha": 16.0, "training.output_dir": str(tmp_path / "run"), "training.warmup_steps": 0,
+        "training.max_steps": 3, "training.eval_steps": 3, "training.save_steps": 3, "training.learning_rate": 1e-3,
+        "data.train_files": [str(tmp_path / "train.jsonl")], "data.validation_files": [str(tmp_path / "val.jsonl")],
+    })
+    trained = train(cfg)
+    result = export_adapter(cfg, trained.adapter_dir, tmp_path / "export", verify=True)
+    exact = next(iter(result.report["logits"].values()))
+    assert exact["passed"] and exact["top1_agreement"] >= 0.95 and result.report["template"]["passed"]
