@@ -33,7 +33,6 @@ class ModelConfig(_Section):
         "auto", description="for the embedded model: 'qwen2' builds its Qwen2-architecture twin"
     )
     trust_remote_code: bool = False
-    revision: str | None = None
     max_seq_len: int = Field(2048, gt=16)
     overlong: Literal["truncate", "drop"] = Field("drop", description="what to do with conversations longer than max_seq_len")
     system_prompt: str | None = Field(
