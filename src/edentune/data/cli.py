@@ -89,14 +89,16 @@ def clean(files: Files, out: Out = None, quarantine: Quarantine = None, report: 
 
 @app.command()
 def stats(files: Files,
-          tokenizer: Annotated[Optional[str], typer.Option(help="Local tokenizer folder or cached model name.")] = None,
+          tokenizer: Annotated[Optional[str], typer.Option(help="Model whose tokenizer counts tokens: 'embedded', a local folder or .gguf, or a cached hub id.")] = None,
           gguf_file: Annotated[Optional[str], typer.Option(help="GGUF file inside --tokenizer to read it from.")] = None,
           max_seq_len: Annotated[Optional[int], typer.Option(help="Count conversations longer than this.")] = None,
           json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the statistics as JSON.")] = None) -> None:
     """Sizes, token lengths, language and topic mix, duplicates."""
-    from edentune.data.stats import load_tokenizer, stats as run
+    from edentune.data.stats import stats as run
+    from edentune.models import load_tokenizer, resolve_model_dir
 
-    st = run(files, tokenizer=load_tokenizer(tokenizer, gguf_file) if tokenizer else None, max_seq_len=max_seq_len)
+    tok = load_tokenizer(resolve_model_dir(tokenizer, gguf_file), require_chat_template=False) if tokenizer else None
+    st = run(files, tokenizer=tok, max_seq_len=max_seq_len)
     table = Table(title="dataset", show_header=False)
     table.add_row("conversations", str(st.conversations))
     table.add_row("invalid lines (skipped)", str(st.invalid_lines))

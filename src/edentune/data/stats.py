@@ -23,7 +23,6 @@ from edentune.data import lang, topics
 from edentune.data.clean import dedup_key
 from edentune.data.records import MAX_LINE_BYTES, PathLike, Report, load
 from edentune.data.validate import validate_record
-from edentune.errors import DataError
 
 # The guide's target topic mix (share of conversations).
 TOPIC_TARGETS = {"coding": (0.50, 0.60), "general": (0.20, 0.30), "korean": (0.10, 0.20)}
@@ -51,17 +50,6 @@ class Stats(BaseModel):
     topics: dict[str, int]  # coding/general/korean, plus any `category` labels the records carry
     topic_flags: list[str]  # topics outside their target range, explained
     exact_duplicates: int
-
-
-def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
-    """A local Hugging Face tokenizer (folder, cached hub name, or a GGUF file in a folder)."""
-    from transformers import AutoTokenizer  # heavy; only needed when token statistics are asked for
-
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load tokenizer {name_or_path!r}: {e}",
-                        hint="pass a local tokenizer folder, or a folder plus --gguf-file; nothing is downloaded") from None
 
 
 def _count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
