@@ -13,7 +13,7 @@ from edentune.config import RunConfig
 from edentune.errors import EdentuneError
 from edentune.evaluate import HttpBackend, evaluate, load_suite
 
-pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server]")
+import llama_cpp.server  # noqa: F401  installed by `make setup` ([llama] extra): a missing server fails, never skips
 
 
 def free_port() -> int:
