@@ -44,7 +44,7 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _gguf_state(gguf: Path, arch: str) -> tuple[object, dict]:
+def _gguf_state(gguf: Path) -> tuple[object, dict]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -76,7 +76,7 @@ def convert_gguf(gguf: Path, out: Path, arch: str = "auto") -> Path:
     """Dequantize a GGUF into a safetensors model directory (with tokenizer and chat template)."""
     from transformers import AutoTokenizer
 
-    config, state = _gguf_state(gguf, arch)
+    config, state = _gguf_state(gguf)
     model = _fresh_model(config, arch)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) for k in missing):

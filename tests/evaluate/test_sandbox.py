@@ -5,7 +5,6 @@ could not grow exponentially, and the wall timeout kills its whole process group
 """
 
 import os
-from pathlib import Path
 
 import pytest
 
