@@ -27,6 +27,7 @@ from edentune.io import atomic_dir, write_json_atomic
 from edentune.models import load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 
 from .data import encode_all, file_sha256, load_splits, to_dataset
+from .dropout import use_cheap_lora_dropout
 from .monitor import MetricsLog, MonitorCallback, RichProgressCallback
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,14 @@ def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torc
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM",
     ))
+
+
+def engine_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype):
+    """The training model as edentune's engine runs it: on CPU, LoRA inputs use `CheapDropout`."""
+    model = load_training_model(cfg, model_dir, device, dtype)
+    if device == "cpu":
+        use_cheap_lora_dropout(model)
+    return model
 
 
 def packing_supported(device: str) -> bool:
@@ -221,7 +230,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     metrics_log.write("start", resume_from=checkpoint, data=data_stats, device=device)
     tb_writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-    model = load_training_model(cfg, model_dir, device, dtype)
+    model = engine_model(cfg, model_dir, device, dtype)
     if batching == "packed":
         model.set_attn_implementation("flash_attention_2")
     rollback_lr, rollbacks = None, 0
@@ -254,7 +263,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
                           f"with learning rate {rollback_lr:.2e} (retry {rollbacks}/{t.nan_max_retries})")
             metrics_log.write("nan_rollback", reason=trainer.non_finite, checkpoint=checkpoint, learning_rate=rollback_lr, retry=rollbacks)
             if checkpoint is None:
-                model = load_training_model(cfg, model_dir, device, dtype)  # nothing to roll back to: fresh adapter
+                model = engine_model(cfg, model_dir, device, dtype)  # nothing to roll back to: fresh adapter
 
         trainer.remove_callback(TensorBoardCallback)  # it closed its writer at train end; metrics.jsonl gets this one
         final_eval = trainer.evaluate() if has_eval else {}
