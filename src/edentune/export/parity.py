@@ -30,6 +30,7 @@ PROBE_CONVERSATIONS = [
 ]
 
 _EXACT_TYPES = (0, 1, 32)  # GGUF file types ALL_F32, MOSTLY_F16, MOSTLY_BF16
+_Q8_0_TYPE = 7  # MOSTLY_Q8_0
 
 
 @dataclass
@@ -40,11 +41,16 @@ class Tolerance:
 
 
 EXACT = Tolerance(max_rel=0.02, min_top1=0.95, max_delta_rel=0.10)
-# A Q4 base in llama.cpp quantizes activations to 8 bits in every matmul while the HF copy runs
-# the dequantized weights in fp32: measured max rel ~0.05 on the embedded model. The adapter
-# changes the activations, so that rounding noise does not cancel in the delta (measured delta_rel
+# Quantized files: llama.cpp also quantizes activations to 8 bits in every matmul while the HF
+# copy runs fp32, so these bounds catch a broken export (wrong template, rope or permutation gives
+# max rel > 0.5 and top-1 < 0.5) and the report says how much quality the format costs. Measured
+# on the embedded SmolLM2 and its Qwen2 twin (~60 positions, base alone and with an adapter):
+# the package's Q4_1 base (weights identical to HF's) max rel ~0.05; a merged model written as
+# q8_0 0.056-0.076, top-1 0.93-0.97; as Q4_K_M 0.19-0.21, top-1 0.88-0.95. The adapter changes
+# the activations, so the rounding noise does not cancel in the adapter delta (measured delta_rel
 # 0.6-0.85): it is reported, not gated; the exact (f16) reference checks the adapter itself.
-QUANTIZED = Tolerance(max_rel=0.15, min_top1=0.80, max_delta_rel=None)
+Q8 = Tolerance(max_rel=0.15, min_top1=0.85, max_delta_rel=None)
+QUANTIZED = Tolerance(max_rel=0.35, min_top1=0.75, max_delta_rel=None)
 
 
 @dataclass
@@ -68,18 +74,21 @@ class TemplateReport:
 
 
 def tolerance_for(*gguf_paths: str | os.PathLike) -> Tolerance:
+    """The loosest tolerance any of the files needs: exact for f32/f16/bf16, Q8 for 8-bit, else QUANTIZED."""
     import gguf
 
     from .gguf_common import field_value
 
+    needed = [EXACT]
     for p in gguf_paths:
         r = gguf.GGUFReader(p)
         if field_value(r, "general.type") == "adapter":
-            if any(t.tensor_type.name not in ("F32", "F16", "BF16") for t in r.tensors):
-                return QUANTIZED
-        elif field_value(r, "general.file_type", 0) not in _EXACT_TYPES:
-            return QUANTIZED
-    return EXACT
+            kinds = {t.tensor_type.name for t in r.tensors} - {"F32", "F16", "BF16"}
+            needed.append(EXACT if not kinds else Q8 if kinds == {"Q8_0"} else QUANTIZED)
+        else:
+            file_type = field_value(r, "general.file_type", 0)
+            needed.append(EXACT if file_type in _EXACT_TYPES else Q8 if file_type == _Q8_0_TYPE else QUANTIZED)
+    return max(needed, key=lambda t: t.max_rel)
 
 
 def probe_token_ids(tok, system: str | None, conversations: list | None = None) -> list[list[int]]:

@@ -7,8 +7,9 @@ the draw's low 63 bits are uniform, each 16-bit lane keeps its low 15 bits, and 
 dropped when those are below round(p * 32768). Same semantics as `nn.Dropout` (independent
 Bernoulli masks per module and element, survivors scaled by 1 / (1 - p)), with p resolved to
 1/32768, the same torch generator (so Trainer's saved RNG state still makes `--resume` exact),
-and the boolean mask kept for backward as `nn.Dropout` keeps it. Measured: mask + scale 3-4x
-faster than `nn.Dropout` for a 4 x 600 x 576 fp32 input (docs/benchmarks.md).
+and the boolean mask kept for backward as `nn.Dropout` keeps it. Measured on 2 cores for one
+4 x 600 x 576 fp32 input: 5.3 ms against 12.4 ms (`benchmarks/bench_dropout.py`); the training
+step of the embedded model got 13% faster (docs/benchmarks.md).
 
 No library offers this: torch's dropout is one kernel per device and PEFT builds `nn.Dropout`.
 CUDA keeps `nn.Dropout`, whose fused Philox kernel is already cheap.
