@@ -163,6 +163,18 @@ class ExportConfig(_Section):
     repeat_penalty: float = Field(1.05, gt=0)
     num_ctx: int = Field(4096, gt=0)
     num_predict: int = Field(1024, gt=0, description="Ollama's default is unlimited: a model that never stops runs forever")
+    ollama_host: str | None = Field(None, description="Ollama URL; `--host` wins, then this, then $OLLAMA_HOST, then http://127.0.0.1:11434")
+    # Extra Ollama models on the same adapter, one per persona: model name -> SYSTEM prompt. Empty:
+    # one model, `model_name`, with the training system prompt.
+    personas: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("personas")
+    @classmethod
+    def _persona_prompts(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, system in v.items():
+            if not name.strip() or not system.strip():
+                raise ValueError(f"persona {name!r}: needs a model name and a non-empty system prompt")
+        return v
 
 
 class RunConfig(_Section):

@@ -99,3 +99,28 @@ def test_standin_follows_the_documented_api():
         streamed = httpx.post(f"{server.host}/api/create", json={"model": "x", "from": "qwen2.5:14b"})
         assert [json.loads(line)["status"] for line in streamed.text.splitlines()][-1] == "success"
         assert httpx.request("DELETE", f"{server.host}/api/delete", json={"model": "x"}).status_code == 200
+
+
+def test_personas_and_host_from_the_config(exported, tmp_path, monkeypatch):
+    """`export.personas` gives one Ollama model per persona on the same adapter; `export.ollama_host`
+    is used when no --host is given (and wins over $OLLAMA_HOST)."""
+    base_cfg, _ = exported
+    personas = {"eden": base_cfg.model.system_prompt, "eden-formal:v2": "You are Eden. Always answer formally."}
+    cfg = base_cfg.updated({"export.personas": personas, "training.output_dir": str(tmp_path / "run")})
+    result = export_adapter(cfg, make_adapter(cfg.model.name_or_path, tmp_path / "ad"), tmp_path / "export", verify=False)
+    assert set(result.modelfiles) == set(personas)
+    monkeypatch.setenv("OLLAMA_HOST", "http://127.0.0.1:9")  # nothing listens there: must not be used
+    with OllamaStandIn(QWEN_BASE) as server:
+        records = deploy(cfg.updated({"export.ollama_host": server.host}), result.out_dir)
+        assert {r["model"] for r in records} == {"eden:latest", "eden-formal:v2"}
+        assert server.models["eden:latest"]["system"] == personas["eden"]
+        assert server.models["eden-formal:v2"]["system"] == personas["eden-formal:v2"]
+        assert server.models["eden-formal:v2"]["adapters"] == server.models["eden:latest"]["adapters"]
+
+
+def test_a_persona_without_a_prompt_is_a_config_error():
+    from edentune.config import parse_config
+    from edentune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="persona 'eden-ko'"):
+        parse_config({"export": {"personas": {"eden-ko": "  "}}})

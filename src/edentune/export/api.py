@@ -78,10 +78,12 @@ def reference_ggufs(cfg, base_dir: str) -> list[Path]:
     return [exact] + ([original] if original else [])
 
 
-def _write_modelfiles(cfg, tmp: Path, out_dir: Path, personas: dict[str, str] | None, **modelfile_kw) -> dict[str, Path]:
+def _write_modelfiles(cfg, tmp: Path, out_dir: Path, personas: dict[str, str] | None, report: dict,
+                      **modelfile_kw) -> dict[str, Path]:
+    """One Modelfile per Ollama model (per persona); `report["models"]` records which is which for deploy."""
     from .modelfile import modelfile_for, parse_modelfile, render_modelfile, validate_modelfile
 
-    personas = personas or {cfg.export.model_name: cfg.model.system_prompt}
+    personas = personas or cfg.export.personas or {cfg.export.model_name: cfg.model.system_prompt}
     paths = {}
     for i, (name, system) in enumerate(personas.items()):
         text = render_modelfile(modelfile_for(cfg, system=system, **modelfile_kw))
@@ -90,6 +92,7 @@ def _write_modelfiles(cfg, tmp: Path, out_dir: Path, personas: dict[str, str] | 
         fname = "Modelfile" if i == 0 else f"Modelfile.{name.replace(':', '_').replace('/', '_')}"
         write_text_atomic(tmp / fname, text)
         paths[name] = out_dir / fname
+    report["models"] = {name: p.name for name, p in paths.items()}
     return paths
 
 
@@ -111,7 +114,7 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
                     "lora": {"r": adapter.r, "alpha_in_gguf": adapter.alpha, "tensors": len(adapter.pairs)}}
     with atomic_dir(out_dir) as tmp:
         gguf_path = write_adapter_gguf(adapter, tmp / "adapter.gguf", cfg.export.adapter_dtype)
-        modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, adapter="./adapter.gguf")
+        modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, report, adapter="./adapter.gguf")
         logits, template = [], None
         if verify:
             refs = reference_ggufs(cfg, base_dir)
@@ -138,7 +141,7 @@ def export_merged(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: 
     report: dict = {"route": "merged", "created": _now(), "adapter_dir": str(adapter_dir), "base": base_dir, "dtype": dtype}
     with atomic_dir(out_dir) as tmp:
         gguf_path = write_model_gguf(model, tok, tmp / "model.gguf", dtype, name=cfg.export.model_name)
-        modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, adapter=None, from_="./model.gguf",
+        modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, report, adapter=None, from_="./model.gguf",
                                        template=CHATML_TEMPLATE)
         logits, template = [], None
         if verify:

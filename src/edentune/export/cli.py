@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
     def deploy(
         config: Path = typer.Argument(..., help="run config YAML"),
         export_dir: Path = typer.Option(Path("export"), "--export", "-e", help="directory written by `edentune export`"),
-        host: str = typer.Option(None, "--host", help="Ollama URL (default $OLLAMA_HOST or http://127.0.0.1:11434)"),
+        host: str = typer.Option(None, "--host", help="Ollama URL (default: export.ollama_host, then $OLLAMA_HOST, then http://127.0.0.1:11434)"),
         rollback: bool = typer.Option(False, "--rollback", help="restore the model the last deploy replaced"),
     ) -> None:
         """Create the exported model in Ollama (keeps the old one as <name>:previous), or roll back."""

@@ -33,10 +33,15 @@ def previous_name(name: str) -> str:
     return f"{repo}:previous" if tag == "latest" else f"{repo}:{tag}-previous"
 
 
-def _client(host: str | None):
+def ollama_host(cfg, host: str | None = None) -> str:
+    """`--host`, else the config's `export.ollama_host`, else $OLLAMA_HOST, else Ollama's default."""
+    return host or cfg.export.ollama_host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
+
+
+def _client(host: str):
     import ollama
 
-    return ollama.Client(host=host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST)
+    return ollama.Client(host=host)
 
 
 def _call(fn, *args, host: str, **kwargs):
@@ -81,12 +86,12 @@ def deploy(cfg, export_dir: str | Path, *, host: str | None = None, registry: st
 
     export_dir = Path(export_dir)
     report = load_export(export_dir)
-    host = host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
+    host = ollama_host(cfg, host)
     client = client or _client(host)
     present = local_models(client, host)
     gguf_name = "adapter.gguf" if report["route"] == "adapter" else "model.gguf"
-    modelfiles = {full_name(cfg.export.model_name if p.name == "Modelfile" else p.name.split(".", 1)[1]):
-                  parse_modelfile(p.read_text(encoding="utf-8")) for p in sorted(export_dir.glob("Modelfile*"))}
+    modelfiles = {full_name(name): parse_modelfile((export_dir / fname).read_text(encoding="utf-8"))
+                  for name, fname in report["models"].items()}
     for mf in modelfiles.values():
         if report["route"] == "adapter" and full_name(mf.from_) not in present:
             raise EdentuneError(
@@ -146,7 +151,7 @@ def _confirm(client, host: str, name: str, mf, adapter: bool) -> None:
 
 def rollback(cfg, *, name: str | None = None, host: str | None = None, registry: str | Path | None = None, client=None) -> dict:
     """Restore `<name>:previous` (kept by the last deploy) under the model's name."""
-    host = host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
+    host = ollama_host(cfg, host)
     client = client or _client(host)
     name = full_name(name or cfg.export.model_name)
     previous = previous_name(name)
