@@ -66,6 +66,7 @@ def test_reports(tmp_path):
         json.dumps({"step": 20, "loss": 1.5, "eval_loss": 1.7, "learning_rate": 2e-4}),
         json.dumps({"global_step": 30, "loss": float("nan")}).replace("NaN", "NaN"),
         json.dumps([1, 2]),
+        json.dumps({"event": "final_eval", "step": 20, "eval_loss": 1.65}),  # the best, re-scored: not a curve point
     ]))
     assert read_training_curves(curves) == {"loss": [[10, 2.0], [20, 1.5]], "learning_rate": [[10, 1e-4], [20, 2e-4]],
                                             "grad_norm": [[10, 1.5]], "eval_loss": [[20, 1.7]]}

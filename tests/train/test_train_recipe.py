@@ -41,7 +41,8 @@ def test_early_stopping_keeps_the_min_eval_checkpoint(tiny_llama_dir, tmp_path):
     cfg = make_config(tiny_llama_dir, train_f, val_f, tmp_path / "run", max_steps=40, learning_rate=1e-2,
                       early_stopping_patience=2, eval_steps=2, save_steps=2, save_total_limit=2)
     result = train(cfg)
-    evals = events(result.run_dir, "eval")[:-1]  # the last one is the final evaluation of the loaded best
+    evals = events(result.run_dir, "eval")  # periodic evaluations only: the curve and the health checks
+    (final_eval,) = events(result.run_dir, "final_eval")  # the loaded best, scored once more after training
     best = min(evals, key=lambda e: e["eval_loss"])
     assert result.metrics["stopped_early"] and result.metrics["global_step"] < 40
     assert result.best_checkpoint.name == f"checkpoint-{best['step']}"
@@ -50,6 +51,7 @@ def test_early_stopping_keeps_the_min_eval_checkpoint(tiny_llama_dir, tmp_path):
     final, kept = adapter(result.adapter_dir), adapter(result.best_checkpoint)
     assert all(torch.equal(final[k], kept[k]) for k in kept)
     assert result.metrics["final_eval_loss"] == pytest.approx(best["eval_loss"], abs=1e-5)
+    assert final_eval["eval_loss"] == result.metrics["final_eval_loss"] and final_eval["step"] == evals[-1]["step"]
 
 
 class InjectNaN(TrainerCallback):

@@ -28,8 +28,8 @@ def read_training_curves(path: str | Path) -> dict[str, list[list[float]]]:
             rec = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(rec, dict) or rec.get("event") in ("summary", "end"):
-            continue  # run totals (e.g. the whole run's mean train_loss) are not points on the curve
+        if not isinstance(rec, dict) or rec.get("event") in ("summary", "end", "final_eval"):
+            continue  # run totals and the best checkpoint's re-evaluation are not points on the curve
         step = rec.get("step", rec.get("global_step", n))
         for key, name in CURVE_KEYS.items():
             value = rec.get(key)

@@ -53,6 +53,7 @@ class MonitorCallback(TrainerCallback):
         self.step_started = 0.0
         self.window_time = 0.0
         self.window_tokens = 0
+        self.finished = False  # after train end, an evaluation scores the loaded best checkpoint
 
     def on_step_begin(self, args, state, control, **kw):
         self.step_started = time.perf_counter()
@@ -71,11 +72,18 @@ class MonitorCallback(TrainerCallback):
             self.log.write("train", **common, loss=logs["loss"], learning_rate=logs.get("learning_rate"),
                            grad_norm=logs.get("grad_norm"), trained_tokens_per_s=tps)
             self._report(self.health.on_train_log(logs["loss"], logs.get("grad_norm")), state)
+        elif "eval_loss" in logs and self.finished:
+            # Not a point of the validation curve (same step as the last periodic eval, but the
+            # best checkpoint's weights) and not news for the health checks.
+            self.log.write("final_eval", **common, eval_loss=logs["eval_loss"], eval_perplexity=logs.get("eval_perplexity"))
         elif "eval_loss" in logs:
             self.log.write("eval", **common, eval_loss=logs["eval_loss"], eval_perplexity=logs.get("eval_perplexity"))
             self._report(self.health.on_eval(logs["eval_loss"]), state)
         else:
             self.log.write("summary", **{**logs, **common})
+
+    def on_train_end(self, args, state, control, **kw):
+        self.finished = True
 
     def _report(self, findings, state) -> None:
         for f in findings:
@@ -84,19 +92,32 @@ class MonitorCallback(TrainerCallback):
 
 
 class RichProgressCallback(TrainerCallback):
-    """A Rich bar with ETA and the latest losses, in place of Trainer's tqdm."""
+    """A Rich bar with ETA and the latest losses, in place of Trainer's tqdm.
+
+    Rich draws nothing live when output is not a terminal (a log file, nohup, CI), which would
+    leave a long run silent: there, a plain line with step, losses and ETA is printed instead, at
+    most every `PLAIN_EVERY_S` seconds and at every evaluation.
+    """
+
+    PLAIN_EVERY_S = 30.0
 
     def __init__(self, console: Console):
+        self.console = console
+        self.live = console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"), console=console,
+            TextColumn("{task.fields[info]}"), console=console, disable=not self.live,
         )
         self.task = None
         self.info: dict[str, str] = {}
+        self.started = self.last_plain = 0.0
+        self.first_step = 0
 
     def on_train_begin(self, args, state, control, **kw):
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
+        self.started = self.last_plain = time.monotonic()
+        self.first_step = state.global_step
 
     def on_step_end(self, args, state, control, **kw):
         self.progress.update(self.task, completed=state.global_step)
@@ -106,10 +127,28 @@ class RichProgressCallback(TrainerCallback):
         for key, label, fmt in (("loss", "loss", ".3f"), ("eval_loss", "val", ".3f"), ("learning_rate", "lr", ".1e")):
             if key in logs:
                 self.info[label] = format(logs[key], fmt)
-        self.progress.update(self.task, info="  ".join(f"{k} {v}" for k, v in self.info.items()))
+        info = "  ".join(f"{k} {v}" for k, v in self.info.items())
+        self.progress.update(self.task, info=info)
+        now = time.monotonic()
+        if not self.live and ("eval_loss" in logs or now - self.last_plain >= self.PLAIN_EVERY_S):
+            self.last_plain = now
+            done = state.global_step - self.first_step
+            eta = (now - self.started) / done * (state.max_steps - state.global_step) if done else float("nan")
+            self.console.print(f"train step {state.global_step}/{state.max_steps}  {info}  "
+                               f"elapsed {_clock(now - self.started)}  eta {_clock(eta)}", highlight=False)
 
     def on_train_end(self, args, state, control, **kw):
+        if not self.live:
+            self.console.print(f"train finished at step {state.global_step}/{state.max_steps} "
+                               f"in {_clock(time.monotonic() - self.started)}", highlight=False)
         self.close()
 
     def close(self) -> None:
         self.progress.stop()
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no step finished yet
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
