@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import EdentuneError
-from .io import atomic_dir
+from .io import atomic_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +187,9 @@ def load_base_model(model_dir: str, *, load_in_4bit: bool, quant_type: str = "nf
     if not load_in_4bit:
         model.to(device)
     return model
+
+
+def adapter_sha256(adapter_dir: str | os.PathLike) -> str | None:
+    """Identity of a PEFT adapter's weights: what evaluation scored must be what deploy ships."""
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    return file_sha256(weights) if weights.exists() else None

@@ -86,10 +86,15 @@ def test_adapter_and_cli(tiny_llama_dir, suite_file, replay_file, tmp_path):
         assert r.exit_code == 0, r.output
     cand = json.loads((tmp_path / "cand.json").read_text())
     assert "adapter" in cand["model"] and cand["metrics"]["perplexity_replay"]
+    from edentune.io import file_sha256
+
+    assert cand["adapter_sha256"] == file_sha256(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert json.loads((tmp_path / "base.json").read_text())["adapter_sha256"] is None
 
     r = runner.invoke(app, ["compare", "--base", str(tmp_path / "base.json"), "--candidate", str(tmp_path / "cand.json"),
                             "-c", str(config), "--out-dir", str(tmp_path / "report"), "--gate"])
     summary = json.loads((tmp_path / "report" / "comparison.json").read_text())
     assert r.exit_code == (0 if summary["ship"] else 1), r.output
     assert summary["metrics"]["forgetting"]["candidate"] is not None
+    assert summary["candidate_adapter_sha256"] == cand["adapter_sha256"]  # what `deploy --gate` matches
     assert (tmp_path / "report" / "report.html").exists()

@@ -124,3 +124,30 @@ def test_a_persona_without_a_prompt_is_a_config_error():
 
     with pytest.raises(ConfigError, match="persona 'eden-ko'"):
         parse_config({"export": {"personas": {"eden-ko": "  "}}})
+
+
+def write_comparison(path: Path, ship: bool, sha: str | None) -> Path:
+    """The part of `edentune compare`'s comparison.json the gate reads (the full file is tested in tests/evaluate)."""
+    path.write_text(json.dumps({"ship": ship, "reasons": [] if ship else ["Persona adherence is worse (1 → 0.5)"],
+                                "candidate_adapter_sha256": sha}))
+    return path
+
+
+def test_deploy_gate_ships_only_a_better_model_and_only_this_adapter(exported, tmp_path):
+    from edentune.io import file_sha256
+
+    cfg, result = exported
+    sha = json.loads(result.report_path.read_text())["adapter_sha256"]
+    assert sha == file_sha256(Path(result.report["adapter_dir"]) / "adapter_model.safetensors")
+    cfg = cfg.updated({"training.output_dir": str(tmp_path / "run")})
+    with OllamaStandIn(QWEN_BASE) as server:
+        with pytest.raises(EdentuneError, match="not deploying: the comparison says .*Persona adherence is worse"):
+            deploy(cfg, result.out_dir, host=server.host, gate=write_comparison(tmp_path / "worse.json", False, sha))
+        with pytest.raises(EdentuneError, match="not deploying: .* scored adapter 000000000000"):
+            deploy(cfg, result.out_dir, host=server.host, gate=write_comparison(tmp_path / "other.json", True, "0" * 64))
+        with pytest.raises(EdentuneError, match="not a comparison.json"):
+            deploy(cfg, result.out_dir, host=server.host, gate=tmp_path / "missing.json")
+        assert "eden:latest" not in server.models and not (tmp_path / "run" / "deployments.json").exists()
+
+        (record,) = deploy(cfg, result.out_dir, host=server.host, gate=write_comparison(tmp_path / "ok.json", True, sha))
+        assert "eden:latest" in server.models and record["gate"] == {"comparison": str(tmp_path / "ok.json"), "adapter_sha256": sha}

@@ -33,7 +33,7 @@ class LocalBackend:
 
     def __init__(self, model_dir: str, adapter: str | None = None, *, device: str | None = None, batch_size: int = 8,
                  temperature: float = 0.0, seed: int = 0, max_seq_len: int = 2048):
-        from edentune.models import load_base_model, load_tokenizer, pick_device, pick_dtype
+        from edentune.models import adapter_sha256, load_base_model, load_tokenizer, pick_device, pick_dtype
 
         self.device = device or pick_device()
         self.tokenizer = load_tokenizer(model_dir)
@@ -49,6 +49,7 @@ class LocalBackend:
             self.model = PeftModel.from_pretrained(self.model, adapter)
         self.model.eval()
         self.name = f"{model_dir}" + (f" + {adapter}" if adapter else "")
+        self.adapter_sha256 = adapter_sha256(adapter) if adapter else None
         self.batch_size, self.temperature, self.seed, self.max_seq_len = batch_size, temperature, seed, max_seq_len
         end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = sorted({i for i in (self.tokenizer.eos_token_id, end_of_turn) if isinstance(i, int) and i >= 0})

@@ -87,6 +87,7 @@ class Comparison(BaseModel):
     reasons: list[str]
     tolerance: float
     max_forgetting: float
+    candidate_adapter_sha256: str | None = None  # what `deploy --gate` checks the export against
     curves: dict[str, list[list[float]]] = {}  # series name -> [[step, value], …]
 
     def row(self, key: str) -> MetricRow:
@@ -150,7 +151,7 @@ def compare(base: EvalResult, cand: EvalResult, cfg: RunConfig, metrics_jsonl: s
         base_model=base.model, candidate_model=cand.model, metrics=rows, by_category=by_category, by_language=by_language,
         failing={"base": _failing(base), "candidate": _failing(cand)},
         korean_consistency={"value": ko, "target": KOREAN_CONSISTENCY_TARGET, "met": None if ko is None else ko > KOREAN_CONSISTENCY_TARGET},
-        ship=not reasons, reasons=reasons, tolerance=tol, max_forgetting=max_f,
+        ship=not reasons, reasons=reasons, tolerance=tol, max_forgetting=max_f, candidate_adapter_sha256=cand.adapter_sha256,
         curves=read_training_curves(metrics_jsonl) if metrics_jsonl else {},
     )
     if out_dir is not None:

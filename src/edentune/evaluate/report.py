@@ -186,6 +186,7 @@ def summary(c: Comparison) -> dict:
     """Machine-readable verdict for a deploy gate."""
     return {
         "ship": c.ship, "reasons": c.reasons, "base": c.base_model, "candidate": c.candidate_model,
+        "candidate_adapter_sha256": c.candidate_adapter_sha256,
         "tolerance": c.tolerance, "max_forgetting": c.max_forgetting, "korean_consistency": c.korean_consistency,
         "metrics": {r.key: {"base": r.base, "candidate": r.candidate, "verdict": r.verdict, "gating": r.gating} for r in c.metrics},
         "language_mixing_by_language": {lang: {"base": r.base, "candidate": r.candidate, "verdict": r.verdict}

@@ -73,6 +73,7 @@ class CaseResult(BaseModel):
 class EvalResult(BaseModel):
     model: str
     suite: str
+    adapter_sha256: str | None = None  # weights of the PEFT adapter scored (local backend), for the deploy gate
     created: str
     metrics: dict[str, float | None]
     by_category: dict[str, dict[str, float | None]]
@@ -205,5 +206,5 @@ def evaluate(cfg: RunConfig, backend: Backend, suite: Suite, *, validation: list
     by_category = {cat: case_metrics([r for r in results if r.category == cat]) for cat in suite.categories}
     languages = sorted({r.expected_language for r in results if r.expected_language})
     by_language = {lang: case_metrics([r for r in results if r.expected_language == lang]) for lang in languages}
-    return EvalResult(model=backend.name, suite=suite.path, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    return EvalResult(model=backend.name, adapter_sha256=getattr(backend, "adapter_sha256", None), suite=suite.path, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       metrics=metrics, by_category=by_category, by_language=by_language, cases=results)

@@ -101,6 +101,8 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
     """PEFT adapter -> `adapter.gguf` + Modelfile(s) for `FROM <export.ollama_base>` + report."""
     from transformers import AutoConfig
 
+    from ..models import adapter_sha256
+
     from .adapter_gguf import read_peft_adapter, validate_adapter_against_base, write_adapter_gguf
     from .modelfile import CHATML_TEMPLATE
     from .parity import adapter_parity, template_parity
@@ -109,7 +111,8 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
     base_dir = base_model_dir(cfg)
     base_config = AutoConfig.from_pretrained(base_dir).to_dict()
     adapter = read_peft_adapter(adapter_dir, base_config)  # refusals happen here, before anything is written
-    report: dict = {"route": "adapter", "created": _now(), "adapter_dir": str(adapter_dir), "base": base_dir,
+    report: dict = {"route": "adapter", "created": _now(), "adapter_dir": str(adapter_dir), "adapter_sha256": adapter_sha256(adapter_dir),
+                    "base": base_dir,
                     "ollama_base": cfg.export.ollama_base, "dtype": cfg.export.adapter_dtype,
                     "lora": {"r": adapter.r, "alpha_in_gguf": adapter.alpha, "tensors": len(adapter.pairs)}}
     with atomic_dir(out_dir) as tmp:
@@ -130,6 +133,7 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
 def export_merged(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: bool = True,
                   dtype: str | None = None, personas: dict[str, str] | None = None) -> ExportResult:
     """Fallback route: merge into the full-precision base and write `model.gguf` + Modelfile(s)."""
+    from ..models import adapter_sha256
     from .model_gguf import merged_model, write_model_gguf
     from .modelfile import CHATML_TEMPLATE
     from .parity import model_parity, template_parity
@@ -138,7 +142,8 @@ def export_merged(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: 
     base_dir = base_model_dir(cfg)
     tok = _tokenizer(base_dir)
     model = merged_model(base_dir, adapter_dir).float().eval()
-    report: dict = {"route": "merged", "created": _now(), "adapter_dir": str(adapter_dir), "base": base_dir, "dtype": dtype}
+    report: dict = {"route": "merged", "created": _now(), "adapter_dir": str(adapter_dir), "adapter_sha256": adapter_sha256(adapter_dir),
+                    "base": base_dir, "dtype": dtype}
     with atomic_dir(out_dir) as tmp:
         gguf_path = write_model_gguf(model, tok, tmp / "model.gguf", dtype, name=cfg.export.model_name)
         modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, report, adapter=None, from_="./model.gguf",

@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         export_dir: Path = typer.Option(Path("export"), "--export", "-e", help="directory written by `edentune export`"),
         host: str = typer.Option(None, "--host", help="Ollama URL (default: export.ollama_host, then $OLLAMA_HOST, then http://127.0.0.1:11434)"),
         rollback: bool = typer.Option(False, "--rollback", help="restore the model the last deploy replaced"),
+        gate: Path = typer.Option(None, "--gate", help="comparison.json from `edentune compare`: deploy only if it says ship for this adapter"),
     ) -> None:
         """Create the exported model in Ollama (keeps the old one as <name>:previous), or roll back."""
         from ..cli import console
@@ -48,5 +49,5 @@ def register(app: typer.Typer) -> None:
             rec = d.rollback(cfg, host=host)
             console.print(f"[green]restored[/] {rec['model']} from {rec['restored_from']}")
             return
-        for rec in d.deploy(cfg, export_dir, host=host):
+        for rec in d.deploy(cfg, export_dir, host=host, gate=gate):
             console.print(f"[green]deployed[/] {rec['model']} (FROM {rec['from']}; previous kept as {rec['previous'] or '-'})")

@@ -15,6 +15,7 @@ Steps, each guarding against a known failure (USERS.md #1, #2, #4, #10, #17):
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from pathlib import Path
 
@@ -78,14 +79,36 @@ def base_template_matches(template: str | None, tok, system: str | None) -> bool
     return True
 
 
+def check_gate(comparison_json: str | Path, export_report: dict) -> dict:
+    """The deploy gate: the comparison must say ship, and be about the adapter this export holds."""
+    path = Path(comparison_json)
+    try:
+        verdict = json.loads(path.read_text(encoding="utf-8"))
+        ship, reasons = verdict["ship"], verdict.get("reasons", [])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EdentuneError(f"{path}: not a comparison.json from `edentune compare` ({err})") from None
+    if ship is not True:
+        raise EdentuneError(f"not deploying: the comparison says the fine-tuned model is not better ({'; '.join(reasons) or 'ship: false'})",
+                            hint=f"see {path.parent / 'report.html'}; Ollama was not changed")
+    scored, exported = verdict.get("candidate_adapter_sha256"), export_report.get("adapter_sha256")
+    if not scored or not exported or scored != exported:
+        raise EdentuneError(
+            f"not deploying: {path} scored adapter {(scored or 'unknown')[:12]}, the export holds {(exported or 'unknown')[:12]}",
+            hint=f"compare the exported adapter itself: `edentune compare --base base --candidate {export_report.get('adapter_dir')}`",
+        )
+    return {"comparison": str(path), "adapter_sha256": exported}
+
+
 def deploy(cfg, export_dir: str | Path, *, host: str | None = None, registry: str | Path | None = None,
-           client=None, tokenizer=None) -> list[dict]:
-    """Create every model of an export in Ollama; returns the registry records written."""
+           gate: str | Path | None = None, client=None, tokenizer=None) -> list[dict]:
+    """Create every model of an export in Ollama; returns the registry records written. With
+    `gate` (a comparison.json), nothing is deployed unless it says ship for this very adapter."""
     from .api import base_model_dir, load_export
     from .modelfile import CHATML_TEMPLATE, parse_modelfile
 
     export_dir = Path(export_dir)
     report = load_export(export_dir)
+    gate_record = check_gate(gate, report) if gate is not None else None
     host = ollama_host(cfg, host)
     client = client or _client(host)
     present = local_models(client, host)
@@ -125,7 +148,7 @@ def deploy(cfg, export_dir: str | Path, *, host: str | None = None, registry: st
             raise
         records.append({"action": "deploy", "model": name, "time": _now(), "host": host, "route": report["route"],
                         "from": mf.from_, gguf_name: digest, "previous": previous, "export_dir": str(export_dir),
-                        "template": "edentune-chatml" if kwargs.get("template") else "base"})
+                        "template": "edentune-chatml" if kwargs.get("template") else "base", "gate": gate_record})
     _append_registry(cfg, registry, records)
     return records
 

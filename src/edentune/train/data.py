@@ -10,7 +10,6 @@ not trained: at inference the runtime stops at the marker and never generates it
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,12 +149,6 @@ def load_splits(data_cfg) -> tuple[list[Conversation], list[Conversation]]:
     return [r["conv"] for r in tr], [r["conv"] for r in va]
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def to_dataset(examples: list[Encoded]):

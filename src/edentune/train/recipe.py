@@ -23,10 +23,10 @@ from rich.console import Console
 
 from edentune.config import RunConfig
 from edentune.errors import EdentuneError
-from edentune.io import atomic_dir, write_json_atomic
+from edentune.io import atomic_dir, file_sha256, write_json_atomic
 from edentune.models import load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 
-from .data import encode_all, file_sha256, load_splits, to_dataset
+from .data import encode_all, load_splits, to_dataset
 from .dropout import use_cheap_lora_dropout
 from .monitor import MetricsLog, MonitorCallback, RichProgressCallback
 
