@@ -138,6 +138,9 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("EDENTUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     for category, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    # bitsandbytes tries to fetch an optional CPU kernel from the Hugging Face hub through the
+    # `kernels` package and logs a warning when it cannot; its built-in CPU path is what runs.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         app()
     except EdentuneError as err:
