@@ -111,6 +111,20 @@ class TrainingConfig(_Section):
         return self
 
 
+class PreferenceConfig(_Section):
+    """Learning from thumbs up/down after SFT (`edentune train-feedback`): KTO for unpaired ratings,
+    DPO for prompts rated both ways. Batch size, accumulation, optimizer and precision come from
+    `training`; these are the settings that differ from SFT."""
+
+    method: Literal["kto", "dpo"] = "kto"
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference (the SFT adapter)")
+    learning_rate: float = Field(5e-6, gt=0, lt=1, description="preference tuning wants a far lower LR than SFT")
+    num_epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    output_dir: str | None = Field(None, description="default: training.output_dir + '-kto' / '-dpo'")
+
+
 class CleanConfig(_Section):
     near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
     min_chars: int = Field(2, ge=0)
@@ -187,6 +201,7 @@ class RunConfig(_Section):
     persona: PersonaConfig = Field(default_factory=PersonaConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
 
     @field_validator("preset")
     @classmethod
@@ -334,6 +349,7 @@ _COMMENTS = {
     "persona": "persona rules checked by `edentune eval`",
     "evaluation": "test suite and deploy-gate thresholds",
     "export": "Ollama deployment: base tag, adapter precision, Modelfile PARAMETERs",
+    "preference": "learning from thumbs up/down after SFT (`edentune train-feedback`): KTO or DPO",
 }
 
 

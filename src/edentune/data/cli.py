@@ -17,7 +17,8 @@ from edentune.data.records import MAX_LINE_BYTES, Report
 from edentune.errors import DataError
 from edentune.io import write_json_atomic
 
-app = typer.Typer(help="Validate, convert, clean, inspect, split and mix chat datasets.", no_args_is_help=True)
+app = typer.Typer(help="Validate, convert, clean, inspect, split and mix chat datasets; turn thumbs up/down into preference data.",
+                  no_args_is_help=True)
 console = Console()
 
 Files = Annotated[list[Path], typer.Argument(help="Input JSONL files.", show_default=False)]
@@ -28,7 +29,7 @@ MaxLine = Annotated[int, typer.Option(help="Reject lines longer than this many b
 SHOWN_PROBLEMS = 20
 
 
-def _show(report: Report, title: str, report_path: Path | None) -> None:
+def _show(report: Report, title: str, report_path: Path | None, more: str = "see --quarantine / --report") -> None:
     table = Table(title=title, show_header=False)
     for name in ("lines", "kept", "repaired", "quarantined", "blank"):
         table.add_row(name, str(getattr(report, name)))
@@ -40,7 +41,7 @@ def _show(report: Report, title: str, report_path: Path | None) -> None:
     for problem in report.problems[:SHOWN_PROBLEMS]:
         console.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)
     if len(report.problems) > SHOWN_PROBLEMS:
-        console.print(f"  ... {len(report.problems) - SHOWN_PROBLEMS} more (see --quarantine / --report)")
+        console.print(f"  ... {len(report.problems) - SHOWN_PROBLEMS} more ({more})")
     if report_path is not None:
         write_json_atomic(report_path, report.model_dump())
 
@@ -173,3 +174,22 @@ def mix(new: Annotated[list[Path], typer.Option(help="New data (JSONL); repeat f
         console.print(f"[yellow]short: {short}[/yellow]")
     if report is not None:
         write_json_atomic(report, rep.model_dump())
+
+
+@app.command()
+def feedback(files: Files,
+             out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory for kto.jsonl, dpo.jsonl, quarantine.jsonl and feedback_stats.json.")],
+             max_pairs: Annotated[int, typer.Option(min=0, help="Most DPO pairs taken from one prompt.")] = 4,
+             max_line_bytes: MaxLine = MAX_LINE_BYTES) -> None:
+    """Turn thumbs-up/down feedback logs into KTO (unpaired) and DPO (paired) preference datasets."""
+    from edentune.data.feedback import prepare_feedback as run
+
+    res = run(files, out_dir, max_pairs_per_prompt=max_pairs, max_line_bytes=max_line_bytes)
+    _show(res.report, "feedback", None, more=f"see {res.paths['quarantine']}")
+    console.print(f"ratings: {res.desirable} up, {res.undesirable} down; DPO pairs: {res.pairs}\n"
+                  f"KTO weights: desirable_weight={res.desirable_weight}, undesirable_weight={res.undesirable_weight}",
+                  highlight=False)
+    for warning in res.warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+    for name, path in res.paths.items():
+        console.print(f"{name}: {path}", markup=False, highlight=False, soft_wrap=True)

@@ -1,4 +1,5 @@
-"""`edentune train CONFIG [--resume]` and `edentune inspect CONFIG` (what exactly is trained)."""
+"""`edentune train CONFIG [--resume]`, `edentune train-feedback CONFIG --data kto.jsonl` and
+`edentune inspect CONFIG` (what exactly is trained)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,28 @@ def train_command(
     for w in cfg.range_warnings():
         console.print(f"[yellow]warning:[/] {w}")
     train(cfg, resume=resume, console=console)
+
+
+def train_feedback_command(
+    config: Path = typer.Argument(..., help="run config YAML (its `preference:` section picks KTO or DPO)"),
+    data: Path = typer.Option(..., "--data", "-d", help="kto.jsonl or dpo.jsonl written by `edentune data feedback`"),
+    adapter: Path = typer.Option(None, "--adapter", "-a", help="SFT adapter to continue (and to use as the reference)"),
+    method: str = typer.Option(None, "--method", help="kto (thumbs up/down) or dpo (pairs); default: preference.method"),
+) -> None:
+    """Learn from thumbs up/down: KTO on unpaired ratings or DPO on pairs, continuing the SFT adapter."""
+    from edentune.config import load_config
+
+    from .preference import train_preferences
+
+    cfg = load_config(config)
+    if method is not None:
+        cfg = cfg.updated({"preference.method": method})
+    result = train_preferences(cfg, data, adapter=adapter, console=console)
+    last = result.metrics.get("last_log", {})
+    shown = {k: v for k, v in last.items() if k.startswith(("rewards/", "kl")) and isinstance(v, float)}
+    if shown:
+        console.print("  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+    console.print(f"compare it before deploying: `edentune compare --base base --candidate {result.adapter_dir}`", highlight=False)
 
 
 def inspect_command(
@@ -62,5 +85,6 @@ def register(app: typer.Typer) -> None:
     from edentune.data.cli import app as data_app
 
     app.command("train")(train_command)
+    app.command("train-feedback")(train_feedback_command)
     app.command("inspect")(inspect_command)
     data_app.command("inspect")(inspect_command)  # `edentune data inspect CONFIG`: same command

@@ -79,11 +79,13 @@ def packing_supported(device: str) -> bool:
     return device == "cuda" and importlib.util.find_spec("flash_attn") is not None
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, device: str, dtype: torch.dtype, has_eval: bool, lr: float):
+def training_arguments(cfg: RunConfig, run_dir: Path, device: str, dtype: torch.dtype, has_eval: bool, lr: float,
+                       args_class=None, **overrides):
+    """Trainer arguments from the config; `args_class` (e.g. TRL's KTOConfig) and `overrides` for other trainers."""
     from transformers import TrainingArguments
 
     t = cfg.training
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(**{**dict(
         output_dir=str(run_dir), seed=t.seed, data_seed=t.seed,
         per_device_train_batch_size=t.per_device_batch_size, per_device_eval_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -97,7 +99,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, device: str, dtype: torch.
         metric_for_best_model="eval_loss", greater_is_better=False,
         restore_callback_states_from_checkpoint=True,  # early-stopping patience survives --resume
         remove_unused_columns=False, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-    )
+    ), **overrides})
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
