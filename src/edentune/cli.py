@@ -126,10 +126,10 @@ for _stage in ("data", "train", "evaluate", "export"):  # data first: train adds
 
 
 # Library warnings that say nothing the user can act on, each already handled by edentune: peft
-# calls a transformers API renamed in v5, and bitsandbytes' paged-optimizer fallback on CPU is
-# announced by the recipe in its own words. (The CLI only: the Python API leaves filters alone.)
+# and TRL call transformers APIs renamed in v5, and bitsandbytes' paged-optimizer fallback on CPU
+# is announced by the recipe in its own words. (The CLI only: the Python API leaves filters alone.)
 QUIET_WARNINGS = (
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (FutureWarning, r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated"),
     (UserWarning, r"Paged optimizers are not supported on CPU"),
 )
 

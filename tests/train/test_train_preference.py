@@ -136,3 +136,12 @@ def test_qlora_kto_through_the_cli(tiny_qwen2_dir, tmp_path):
 
     out = CliRunner().invoke(app, ["train-feedback", str(cfg_file), "--data", data, "--method", "dpo"])
     assert out.exit_code != 0 and "missing chosen, rejected for DPO" in str(out.exception)
+
+
+def test_a_folder_that_is_not_an_adapter_is_a_clear_error(tiny_llama_dir, tmp_path):
+    from edentune.errors import EdentuneError
+
+    data = write_rows(tmp_path / "kto.jsonl", kto_rows())
+    cfg = make_config(tiny_llama_dir, data, None, tmp_path / "run")
+    with pytest.raises(EdentuneError, match="not a PEFT adapter directory"):
+        train_preferences(cfg, data, adapter=tmp_path)

@@ -24,7 +24,7 @@ from edentune.config import RunConfig
 from edentune.data.feedback import kto_weights
 from edentune.errors import DataError, EdentuneError
 from edentune.io import atomic_dir, write_json_atomic
-from edentune.models import load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+from edentune.models import load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 
 from .monitor import MetricsLog, RichProgressCallback
 from .recipe import engine_model, oom_error, training_arguments
@@ -73,30 +73,6 @@ def _with_system(messages: list[dict], system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}, *messages]
 
 
-def preference_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype, adapter: str | Path | None):
-    """The SFT adapter made trainable on the config's (4-bit) base, or a fresh LoRA when none."""
-    if adapter is None:
-        return engine_model(cfg, model_dir, device, dtype)
-    from peft import PeftModel, prepare_model_for_kbit_training
-
-    from .dropout import use_cheap_lora_dropout
-
-    if not (Path(adapter) / "adapter_config.json").exists():
-        raise EdentuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)",
-                            hint="pass the SFT run's adapter, e.g. runs/eden/adapter")
-    q = cfg.quantization
-    base = load_base_model(model_dir, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type, double_quant=q.double_quant,
-                           compute_dtype=q.compute_dtype, dtype=dtype, device=device, trust_remote_code=cfg.model.trust_remote_code)
-    base.config.use_cache = False
-    if q.load_in_4bit:
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.training.gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
-    if device == "cpu":
-        use_cheap_lora_dropout(model)
-    return model
-
-
 class _LogToMetrics(TrainerCallback):
     """Every Trainer log (loss, rewards, margins, KL, LR) as a `train` event in metrics.jsonl."""
 
@@ -139,7 +115,7 @@ def train_preferences(cfg: RunConfig, data_file: str | Path, *, adapter: str | P
         load_best_model_at_end=False, save_strategy="no", **extra,
     )
     trainer_class = KTOTrainer if p.method == "kto" else DPOTrainer
-    model = preference_model(cfg, model_dir, device, dtype, adapter)
+    model = engine_model(cfg, model_dir, device, dtype, adapter)  # the SFT adapter continues, when given
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     metrics_log.write("start", method=p.method, examples=len(rows), data=str(data_file), adapter=str(adapter) if adapter else None,
                       weights=extra.get("desirable_weight") and [extra["desirable_weight"], extra["undesirable_weight"]])

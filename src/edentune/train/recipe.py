@@ -43,11 +43,15 @@ class TrainResult:
 
 
 # -- components ---------------------------------------------------------------------------------
-def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype):
-    """Base model (4-bit NF4 for QLoRA, else plain) wrapped with a fresh LoRA adapter."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype, adapter: str | Path | None = None):
+    """Base model (4-bit NF4 for QLoRA, else plain) wrapped with a fresh LoRA adapter, or with
+    `adapter` (a saved PEFT adapter, made trainable: e.g. the SFT adapter for preference tuning)."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
+        raise EdentuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)",
+                            hint="pass a run's adapter folder, e.g. runs/eden/adapter")
     q, gc = cfg.quantization, cfg.training.gradient_checkpointing
     model = load_base_model(model_dir, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type, double_quant=q.double_quant,
                             compute_dtype=q.compute_dtype, dtype=dtype, device=device,
@@ -58,6 +62,8 @@ def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torc
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=ckpt_kwargs)
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     lora = cfg.lora
     set_seed(cfg.training.seed)  # LoRA A is initialised from the global RNG: same seed, same adapter
     return get_peft_model(model, LoraConfig(
@@ -66,9 +72,9 @@ def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torc
     ))
 
 
-def engine_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype):
+def engine_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype, adapter: str | Path | None = None):
     """The training model as edentune's engine runs it: on CPU, LoRA inputs use `CheapDropout`."""
-    model = load_training_model(cfg, model_dir, device, dtype)
+    model = load_training_model(cfg, model_dir, device, dtype, adapter)
     if device == "cpu":
         use_cheap_lora_dropout(model)
     return model
