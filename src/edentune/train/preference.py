@@ -85,6 +85,8 @@ class _LogToMetrics(TrainerCallback):
 
 def train_preferences(cfg: RunConfig, data_file: str | Path, *, adapter: str | Path | None = None,
                       console: Console | None = None) -> PreferenceResult:
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     console = console or Console(stderr=True)
@@ -101,10 +103,7 @@ def train_preferences(cfg: RunConfig, data_file: str | Path, *, adapter: str | P
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    system = cfg.model.system_prompt
-    from datasets import Dataset
-
-    dataset = Dataset.from_list([{**r, "prompt": _with_system(r["prompt"], system)} for r in rows])
+    dataset = Dataset.from_list([{**r, "prompt": _with_system(r["prompt"], cfg.model.system_prompt)} for r in rows])
     extra: dict = {"beta": p.beta, "max_length": cfg.model.max_seq_len}
     if p.method == "kto":
         up = sum(bool(r["label"]) for r in rows)
@@ -118,13 +117,11 @@ def train_preferences(cfg: RunConfig, data_file: str | Path, *, adapter: str | P
     model = engine_model(cfg, model_dir, device, dtype, adapter)  # the SFT adapter continues, when given
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     metrics_log.write("start", method=p.method, examples=len(rows), data=str(data_file), adapter=str(adapter) if adapter else None,
-                      weights=extra.get("desirable_weight") and [extra["desirable_weight"], extra["undesirable_weight"]])
+                      weights=[extra["desirable_weight"], extra["undesirable_weight"]] if p.method == "kto" else None)
     progress = RichProgressCallback(console)
     try:
         trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                 callbacks=[_LogToMetrics(metrics_log), progress])
-        from transformers import PrinterCallback, ProgressCallback
-
         for default in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(default)
         try:
