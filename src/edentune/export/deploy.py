@@ -114,7 +114,7 @@ def deploy(cfg, export_dir: str | Path, *, host: str | None = None, registry: st
     present = local_models(client, host)
     gguf_name = "adapter.gguf" if report["route"] == "adapter" else "model.gguf"
     modelfiles = {full_name(name): parse_modelfile((export_dir / fname).read_text(encoding="utf-8"))
-                  for name, fname in report["models"].items()}
+                  for name, fname in (report.get("models") or {cfg.export.model_name: "Modelfile"}).items()}  # older exports: one model
     for mf in modelfiles.values():
         if report["route"] == "adapter" and full_name(mf.from_) not in present:
             raise EdentuneError(
