@@ -37,7 +37,8 @@ def dedup_key(record: dict) -> bytes:
     return hashlib.blake2b(dedup_text(record).encode(), digest_size=16).digest()
 
 
-def _apply(items: list[Item], report: Report, check: Callable[[Item], None]) -> list[Item]:
+def apply_check(items: list[Item], report: Report, check: Callable[[Item], None]) -> list[Item]:
+    """Items that pass `check`; the rest go to the report's quarantine with the Rejected reason."""
     kept = []
     for item in items:
         try:
@@ -49,7 +50,14 @@ def _apply(items: list[Item], report: Report, check: Callable[[Item], None]) -> 
     return kept
 
 
-def _scrubber(report: Report, mode: str) -> Callable[[Item], None]:
+def redact_quarantine(report: Report) -> None:
+    """Quarantined lines are kept verbatim except for secrets: no output repeats one that was found."""
+    for q in report.quarantine:
+        q["raw"] = scrub_text(q["raw"])[0]
+
+
+def scrubber(report: Report, mode: str) -> Callable[[Item], None]:
+    """A check that redacts secrets/personal data (or rejects the item when mode is 'drop')."""
     def check(item: Item) -> None:
         found = scrub_record(item.record)
         report.findings += [{"kind": k, "source": item.source, "message": i} for i, k in found]
@@ -138,17 +146,16 @@ def clean(paths: Iterable[PathLike], write: PathLike | None = None, quarantine: 
     items = load(paths, validate_record, report, max_line_bytes)
     checks = [_lengths(min_chars, max_chars, max_turn_chars), check_broken]
     if scrub != "off":
-        checks.insert(0, _scrubber(report, scrub))
+        checks.insert(0, scrubber(report, scrub))
     if language_check:
         checks.append(check_language)
     checks.append(_exact_dups())
     if near_dup_threshold < 1.0:
         checks.append(_near_dups(near_dup_threshold, num_perm))
     for check in checks:
-        items = _apply(items, report, check)
+        items = apply_check(items, report, check)
     if scrub != "off":
-        for q in report.quarantine:
-            q["raw"] = scrub_text(q["raw"])[0]
+        redact_quarantine(report)
     records = report.finish(items)
     write_outputs(report, records, write, quarantine)
     return records, report

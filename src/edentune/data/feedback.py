@@ -33,9 +33,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edentune.data.clean import _apply, _scrubber
+from edentune.data.clean import apply_check, redact_quarantine, scrubber
 from edentune.data.records import MAX_LINE_BYTES, Item, Rejected, Report, load
-from edentune.data.scrub import scrub_text
 from edentune.data.validate import validate_record
 from edentune.errors import DataError
 from edentune.io import write_json_atomic, write_jsonl_atomic
@@ -124,7 +123,7 @@ def _drop_duplicates(items: list[Item], report: Report) -> list[Item]:
         first = seen.setdefault((_prompt_key(item.record), _answer(item.record), item.record["label"]), item.source)
         if first != item.source:
             raise Rejected("exact duplicate", detail=f"of {first}")
-    return _apply(items, report, check)
+    return apply_check(items, report, check)
 
 
 def _drop_conflicts(items: list[Item], report: Report) -> list[Item]:
@@ -139,7 +138,7 @@ def _drop_conflicts(items: list[Item], report: Report) -> list[Item]:
         if sides[True] and sides[False]:
             raise Rejected("conflicting ratings", detail=f"same prompt and answer rated up at {_sources(sides[True])} "
                                                          f"and down at {_sources(sides[False])}")
-    return _apply(items, report, check)
+    return apply_check(items, report, check)
 
 
 def _sources(sources: list[str], shown: int = 3) -> str:
@@ -232,10 +231,9 @@ def prepare_feedback(paths: list[str | Path], out_dir: str | Path, *, max_pairs_
     # Read everything before touching out_dir: a bad path must not leave half-written outputs.
     report = Report()
     items = load(paths, parse_feedback, report, max_line_bytes)
-    items = _apply(items, report, _scrubber(report, "redact"))
+    items = apply_check(items, report, scrubber(report, "redact"))
     items = _drop_conflicts(_drop_duplicates(items, report), report)
-    for q in report.quarantine:
-        q["raw"] = scrub_text(q["raw"])[0]
+    redact_quarantine(report)
     records = report.finish(items)
 
     n_up = sum(1 for r in records if r["label"])
