@@ -164,6 +164,9 @@ class EvaluationConfig(_Section):
     # A candidate is "worse" on a metric when it loses more than this (absolute, rates in 0..1).
     tolerance: float = Field(0.02, ge=0)
     max_forgetting: float = Field(0.10, ge=0, description="allowed relative perplexity increase on the replay set")
+    run_code: Literal["auto", "sandbox", "never", "unsafe-no-sandbox"] = Field(
+        "auto", description="model-written code: auto = in the sandbox if one works here, else not run; "
+                            "sandbox = an error without one; unsafe-no-sandbox = run even without isolation (docs/security.md)")
 
 
 class ExportConfig(_Section):
