@@ -240,6 +240,12 @@ def test_sleep_past_wall_time_is_killed_with_its_children():
 
 
 @needs_sandbox
+def test_closing_its_output_does_not_escape_the_wall_clock():
+    r = run_python("import os, time\nos.close(1)\nos.close(2)\ntime.sleep(10 ** 6)", Limits(wall_seconds=1))
+    assert r.status == "timeout" and r.seconds < 3
+
+
+@needs_sandbox
 def test_gigabyte_of_stdout_is_cut_off_in_bounded_memory():
     tracemalloc.start()
     try:

@@ -106,7 +106,7 @@ def _interpreter_dirs() -> list[str]:
     """Directories the interpreter needs besides /usr: its prefix (a venv: site-packages) and base
     prefix (the stdlib), and the directory of the real executable."""
     dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)))}
-    dirs = {d for d in dirs if d != "/" and not d.startswith(("/usr/", "/proc/")) and d != "/usr"}
+    dirs = {d for d in dirs if d != "/" and d != "/usr" and not d.startswith("/usr/")}  # /usr is bound whole
     # Nested ones are covered by their parent; binding both would hide nothing but costs a mount.
     return sorted(d for d in dirs if not any(d.startswith(o + "/") for o in dirs))
 
@@ -151,7 +151,7 @@ def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits, as_
 def _python_argv(limits: Limits, *, nproc: bool, snippet: str) -> list[str]:
     values = (limits.cpu_seconds, limits.memory_bytes, limits.file_bytes, limits.processes if nproc else -1,
               limits.open_files, 0)
-    return [sys.executable, "-I", "-B", "-c", _PRELUDE, *map(str, values), snippet]
+    return [sys.executable, "-I", "-S", "-B", "-c", _PRELUDE, *map(str, values), snippet]
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -262,7 +262,7 @@ def _collect(proc: subprocess.Popen, limits: Limits, kill) -> tuple[bytes, bytes
     if stopped:
         kill()
     try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()) + 5)
+        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:  # closed its pipes but lives on: the wall clock still applies
         kill()
         proc.wait()
