@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import pwd
 import selectors
 import shutil
 import signal
@@ -104,13 +103,22 @@ _MACOS_PROFILE = """
 """
 
 
-def _interpreter_dirs() -> list[str]:
-    """Directories the interpreter needs besides /usr: its prefix (a venv: site-packages) and base
-    prefix (the stdlib), and the directory of the real executable."""
-    dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)))}
-    dirs = {d for d in dirs if d != "/" and d != "/usr" and not d.startswith("/usr/")}  # /usr is bound whole
+def _interpreter() -> str:
+    """This interpreter's path with its directory resolved (the same path inside the sandbox)."""
+    return os.path.join(os.path.realpath(os.path.dirname(sys.executable)), os.path.basename(sys.executable))
+
+
+def _interpreter_paths() -> list[str]:
+    """Host paths the interpreter needs besides /usr: the directories of its executable and of
+    the real one it links to, its base prefix (the stdlib), and of a venv only its config and
+    packages, not whatever else lives beside them (a venv made in a project folder)."""
+    paths = {os.path.dirname(_interpreter()), os.path.dirname(os.path.realpath(sys.executable)), os.path.realpath(sys.base_prefix)}
+    if sys.prefix != sys.base_prefix:
+        venv = os.path.realpath(sys.prefix)
+        paths |= {os.path.join(venv, name) for name in ("pyvenv.cfg", "lib", "lib64") if os.path.exists(os.path.join(venv, name))}
+    paths = {p for p in paths if p != "/" and p != "/usr" and not p.startswith("/usr/")}  # /usr is bound whole
     # Nested ones are covered by their parent; binding both would hide nothing but costs a mount.
-    return sorted(d for d in dirs if not any(d.startswith(o + "/") for o in dirs))
+    return sorted(p for p in paths if not any(p.startswith(o + "/") for o in paths))
 
 
 def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits, as_root: bool) -> list[str]:
@@ -130,10 +138,10 @@ def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits, as_
             argv += ["--symlink", os.readlink(top), top]  # merged /usr: /lib -> usr/lib
         elif os.path.isdir(top):
             argv += ["--ro-bind", top, top]
-    for d in _interpreter_dirs():
-        argv += ["--ro-bind", d, d]
+    for path in _interpreter_paths():
+        argv += ["--ro-bind", path, path]
     argv += [
-        # Not /etc: only the dynamic linker's cache and a synthetic passwd/group (no /etc/shadow).
+        # Not /etc: only the dynamic linker's cache and a synthetic passwd (no /etc/shadow).
         "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
         "--ro-bind-data", str(passwd_fd), "/etc/passwd",
         "--proc", "/proc",  # of the new pid namespace: no host process, no parent environ
@@ -143,7 +151,7 @@ def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits, as_
         "--chdir", WORKDIR,
         "--clearenv",
     ]
-    if not any(d == "/tmp" or d.startswith("/tmp/") for d in _interpreter_dirs()):
+    if not any(p == "/tmp" or p.startswith("/tmp/") for p in _interpreter_paths()):
         argv += ["--symlink", WORKDIR, "/tmp"]  # code that writes to /tmp lands in the tmpfs
     for key, value in _ENV.items():
         argv += ["--setenv", key, value]
@@ -153,7 +161,7 @@ def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits, as_
 def _python_argv(limits: Limits, *, nproc: bool, snippet: str) -> list[str]:
     values = (limits.cpu_seconds, limits.memory_bytes, limits.file_bytes, limits.processes if nproc else -1,
               limits.open_files, 0)
-    return [sys.executable, "-I", "-S", "-B", "-c", _PRELUDE, *map(str, values), snippet]
+    return [_interpreter(), "-I", "-S", "-B", "-c", _PRELUDE, *map(str, values), snippet]
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -164,6 +172,8 @@ def _memfd(name: str, data: bytes) -> int:
 
 
 def _nobody() -> int:
+    import pwd  # POSIX only
+
     try:
         return pwd.getpwnam("nobody").pw_uid
     except KeyError:
