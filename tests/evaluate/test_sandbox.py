@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tracemalloc
 import uuid
 
@@ -142,6 +143,9 @@ def test_host_files_are_not_visible(tmp_path):
     r = run_python(f"import os\nprint(os.path.exists({str(tmp_path)!r}), os.path.exists({__file__!r}), "
                    f"sorted(os.listdir('/etc')))", FAST)
     assert (r.status, r.stdout) == ("pass", "False False ['ld.so.cache', 'passwd']\n")
+    if sys.prefix != sys.base_prefix:  # of a venv, only the venv is visible, not the folder holding it
+        r = run_python("import os, sys\nprint(os.listdir(os.path.dirname(sys.prefix)))", FAST)
+        assert r.stdout == f"{[os.path.basename(sys.prefix)]}\n"
 
 
 @needs_sandbox
