@@ -166,7 +166,7 @@ class EvaluationConfig(_Section):
     max_forgetting: float = Field(0.10, ge=0, description="allowed relative perplexity increase on the replay set")
     run_code: Literal["auto", "sandbox", "never", "unsafe-no-sandbox"] = Field(
         "auto", description="model-written code: auto = in the sandbox if one works here, else not run; "
-                            "sandbox = an error without one; unsafe-no-sandbox = run even without isolation (docs/security.md)")
+                            "sandbox = an error without one; never; unsafe-no-sandbox = run even without isolation (docs/security.md)")
 
 
 class ExportConfig(_Section):
