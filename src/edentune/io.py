@@ -257,6 +257,19 @@ def write_jsonl_atomic(path: PathLike, records: Iterable[Any]) -> int:
 
 
 # -- directories -------------------------------------------------------------------------------
+def ensure_dir(path: PathLike) -> Path:
+    """Create a folder (and its parents) if missing; an existing file there, or one that cannot be
+    created, is an EdentuneError naming the path instead of a traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise EdentuneError(f"{path} exists and is not a folder", hint="give a folder path, or move that file away") from None
+    except OSError as e:
+        raise EdentuneError(f"cannot create folder {path}: {e.strerror}", hint="choose a writable location") from None
+    return path
+
+
 def _is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
