@@ -191,7 +191,7 @@ def _open_text_lines(path: Path):
     for magic, name in ENCODINGS:
         if head.startswith(magic):
             fh.close()
-            hint = ("convert it to UTF-8, e.g. `iconv -f UTF-16 -t UTF-8 IN > OUT`" if name.startswith("UTF")
+            hint = (f"convert it to UTF-8, e.g. `iconv -f {name.split()[0]} -t UTF-8 IN > OUT`" if name.startswith("UTF")
                     else "extract the JSONL file first")
             raise DataError(f"{path} is {name}, not UTF-8 JSONL", hint=hint)
     if len(head) >= 4 and head[1:4:2] == b"\x00\x00" and head[0:4:2] != b"\x00\x00":
