@@ -256,6 +256,9 @@ def test_gzip_is_read_transparently_and_a_broken_one_is_one_error(tmp_path):
     (tmp_path / "a.zip").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
     res = runner.invoke(app, ["stats", str(tmp_path / "a.zip")])
     assert isinstance(res.exception, DataError) and "is a zip archive" in str(res.exception)
+    (tmp_path / "b.bin").write_bytes(b"\x00\x01\x02" * 100)
+    res = runner.invoke(app, ["clean", str(tmp_path / "b.bin")])
+    assert isinstance(res.exception, DataError) and "is binary data" in str(res.exception)
 
 
 def test_errors_reach_the_terminal_as_one_line_without_traceback(files):

@@ -184,7 +184,7 @@ def _open_text_lines(path: Path):
         fh = open(path, "rb")
         head = fh.read(8)
         fh.seek(0)
-    except OSError as e:
+    except OSError as e:  # includes a directory given as input
         raise DataError(f"cannot read {path}: {e.strerror}", hint="check the path") from None
     if head.startswith(GZIP_MAGIC):
         return gzip.GzipFile(fileobj=fh, mode="rb"), fh
@@ -198,6 +198,9 @@ def _open_text_lines(path: Path):
         fh.close()  # "{\0"\0": UTF-16 without a byte-order mark
         raise DataError(f"{path} looks like UTF-16 (little-endian, no byte-order mark), not UTF-8 JSONL",
                         hint="convert it to UTF-8, e.g. `iconv -f UTF-16LE -t UTF-8 IN > OUT`")
+    if b"\x00" in head:  # JSON text never holds a raw NUL byte
+        fh.close()
+        raise DataError(f"{path} is binary data (NUL bytes), not UTF-8 JSONL", hint="give the JSONL file itself")
     return fh, fh
 
 
