@@ -132,7 +132,8 @@ class Transaction:
         self._temps: dict[Path, Path] = {}  # target -> temporary sibling, in write order
 
     @contextlib.contextmanager
-    def open(self, path: PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    def open(self, path: PathLike, mode: str = "w", encoding: str | None = "utf-8",
+             errors: str | None = None) -> Iterator[IO]:
         path = Path(path)
         check_outputs(self.inputs, [*self._temps, path])
         try:
@@ -143,7 +144,8 @@ class Transaction:
         self._temps[path] = Path(tmp)
         os.chmod(tmp, _file_mode(path))
         binary = "b" in mode
-        with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else "\n") as fh:
+        with os.fdopen(fd, mode, encoding=None if binary else encoding, errors=None if binary else errors,
+                       newline=None if binary else "\n") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -152,15 +154,17 @@ class Transaction:
         with self.open(path) as fh:
             fh.write(text)
 
+    # JSON writers: a lone surrogate (a file name with undecodable bytes, held by Python as
+    # surrogate escapes) becomes the JSON escape "\udcXX", still valid JSON and valid UTF-8.
     def write_json(self, path: PathLike, obj: Any) -> None:
-        with self.open(path) as fh:
+        with self.open(path, errors="backslashreplace") as fh:
             json.dump(obj, fh, ensure_ascii=False, indent=2)
             fh.write("\n")
 
     def write_jsonl(self, path: PathLike, records: Iterable[Any]) -> int:
         """One JSON object per line; returns the number of lines written."""
         n = 0
-        with self.open(path) as fh:
+        with self.open(path, errors="backslashreplace") as fh:
             for rec in records:
                 fh.write(json.dumps(rec, ensure_ascii=False))
                 fh.write("\n")

@@ -332,3 +332,15 @@ def test_atomic_dir_with_a_marker_replaces_only_its_own_folders(tmp_path, monkey
         pass
     with pytest.raises(EdentuneError, match="overlaps the input"), atomic_dir(tmp_path / "x", inputs=[tmp_path]):
         pass
+
+
+def test_a_file_name_with_undecodable_bytes_is_written_as_a_json_escape(tmp_path):
+    """Python holds such names as lone surrogates; the quarantine and report name them as \\udcXX."""
+    src = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jsonl"))
+    write_lines(tmp_path / src, ["[1]"])
+    res = runner.invoke(app, ["validate", src, "--quarantine", str(tmp_path / "q.jsonl"), "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert read_jsonl(tmp_path / "q.jsonl")[0]["source"] == f"{src}:1"
+    assert b"caf\\udce9.jsonl:1" in (tmp_path / "r.json").read_bytes()
+    res = runner.invoke(app, ["feedback", src, "-o", str(tmp_path / "fb")])
+    assert res.exit_code == 0 and json.loads((tmp_path / "fb" / "feedback_stats.json").read_text())["inputs"] == [src]

@@ -44,6 +44,12 @@ def _section(config: Path | None, name: str, changes: dict[str, object]):
     return with_overrides(base, changes, f"edentune data {name}")
 
 
+def _printable(text: object) -> str:
+    """File names with undecodable bytes are lone surrogates in Python; a UTF-8 terminal cannot
+    print those, so they are shown escaped (\\udcXX), as the JSON outputs write them."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _show(report: Report, title: str, more: str = "see --quarantine / --report") -> None:
     table = Table(title=title, show_header=False)
     for name in ("lines", "kept", "repaired", "quarantined", "blank"):
@@ -54,9 +60,9 @@ def _show(report: Report, title: str, more: str = "see --quarantine / --report")
     console.print(table)
     console.print(report.summary())
     for problem in report.problems[:SHOWN_PROBLEMS]:
-        console.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"  {_printable(problem)}", markup=False, highlight=False, soft_wrap=True)
     if len(report.problems) > SHOWN_PROBLEMS:
-        console.print(f"  ... {len(report.problems) - SHOWN_PROBLEMS} more ({more})")
+        console.print(_printable(f"  ... {len(report.problems) - SHOWN_PROBLEMS} more ({more})"), markup=False)
 
 
 @app.command()
@@ -153,7 +159,7 @@ def split(files: Files,
     from edentune.data.split import split as run
 
     n_train, n_val = run(files, train, val, val_fraction)
-    console.print(f"train: {n_train} -> {train}\nvalidation: {n_val} -> {val}")
+    console.print(_printable(f"train: {n_train} -> {train}\nvalidation: {n_val} -> {val}"), markup=False)
 
 
 def _quotas(specs: list[str] | None) -> dict[str, int] | None:
@@ -188,7 +194,7 @@ def mix(new: Annotated[list[Path], typer.Option(help="New data (JSONL); repeat f
     for d in rep.draws:
         table.add_row(d.category, d.source, str(d.wanted), str(d.available), str(d.drawn))
     console.print(table)
-    console.print(f"drew {rep.drawn} of {rep.wanted} -> {out}")
+    console.print(_printable(f"drew {rep.drawn} of {rep.wanted} -> {out}"), markup=False)
     for short in rep.shortfalls:
         console.print(f"[yellow]short: {short}[/yellow]")
 
@@ -209,7 +215,7 @@ def feedback(files: Files,
     for warning in res.warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
     for name, path in res.paths.items():
-        console.print(f"{name}: {path}", markup=False, highlight=False, soft_wrap=True)
+        console.print(_printable(f"{name}: {path}"), markup=False, highlight=False, soft_wrap=True)
 
 
 def register(root: typer.Typer) -> None:
