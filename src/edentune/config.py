@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +21,9 @@ from .presets import ALL_PROJECTIONS, DATA_ROUNDS, DEFAULT_SYSTEM_PROMPT, OLLAMA
 class _Section(BaseModel):
     # Unknown keys are a typo more often than not: refuse them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_SectionT = TypeVar("_SectionT", bound=_Section)
 
 
 class ModelConfig(_Section):
@@ -126,17 +129,38 @@ class PreferenceConfig(_Section):
 
 
 class CleanConfig(_Section):
-    near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
-    min_chars: int = Field(2, ge=0)
-    max_chars: int = Field(32000, gt=0)
-    scrub: Literal["redact", "drop", "off"] = "redact"
-    language_mismatch: bool = True
+    """`edentune data clean` and `data.clean.clean()`: their defaults and limits are these."""
+
+    near_duplicate_threshold: float = Field(0.85, gt=0, le=1, allow_inf_nan=False,
+                                            description="Jaccard similarity from which a record is a near duplicate; 1 turns the check off")
+    min_chars: int = Field(10, ge=0, description="fewest characters per conversation (system prompt not counted)")
+    max_chars: int = Field(50_000, gt=0, description="most characters per conversation")
+    max_turn_chars: int = Field(20_000, gt=0, description="most characters per message")
+    scrub: Literal["redact", "drop", "off"] = Field("redact", description="secrets and personal data: redact, drop the record, or off")
+    language_mismatch: bool = Field(True, description="drop answers in another language than the question (Korean/English)")
+
+    @model_validator(mode="after")
+    def _length_range(self) -> CleanConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars}): every record would be dropped")
+        return self
 
 
 class MixConfig(_Section):
-    new_ratio: float = Field(0.7, gt=0, le=1)
-    quotas: dict[str, int] = Field(default_factory=lambda: {"persona": 200, "korean": 300, "coding": 300, "general": 200})
+    """`edentune data mix` and `data.mix.mix()`: their defaults and limits are these."""
+
+    new_ratio: float = Field(0.7, gt=0, le=1, allow_inf_nan=False, description="share of new data; the rest is replay")
+    quotas: dict[str, int] = Field(default_factory=lambda: {"persona": 200, "korean": 300, "coding": 300, "general": 200},
+                                   description="records drawn per category")
     seed: int = 42
+
+    @field_validator("quotas")
+    @classmethod
+    def _counts(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if n < 0}
+        if bad:
+            raise ValueError(f"quotas must be >= 0, got {bad}")
+        return v
 
 
 class DataConfig(_Section):
@@ -299,6 +323,16 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 def parse_config(data: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def with_overrides(section: _SectionT, changes: dict[str, object], source: str) -> _SectionT:
+    """A validated copy of a config section with the non-None `changes` applied (command-line
+    options over a config file's values); bad values raise ConfigError naming the key."""
+    data = section.model_dump() | {k: v for k, v in changes.items() if v is not None}
+    try:
+        return type(section).model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
 

@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import EdentuneError
-from ..io import atomic_dir, write_json_atomic, write_text_atomic
+from ..io import atomic_dir, check_output_dir, write_json_atomic, write_text_atomic
 
 REPORT_NAME = "export_report.json"
+# In every export folder: only a folder holding it is ever replaced by the next export (io.atomic_dir).
+EXPORT_MARKER = ".edentune-export"
 
 
 @dataclass
@@ -108,6 +110,7 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
     from .parity import adapter_parity, template_parity
 
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, marker=EXPORT_MARKER, inputs=[adapter_dir])  # before any work
     base_dir = base_model_dir(cfg)
     base_config = AutoConfig.from_pretrained(base_dir).to_dict()
     adapter = read_peft_adapter(adapter_dir, base_config)  # refusals happen here, before anything is written
@@ -115,7 +118,7 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
                     "base": base_dir,
                     "ollama_base": cfg.export.ollama_base, "dtype": cfg.export.adapter_dtype,
                     "lora": {"r": adapter.r, "alpha_in_gguf": adapter.alpha, "tensors": len(adapter.pairs)}}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=EXPORT_MARKER, inputs=[adapter_dir]) as tmp:
         gguf_path = write_adapter_gguf(adapter, tmp / "adapter.gguf", cfg.export.adapter_dtype)
         modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, report, adapter="./adapter.gguf")
         logits, template = [], None
@@ -139,12 +142,13 @@ def export_merged(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: 
     from .parity import model_parity, template_parity
 
     out_dir, dtype = Path(out_dir), dtype or cfg.export.merged_dtype
+    check_output_dir(out_dir, marker=EXPORT_MARKER, inputs=[adapter_dir])  # before any work
     base_dir = base_model_dir(cfg)
     tok = _tokenizer(base_dir)
     model = merged_model(base_dir, adapter_dir).float().eval()
     report: dict = {"route": "merged", "created": _now(), "adapter_dir": str(adapter_dir), "adapter_sha256": adapter_sha256(adapter_dir),
                     "base": base_dir, "dtype": dtype}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=EXPORT_MARKER, inputs=[adapter_dir]) as tmp:
         gguf_path = write_model_gguf(model, tok, tmp / "model.gguf", dtype, name=cfg.export.model_name)
         modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, report, adapter=None, from_="./model.gguf",
                                        template=CHATML_TEMPLATE)

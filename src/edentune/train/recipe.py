@@ -23,7 +23,7 @@ from rich.console import Console
 
 from edentune.config import RunConfig
 from edentune.errors import EdentuneError
-from edentune.io import atomic_dir, file_sha256, write_json_atomic
+from edentune.io import atomic_dir, ensure_dir, file_sha256, write_json_atomic
 from edentune.models import load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 
 from .data import encode_all, load_splits, to_dataset
@@ -207,7 +207,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     checkpoint = existing if resume else None
     if resume and checkpoint is None:
         console.print(f"no complete checkpoint in {run_dir}: starting from the beginning")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)
     for stale in run_dir.glob(".checkpoint-*"):  # temporaries of a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
 
