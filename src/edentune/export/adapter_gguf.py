@@ -77,14 +77,15 @@ def read_peft_adapter(adapter_dir: str | Path, base_config: dict) -> LoraAdapter
     for name, ab in sorted(halves.items()):
         if set(ab) != {"A", "B"}:
             raise EdentuneError(f"{weights_path}: {name} has lora_{''.join(ab)} without its partner; the adapter file is incomplete")
-        a, b = ab["A"], ab["B"]
-        if arch == "llama" and name.endswith(("attn_q", "attn_k")):
-            heads = base_config["num_attention_heads"] if name.endswith("attn_q") else base_config["num_key_value_heads"]
-            b = permute_rows_for_llama_rope(b, heads)
-        adapter.pairs[name] = (a, b)
+        adapter.pairs[name] = (ab["A"], ab["B"])
     if not adapter.pairs:
         raise EdentuneError(f"{weights_path}: no LoRA tensors found")
-    check_shapes_against_config(adapter, base_config, weights_path)
+    check_shapes_against_config(adapter, base_config, weights_path)  # before the permutation, which needs the right shapes
+    if arch == "llama":
+        for name, (a, b) in adapter.pairs.items():
+            if name.endswith(("attn_q", "attn_k")):
+                heads = base_config["num_attention_heads"] if name.endswith("attn_q") else base_config["num_key_value_heads"]
+                adapter.pairs[name] = (a, permute_rows_for_llama_rope(b, heads))
     return adapter
 
 
