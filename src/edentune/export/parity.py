@@ -114,6 +114,7 @@ def llama_model(path, lora: str | os.PathLike | None = None, n_ctx: int = 512, v
 def greedy_answer(llm, prompt: str, n_predict: int, stop: list[str]) -> str:
     """The greedy continuation of a rendered prompt (special tokens parsed, as Ollama's runner does)."""
     ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    llm.reset()  # no reuse of a cached prefix: evaluated in other batches, the logits (and a greedy answer) can differ
     out = llm.create_completion(ids, max_tokens=n_predict, temperature=0.0, top_k=1, seed=0, stop=stop or None)
     return out["choices"][0]["text"]
 
