@@ -225,7 +225,21 @@ class _NotFound(_WebPage):
     status = 404
 
 
-@pytest.mark.parametrize("handler", [_WebPage, _NotFound])
+class _OtherApi(_WebPage):
+    """Another JSON API on the port: 404 {"error": ...} for Ollama's paths."""
+
+    def _page(self):
+        body = b'{"error": "no route"}'
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _page
+
+
+@pytest.mark.parametrize("handler", [_WebPage, _NotFound, _OtherApi])
 def test_a_web_server_is_not_ollama(exported, handler):
     cfg, result = exported
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -134,9 +134,8 @@ class _Server:
     """The Ollama a deploy talks to: a client for quick calls, one with the long read timeout for
     blob upload, create and chat (which loads the model), and errors that name the host."""
 
-    def __init__(self, cfg, host: str | None = None, client=None):
-        self.host = ollama_host(cfg, host)
-        self.timeout, self.long_timeout = cfg.export.ollama_timeout_s, cfg.export.ollama_create_timeout_s
+    def __init__(self, host: str, timeout: float, long_timeout: float, client=None):
+        self.host, self.timeout, self.long_timeout = check_host(host), timeout, long_timeout
         if client is not None:
             self.quick = self.slow = client
             return
@@ -150,8 +149,12 @@ class _Server:
             raise EdentuneError(f"malformed Ollama host {self.host!r}: {err}", hint=_HOST_HINT) from None
 
     @classmethod
+    def for_config(cls, cfg, host: str | None = None, client=None) -> _Server:
+        return cls(ollama_host(cfg, host), cfg.export.ollama_timeout_s, cfg.export.ollama_create_timeout_s, client)
+
+    @classmethod
     def for_plan(cls, plan: DeployPlan, client=None) -> _Server:
-        return cls(plan.cfg, plan.host, client)
+        return cls(plan.host, plan.timeout_s, plan.create_timeout_s, client)
 
     def call(self, method: str, *args, slow: bool = False, what: str = "the request", **kwargs):
         import httpx
@@ -161,7 +164,7 @@ class _Server:
         try:
             return getattr(client, method)(*args, **kwargs)
         except ollama.ResponseError as err:
-            if _looks_like_html(err.error) or (method == "_request_raw" and err.status_code == 404):
+            if _looks_like_html(err.error):
                 raise self.not_ollama(f"it answered {what} with HTTP {err.status_code}") from None
             raise OllamaRefused(f"Ollama at {self.host} refused {what}: {err.error} (HTTP {err.status_code})",
                                 error=str(err.error), status=err.status_code) from None
@@ -188,7 +191,10 @@ class _Server:
 
     def version(self) -> str:
         # ollama-python 0.6.3 has no method for /api/version; its _request_raw keeps the error mapping.
-        response = self.call("_request_raw", "GET", "/api/version", what="GET /api/version")
+        try:
+            response = self.call("_request_raw", "GET", "/api/version", what="GET /api/version")
+        except OllamaRefused as err:  # every Ollama has this endpoint
+            raise self.not_ollama(f"GET /api/version answered HTTP {err.status}") from None
         try:
             version = response.json()["version"]
         except (ValueError, KeyError, TypeError):
@@ -366,7 +372,7 @@ def plan_deploy(cfg, export_dir: str | Path, *, host: str | None = None, gate: s
         for mf in modelfiles.values():
             if why := remote_reason(mf.from_):
                 raise _remote_refusal(mf.from_, why)
-    server = _Server(cfg, host, client)
+    server = _Server.for_config(cfg, host, client)
     version = server.version()
     parsed = version_tuple(version)
     if parsed is not None and parsed != (0, 0, 0) and parsed < MIN_OLLAMA_VERSION:
@@ -616,7 +622,8 @@ def rollback(cfg, *, name: str | None = None, host: str | None = None, registry:
     `registry`, checked before and the event appended after."""
     if registry is not None:
         read_registry(registry)
-    server = _Server(cfg, host, client)
+    server = _Server.for_config(cfg, host, client)
+    server.version()  # is it Ollama at all: a clear error before any other call
     name = full_name(name or cfg.export.model_name)
     previous = previous_name(name)
     if previous not in server.models():
