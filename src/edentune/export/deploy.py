@@ -428,7 +428,7 @@ def apply_deploy(plan: DeployPlan, *, client=None, smoke: bool = True) -> list[d
     references = smoke_references(plan) if smoke else {}  # before Ollama is touched: a failure here changes nothing
     touched: list[ModelPlan] = []
     records: list[dict] = []
-    route, gguf = plan.route, plan.gguf
+    route, gguf, digest = plan.route, plan.gguf, None
     try:
         digest = server.call("create_blob", gguf, slow=True, what=f"the upload of {gguf.name}")
         for mp in plan.models:
@@ -462,7 +462,7 @@ def apply_deploy(plan: DeployPlan, *, client=None, smoke: bool = True) -> list[d
     except EdentuneError as err:
         undone = _undo(server, touched)
         done_names = {r["model"] for r in records}
-        failed = records + [_record(plan, mp, route, gguf, None) for mp in touched if mp.name not in done_names]
+        failed = records + [_record(plan, mp, route, gguf, digest) for mp in touched if mp.name not in done_names]
         for r in failed:
             r.update(status="rolled back", error=str(err).split("\n  hint:")[0], restored=undone.get(r["model"]))
         raise DeployFailed(f"{err.args[0]}; {_undo_summary(undone)}", records=failed, hint=err.hint) from None
@@ -472,7 +472,7 @@ def apply_deploy(plan: DeployPlan, *, client=None, smoke: bool = True) -> list[d
     return records
 
 
-def _create(server: _Server, mp: ModelPlan, route: str, gguf: Path, digest: str) -> None:
+def _create(server: _Server, mp: ModelPlan, route: str, gguf: Path, digest: str | None) -> None:
     kwargs = dict(model=mp.name, system=mp.system, parameters=mp.parameters, stream=False)  # never `quantize` a GGUF
     if route == "adapter":
         kwargs.update(from_=mp.from_, adapters={gguf.name: digest}, template=mp.template)
