@@ -205,6 +205,8 @@ class ExportConfig(_Section):
     num_ctx: int = Field(4096, gt=0)
     num_predict: int = Field(1024, gt=0, description="Ollama's default is unlimited: a model that never stops runs forever")
     ollama_host: str | None = Field(None, description="Ollama URL; `--host` wins, then this, then $OLLAMA_HOST, then http://127.0.0.1:11434")
+    ollama_timeout_s: float = Field(30.0, gt=0, description="connect/read timeout of ordinary Ollama API calls (seconds)")
+    ollama_create_timeout_s: float = Field(600.0, gt=0, description="read timeout for blob upload, create and the first chat (model load)")
     # Extra Ollama models on the same adapter, one per persona: model name -> SYSTEM prompt. Empty:
     # one model, `model_name`, with the training system prompt.
     personas: dict[str, str] = Field(default_factory=dict)
