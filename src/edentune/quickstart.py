@@ -21,6 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .config import RunConfig, config_for_model, render_config_yaml
+from .errors import EdentuneError
 from .io import write_text_atomic
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
@@ -150,7 +151,10 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
     console = console or Console()
     started = time.perf_counter()
     out = opts.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise EdentuneError(f"{out} is a file; --out names the folder that data, run, report and export go into",
+                            hint="choose a new folder, e.g. --out runs/quickstart")
+    out.mkdir(parents=True, exist_ok=True)  # other OSErrors (read-only, no space) are reported by the CLI
 
     _step(console, 1, "Validate and clean the bundled Eden conversations")
     train_file, val_file = prepare_data(out, console)

@@ -193,3 +193,11 @@ def feedback(files: Files,
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
     for name, path in res.paths.items():
         console.print(f"{name}: {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+def register(root: typer.Typer) -> None:
+    """Add `edentune data ...` to the root app; `data inspect` is the training stage's `inspect`."""
+    from edentune.train.cli import inspect_command
+
+    app.command("inspect")(inspect_command)
+    root.add_typer(app, name="data")
