@@ -67,7 +67,7 @@ def config_check(path: Path = typer.Argument(..., help="run config YAML")) -> No
     cfg = load_config(path)
     errors, warnings = reference_problems(cfg)
     for w in [*cfg.range_warnings(), *warnings]:
-        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if errors:
         raise ConfigError(f"{path}: " + "\n  ".join([f"{len(errors)} problem(s):", *errors]),
                           hint="fix the paths and model.name_or_path; relative paths are relative to the config file")
