@@ -68,7 +68,8 @@ class LoraConfig(_Section):
             raise ValueError(f"must name at least one module; allowed: {', '.join(ALL_PROJECTIONS)}")
         bad = [m for m in v if m not in ALL_PROJECTIONS]
         if bad:
-            # lm_head / embed_tokens cannot be exported as a GGUF LoRA on tied bases (FACTS).
+            # lm_head / embed_tokens cannot be exported as a GGUF LoRA on tied bases: llama.cpp fails to
+            # load such an adapter (docs/deploy-to-ollama.md).
             raise ValueError(f"unknown module(s) {bad}; allowed: {', '.join(ALL_PROJECTIONS)}")
         return v
 
@@ -215,7 +216,7 @@ class RunConfig(_Section):
         if self.training.max_steps is None and self.training.warmup_steps and self.training.num_epochs <= 0:
             raise ValueError("training.num_epochs must be > 0")
         if self.model.max_seq_len > self.export.num_ctx:
-            # Ollama truncates silently at num_ctx (USERS.md #11): serving context must hold training's.
+            # Ollama truncates prompts longer than num_ctx without an error: serving context must hold training's.
             raise ValueError(
                 f"export.num_ctx ({self.export.num_ctx}) is smaller than model.max_seq_len ({self.model.max_seq_len}); "
                 "Ollama would silently truncate conversations the model was trained on"

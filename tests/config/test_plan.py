@@ -1,4 +1,4 @@
-"""Memory planner: the FACTS formula terms, fit verdict and advice."""
+"""Memory planner: the formula terms, fit verdict and advice."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_qwen14b_parameter_count_matches_the_model_card():
 def test_logits_term_dominates_qwen14b_at_guide_batch_with_hf_loss():
     cfg = config_for_model("qwen2.5-14b")
     p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=24, loss="hf")
-    # FACTS: 13.6 bytes x T x V; batch 4 x 2048 with V=152,064 is ~17 GB (decimal) on its own.
+    # 13.6 bytes x T x V; batch 4 x 2048 with V=152,064 is ~17 GB (decimal) on its own.
     assert abs(p.terms["largest transient: logits+loss"] * GB / 1e9 - 16.9) < 0.1
     assert max(p.terms, key=p.terms.get) == "largest transient: logits+loss"
     assert not p.fits and any("per_device_batch_size: 2" in a for a in p.advice)

@@ -1,6 +1,6 @@
-"""Memory planner: will this run fit, and which setting to change if not (USERS.md #12).
+"""Memory planner: will this run fit, and which setting to change if not.
 
-Peak training memory is estimated term by term (bytes), following shared/FACTS.md:
+Peak training memory is estimated term by term (bytes):
 
 - base weights: 4-bit NF4 + double quantization ~= 4.127 bits per quantized parameter; the
   embedding and an untied head stay in 16 bits and become fp32 after
@@ -39,8 +39,8 @@ KNOWN_ARCHITECTURES: dict[str, dict] = {
     "meta-llama/Llama-3.1-8B-Instruct": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
 
-LOGITS_BYTES_PER_TOKEN_VOCAB = 13.6  # fp32 logits, upcast, softmax/log-softmax, gradient (FACTS)
-NF4_BITS = 4.127  # 4-bit NF4 with double-quantized absmax (FACTS)
+LOGITS_BYTES_PER_TOKEN_VOCAB = 13.6  # fp32 logits, upcast, softmax/log-softmax, gradient (measured, docs/benchmarks.md)
+NF4_BITS = 4.127  # 4 bits + absmax per 64 weights, double-quantized to 8 bits per 256 blocks (QLoRA paper, arXiv:2305.14314)
 CUDA_OVERHEAD_GB = 0.8  # context + allocator slack, measured order of magnitude on H100
 CPU_OVERHEAD_GB = 1.0  # interpreter, torch, tokenizer and data in the process's RSS
 

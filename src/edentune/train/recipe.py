@@ -83,7 +83,8 @@ def engine_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype
 
 
 def packing_supported(device: str) -> bool:
-    # Packing is only leak-free with flash-attention's varlen kernels (FACTS: sdpa/eager leak).
+    # Packing is only leak-free with flash-attention's varlen kernels: under sdpa/eager the packed
+    # sequences attend to each other (transformers' DataCollatorWithFlattening documentation).
     return device == "cuda" and importlib.util.find_spec("flash_attn") is not None
 
 
