@@ -71,6 +71,7 @@ def test_the_crash_log_falls_back_to_the_temp_folder(monkeypatch, capsys, tmp_pa
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/data/file.txt/run"), "/data/file.txt/run: a part of this path is a file"),
     (OSError(errno.ENOSPC, "No space left on device", "/data/run/checkpoint-4"), "/data/run/checkpoint-4: no space left on device"),
     (FileExistsError(errno.EEXIST, "File exists", "/data/run"), "/data/run: already exists"),
+    (FileExistsError(errno.EEXIST, "File exists", __file__), f"{__file__}: is a file, but a folder is needed there"),
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "/proc/edentune/out"), "/proc/edentune/out: no such file or directory"),
 ])
 def test_os_errors_become_one_clear_message_naming_the_path(monkeypatch, capsys, err, expected):

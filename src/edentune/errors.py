@@ -8,6 +8,7 @@ still raise normally so they are not hidden (the CLI's last-resort handler logs 
 from __future__ import annotations
 
 import errno
+import os
 
 
 class EdentuneError(Exception):
@@ -61,6 +62,9 @@ def os_error(err: OSError) -> EdentuneError:
     paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
     where = " -> ".join(paths)
     known = _OS_ERRORS.get(err.errno) if err.errno is not None else None
+    if err.errno == errno.EEXIST and err.filename is not None and os.path.isfile(err.filename):
+        # mkdir onto a file: the usual case of an output folder given as an existing file's path
+        known = ("is a file, but a folder is needed there", "choose a new folder path, or move the file that is in the way")
     if known is not None:
         what, hint = known
         return EdentuneError(f"{where}: {what}" if where else f"{what} ({err.strerror or err})", hint=hint)
