@@ -44,6 +44,7 @@ def init(
     """Write a commented run config with the guide's preset for MODEL."""
     from .config import config_for_model, render_config_yaml
     from .io import write_text_atomic
+    from .models import model_reference_problem
 
     if output.is_dir():
         raise ConfigError(f"{output} is a directory; --output names the config file to write",
@@ -54,8 +55,13 @@ def init(
     if output.exists() and not force:
         raise EdentuneError(f"{output} exists", hint="use --force to overwrite, or -o another path")
     cfg = config_for_model(model)
+    problem = model_reference_problem(cfg.model.name_or_path)
+    if problem is not None and problem[0] == "error":
+        raise ConfigError(f"--model: {problem[1]}")
     write_text_atomic(output, render_config_yaml(cfg))
-    console.print(f"wrote [bold]{output}[/] (preset [bold]{cfg.preset}[/]: {cfg.preset_obj.description})")
+    console.print(f"wrote [bold]{escape(str(output))}[/] (preset [bold]{cfg.preset}[/]: {cfg.preset_obj.description})")
+    if problem is not None:
+        console.print(f"[yellow]warning:[/] {escape(problem[1])}", highlight=False, soft_wrap=True)
 
 
 @config_app.command("check")
@@ -65,8 +71,8 @@ def config_check(path: Path = typer.Argument(..., help="run config YAML")) -> No
     from .config import load_config, reference_problems
 
     cfg = load_config(path)
-    errors, warnings = reference_problems(cfg)
-    for w in [*cfg.range_warnings(), *warnings]:
+    errors, warns = reference_problems(cfg)
+    for w in [*cfg.range_warnings(), *warns]:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if errors:
         raise ConfigError(f"{path}: " + "\n  ".join([f"{len(errors)} problem(s):", *errors]),

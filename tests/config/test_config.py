@@ -219,3 +219,15 @@ def test_init_force_onto_a_directory_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["init", "--model", "embedded", "-o", str(tmp_path), "--force"])
     assert isinstance(result.exception, ConfigError) and "is a directory" in str(result.exception)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_init_refuses_an_unknown_model_and_warns_about_an_uncached_one(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    result = CliRunner().invoke(app, ["init", "--model", "qwen-14b-typo", "-o", str(tmp_path / "a.yaml")])
+    assert isinstance(result.exception, ConfigError) and "unknown model 'qwen-14b-typo'" in str(result.exception)
+    assert not (tmp_path / "a.yaml").exists()
+    result = CliRunner().invoke(app, ["init", "--model", "qwen2.5-7b", "-o", str(tmp_path / "b.yaml")])
+    assert result.exit_code == 0 and "Qwen/Qwen2.5-7B-Instruct is not in the local Hugging Face cache" in result.output
+    assert load_config(tmp_path / "b.yaml").model.name_or_path == "Qwen/Qwen2.5-7B-Instruct"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from edentune.config import RunConfig
 from edentune.errors import ConfigError, DataError, EdentuneError
@@ -187,7 +188,7 @@ def resume_checkpoint(run_dir: Path, console: Console, fresh_optimizer: bool = F
         if ckpt is None:
             raise EdentuneError(f"no checkpoint in {run_dir} can be resumed from:\n{listed}",
                                 hint=f"start again with a new training.output_dir (or remove these checkpoints){fresh_hint}")
-        console.print(f"[yellow]warning:[/] cannot resume from {len(broken)} newer checkpoint(s):\n{listed}\n"
+        console.print(f"[yellow]warning:[/] cannot resume from {len(broken)} newer checkpoint(s):\n{escape(listed)}\n"
                       f"resuming from {ckpt.name}, the newest complete one (the others stay on disk and are replaced "
                       f"when training reaches their step again{'; use --fresh-optimizer to keep their weights' if no_optimizer else ''})",
                       highlight=False, markup=True)
