@@ -124,13 +124,17 @@ def _cached_snapshot(repo_id: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
 def _hub_offline_reason() -> str | None:
     """Why the hub cannot be reached right now (None: reachable). One short TCP connect, no retries."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
-    from huggingface_hub import constants
-
-    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    url = urlparse(_hub_endpoint())
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
@@ -140,20 +144,31 @@ def _hub_offline_reason() -> str | None:
 
 
 def _check_hub_repo(repo_id: str) -> None:
-    """Fail early (and clearly) for a hub id that does not exist or needs a login."""
+    """Fail early (and clearly) for a hub id that does not exist, needs a login, or gets no answer."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
+    endpoint = _hub_endpoint()
     try:
-        HfApi().model_info(repo_id, timeout=HUB_API_TIMEOUT_S)
+        HfApi(endpoint=endpoint).model_info(repo_id, timeout=HUB_API_TIMEOUT_S)
     except GatedRepoError:
         raise EdentuneError(f"{repo_id}: a gated model on the Hugging Face hub",
                             hint="accept its licence on huggingface.co and log in with `hf auth login`") from None
     except RepositoryNotFoundError:
         raise EdentuneError(f"{repo_id}: no such model on the Hugging Face hub (or it is private)",
                             hint="check the spelling (org/name), or name a local directory or .gguf file") from None
-    except (HfHubHTTPError, OSError) as err:  # the download itself will report what it meets; say what we saw
+    except HfHubHTTPError as err:  # the hub answered with another error: the download will say more
         log.warning("could not look up %s on the hub: %s", repo_id, err)
+    except Exception as err:
+        # huggingface_hub's HTTP client (httpx, or its httpx2 fork) raises TransportError subclasses
+        # for timeouts, refused and reset connections: no usable hub. Anything else (an answer
+        # huggingface_hub cannot parse) is left to the download to report.
+        if not any(c.__name__ == "TransportError" for c in type(err).__mro__):
+            log.warning("could not look up %s on the hub: %r", repo_id, err)
+            return
+        raise EdentuneError(f"{repo_id}: the hub at {endpoint} did not answer within {HUB_API_TIMEOUT_S:g} s "
+                            f"({type(err).__name__}): offline?",
+                            hint="check the network or proxy, or name a local directory or .gguf file") from None
 
 
 def model_reference_problem(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str] | None:

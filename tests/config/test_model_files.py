@@ -195,3 +195,65 @@ def test_train_feedback_with_a_broken_adapter(tiny_adapter, tiny_llama_dir, tmp_
     code, out = run_main(monkeypatch, capsys, "train-feedback", str(_config_file(tmp_path, tiny_llama_dir)),
                          "--data", str(data), "--adapter", str(adapter))
     assert code == 2 and "Traceback" not in out and str(damaged) in out
+
+
+@pytest.fixture
+def fake_hub(hub, monkeypatch):
+    """A local HTTP server as the hub endpoint; `answers` maps a path prefix to (status, headers, JSON
+    body) or None (accept and never answer)."""
+    import http.server
+    import threading
+
+    answers: dict[str, tuple[int, dict, dict] | None] = {}
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            for prefix, answer in answers.items():
+                if self.path.startswith(prefix):
+                    if answer is None:
+                        release.wait(10)
+                        return
+                    status, headers, body = answer
+                    data = json.dumps(body).encode()
+                    self.send_response(status)
+                    for k, v in {**headers, "Content-Type": "application/json", "Content-Length": str(len(data))}.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+            self.send_error(500)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield answers
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_hub_id_the_hub_does_not_know_is_named(fake_hub):
+    fake_hub["/api/models/Some-Org/typo"] = (404, {"X-Error-Code": "RepoNotFound"}, {"error": "Repository not found"})
+    with pytest.raises(EdentuneError, match="Some-Org/typo: no such model on the Hugging Face hub"):
+        resolve_model_dir("Some-Org/typo")
+
+
+def test_a_hub_that_accepts_but_never_answers_fails_within_the_timeout(fake_hub, monkeypatch):
+    import edentune.models
+
+    monkeypatch.setattr(edentune.models, "HUB_API_TIMEOUT_S", 1.0)
+    fake_hub["/api/models/"] = None
+    started = time.monotonic()
+    with pytest.raises(EdentuneError, match="did not answer within 1 s.*offline"):
+        resolve_model_dir("Some-Org/slow")
+    assert time.monotonic() - started < 5
+
+
+def test_a_hub_id_the_hub_knows_is_passed_on_for_download(fake_hub, caplog):
+    fake_hub["/api/models/Some-Org/real"] = (200, {}, {"id": "Some-Org/real", "sha": "0" * 40, "private": False})
+    assert resolve_model_dir("Some-Org/real") == "Some-Org/real"
+    assert "could not look up" not in caplog.text  # a real answer, understood
