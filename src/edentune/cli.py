@@ -210,7 +210,8 @@ def main() -> None:
     - EdentuneError (a user mistake or broken input): its message and hint, exit code 2.
     - OSError (permission, read-only file system, a directory or file in the way, no space, ...):
       mapped to what happened on which path and what to do, exit code 2.
-    - Ctrl-C: "interrupted", exit code 130.
+    - Ctrl-C: exit code 130 without a trace (Typer ends a running command so; "interrupted" when
+      it comes outside one).
     - anything else is a bug: one line naming it and a log file with the full traceback, exit 70.
     Usage errors (unknown option, bad value) are click's own messages, exit code 2.
     """
@@ -230,7 +231,10 @@ def main() -> None:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last resort: a bug, reported in one line + a log file
-        log_path = write_crash_log(exc)
+        try:
+            log_path = write_crash_log(exc)
+        except Exception:  # noqa: BLE001 - the report of a bug must not itself end in a second trace
+            log_path = None
         if log_path is None:
             import traceback
 
