@@ -71,7 +71,8 @@ class LoraConfig(_Section):
             raise ValueError(f"must name at least one module; allowed: {', '.join(ALL_PROJECTIONS)}")
         bad = [m for m in v if m not in ALL_PROJECTIONS]
         if bad:
-            # lm_head / embed_tokens cannot be exported as a GGUF LoRA on tied bases (FACTS).
+            # lm_head / embed_tokens cannot be exported as a GGUF LoRA on tied bases: llama.cpp fails to
+            # load such an adapter (docs/deploy-to-ollama.md).
             raise ValueError(f"unknown module(s) {bad}; allowed: {', '.join(ALL_PROJECTIONS)}")
         return v
 
@@ -244,7 +245,7 @@ class RunConfig(_Section):
         if self.training.max_steps is None and self.training.warmup_steps and self.training.num_epochs <= 0:
             raise ValueError("training.num_epochs must be > 0")
         if self.model.max_seq_len > self.export.num_ctx:
-            # Ollama truncates silently at num_ctx (USERS.md #11): serving context must hold training's.
+            # Ollama truncates prompts longer than num_ctx without an error: serving context must hold training's.
             raise ValueError(
                 f"export.num_ctx ({self.export.num_ctx}) is smaller than model.max_seq_len ({self.model.max_seq_len}); "
                 "Ollama would silently truncate conversations the model was trained on"
@@ -339,17 +340,56 @@ def with_overrides(section: _SectionT, changes: dict[str, object], source: str) 
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | os.PathLike) -> RunConfig:
-    path = Path(path)
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KB; anything near this is not one
+
+
+def _read_yaml(path: Path) -> object:
+    """The YAML document in `path`, or a ConfigError naming the file and what is wrong with it."""
     if not path.exists():
         raise ConfigError(f"{path}: no such config file", hint="create one with `edentune init --model qwen2.5-14b`")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file", hint="name the YAML file, e.g. edentune.yaml")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file (a device or pipe?)", hint="name the YAML file, e.g. edentune.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KB; not a run config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8): a binary file given as the config?",
+                          hint="name the YAML file written by `edentune init`") from None
+    if "\0" in text:
+        raise ConfigError(f"{path}: contains NUL bytes: a binary file given as the config?",
+                          hint="name the YAML file written by `edentune init`")
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as err:
+        if err.problem and "python/" in err.problem:
+            raise ConfigError(f"{path}: YAML tags like !!python/... are not allowed in a config "
+                              f"({err.problem_mark.line + 1 if err.problem_mark else '?'}: {err.problem})",
+                              hint="configs are plain data: strings, numbers, lists and mappings") from None
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a run config") from None
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    path = Path(path)
+    data = _read_yaml(path)
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, training, ...)")
-    cfg = parse_config(data, str(path))
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, training, ...), "
+                          f"not a {type(data).__name__}")
+    try:
+        cfg = parse_config(data, str(path))
+    except RecursionError:  # pydantic on junk nested within the YAML's recursion limit
+        raise ConfigError(f"{path}: nested too deeply to be a run config") from None
     # Relative data paths are relative to the config file, not the working directory.
     base = path.resolve().parent
     d = cfg.data
@@ -358,6 +398,31 @@ def load_config(path: str | os.PathLike) -> RunConfig:
     if not Path(cfg.training.output_dir).is_absolute():
         cfg.training.output_dir = str((base / cfg.training.output_dir).resolve())
     return cfg
+
+
+def reference_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about what the config names outside itself: data files and the model.
+
+    Offline: a hub id that is not in the local Hugging Face cache is a warning (the first run
+    downloads it), not a network call.
+    """
+    from .models import model_reference_problem
+
+    errors, warnings = [], []
+    d = cfg.data
+    for key in ("train_files", "validation_files", "replay_files"):
+        for f in getattr(d, key):
+            p = Path(f)
+            if not p.exists():
+                errors.append(f"data.{key}: {f} does not exist")
+            elif not p.is_file():
+                errors.append(f"data.{key}: {f} is not a file")
+    if not d.train_files:
+        warnings.append("data.train_files is empty: `edentune train` needs at least one ChatML JSONL file")
+    problem = model_reference_problem(cfg.model.name_or_path, cfg.model.gguf_file)
+    if problem is not None:
+        (errors if problem[0] == "error" else warnings).append(f"model.name_or_path: {problem[1]}")
+    return errors, warnings
 
 
 def config_for_model(model: str) -> RunConfig:

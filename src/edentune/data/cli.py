@@ -219,5 +219,8 @@ def feedback(files: Files,
 
 
 def register(root: typer.Typer) -> None:
-    # The group stays module-level: `train` adds `data inspect` to it.
+    """Add `edentune data ...` to the root app; `data inspect` is the training stage's `inspect`."""
+    from edentune.train.cli import inspect_command
+
+    app.command("inspect")(inspect_command)
     root.add_typer(app, name="data")

@@ -9,7 +9,7 @@ from rich.console import Console
 
 console = Console(stderr=True)
 
-MODEL_HELP = "`base`, a PEFT adapter dir, a model dir / .gguf, or http://host:port[/v1]#model (OpenAI-compatible)"
+MODEL_HELP = "`base`, a PEFT adapter dir, a model dir / .gguf, or http://host:port\\[/v1]#model (OpenAI-compatible)"
 
 
 def _config(path: Path | None):
