@@ -3,9 +3,9 @@
 The GGUF LoRA format holds, per projection, the two matrices A (r, in) and B (out, r) plus one
 global alpha; llama.cpp adds (alpha / r) * B(Ax) beside the (possibly quantized) base matmul.
 Everything else a PEFT adapter may contain has no place in it, so it is refused with the reason
-and the alternative instead of being silently dropped (USERS.md #4, #5).
+and the alternative instead of being silently dropped (ollama#8132, llama.cpp#11554).
 
-llama-cpp-python does not catch a failed adapter load and segfaults on the first eval (FACTS),
+llama-cpp-python does not catch a failed adapter load and segfaults on the first eval (llama-cpp-python 0.3.36),
 hence `validate_adapter_against_base` runs before any llama.cpp load.
 """
 
@@ -192,7 +192,7 @@ def write_adapter_gguf(adapter: LoraAdapter, path: str | Path, dtype: str = "f16
     if dtype not in ADAPTER_DTYPES:
         raise EdentuneError(f"adapter dtype {dtype!r} not supported; choose one of {', '.join(ADAPTER_DTYPES)}")
     w = gguf.GGUFWriter(None, adapter.arch)
-    w.add_type(gguf.GGUFType.ADAPTER)  # without it Ollama stores the file as a second model (FACTS)
+    w.add_type(gguf.GGUFType.ADAPTER)  # without it Ollama stores the file as a second model
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
     for stem, (a, b) in adapter.pairs.items():

@@ -46,7 +46,7 @@ def base_model_dir(cfg) -> str:
 def reference_ggufs(cfg, base_dir: str) -> list[Path]:
     """Base GGUFs for the llama.cpp checks: first an exact one (f16/f32) that isolates the adapter
     conversion, then the original base file when it is quantized (e.g. the embedded Q4_1), which
-    shows what quantization costs on top (USERS.md #8). The exact one is the original file when
+    shows what quantization costs on top (llama.cpp#7062). The exact one is the original file when
     that is unquantized, otherwise written once from the HF weights and cached."""
     from transformers import AutoModelForCausalLM
 

@@ -1,7 +1,7 @@
 """Pieces shared by the adapter and model GGUF writers: tensor names, Q/K layout, atomic writes.
 
 Written here rather than imported from llama.cpp's converters because those scripts are not an
-installable library (USERS.md #6: "llama.cpp build or converter not found"); the `gguf` package
+installable library (unsloth#341, #3504: "llama.cpp build or converter not found"); the `gguf` package
 gives the file format, and this module gives the few model-specific rules on top of it.
 """
 

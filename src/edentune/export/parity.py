@@ -1,4 +1,4 @@
-"""Does the exported model behave like the trained one? Numbers instead of hope (USERS.md #8).
+"""Does the exported model behave like the trained one? Numbers instead of hope (llama.cpp#7062).
 
 Three checks, each reported with its numbers and threshold:
 - logits: llama.cpp (base GGUF + adapter GGUF, or merged GGUF) against the HF/PEFT model on the
