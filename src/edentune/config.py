@@ -164,6 +164,7 @@ class EvaluationConfig(_Section):
     # A candidate is "worse" on a metric when it loses more than this (absolute, rates in 0..1).
     tolerance: float = Field(0.02, ge=0)
     max_forgetting: float = Field(0.10, ge=0, description="allowed relative perplexity increase on the replay set")
+    http_timeout_s: float = Field(120.0, gt=0, le=3600, description="`eval -m http://…`: longest wait for one answer (connecting: at most 10 s)")
 
 
 class ExportConfig(_Section):
