@@ -268,3 +268,58 @@ def test_report_keeps_the_loss_curve_with_its_numbers(tmp_path):
     side = re.search(r"<h2>Training curves</h2><div class=side><img [^>]+><table>(.*?)</table></div>", page, re.S)
     assert side and "<td>loss</td><td class=num>2.5 (step 1)</td><td class=num>1.75 (step 3)</td><td class=num>1.25 (step 2)</td>" in side.group(1)
     assert "| loss | 2.5 (step 1) | 1.75 (step 3) | 1.25 (step 2) |" in (tmp_path / "out" / "report.md").read_text()
+
+
+# -- the commands -------------------------------------------------------------------------------
+def test_eval_and_compare_help(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from edentune.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for command in ("eval", "compare"):
+        r = runner.invoke(app, [command, "--help"])
+        assert r.exit_code == 0 and "http://host:port/v1#model" in r.output, r.output
+    r = runner.invoke(app, ["eval"])  # no model: usage error, no evaluation into the current folder
+    assert r.exit_code == 2 and "Missing option '--model'" in r.output and list(tmp_path.iterdir()) == []
+
+
+def run_cli(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edentune.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_compare_command_refuses_what_it_cannot_compare(tmp_path):
+    result("base", case_ids=[f"case-{i}" for i in range(30)]).save(tmp_path / "base.json")
+    result("cand", case_ids=["case-0"]).save(tmp_path / "cand.json")
+    r = run_cli("compare", "--base", "base.json", "--candidate", "cand.json", "--out-dir", "report", "--gate", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "cannot compare base.json with cand.json: different cases: base answered 31, fine-tuned 2" in " ".join(r.stderr.split())
+    assert "Traceback" not in r.stderr and not (tmp_path / "report").exists()
+
+
+def test_compare_command_gate(tmp_path):
+    from typer.testing import CliRunner
+
+    from edentune.cli import app
+
+    old = result("base").model_dump(mode="json")
+    del old["suite_sha256"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    result("base").save(tmp_path / "base.json")
+    result("cand", ppl_val=9.0).save(tmp_path / "cand.json")
+    runner = CliRunner()
+    r = runner.invoke(app, ["compare", "--base", str(tmp_path / "old.json"), "--candidate", str(tmp_path / "cand.json"),
+                            "--out-dir", str(tmp_path / "old-report"), "--gate"])
+    assert r.exit_code == 1 and strict_json(tmp_path / "old-report" / "comparison.json")["reasons"] == [PREDATES_HASHING]
+    r = runner.invoke(app, ["compare", "--base", str(tmp_path / "base.json"), "--candidate", str(tmp_path / "cand.json"),
+                            "--out-dir", str(tmp_path / "report"), "--gate"])
+    assert r.exit_code == 0, r.output
+    summary = strict_json(tmp_path / "report" / "comparison.json")
+    assert summary["ship"] is True
+    assert summary["candidate_results_sha256"] == hashlib.sha256((tmp_path / "cand.json").read_bytes()).hexdigest()
+    cases = re.search(r"<table class=cases>.*?</table>", (tmp_path / "report" / "report.html").read_text(), re.S).group(0)
+    assert cases.count("<pre>Paris.</pre>") == 2  # the CLI passes both results: both answers shown
