@@ -188,7 +188,7 @@ def test_unknown_model_is_the_servers_message():
     error = (404, "application/json", json.dumps({"error": {"message": 'model "nope" not found, try pulling it first'}}))
     with web_server({("GET", "/v1/models"): MODELS, ("POST", "/v1/chat/completions"): error}) as url:
         message, _ = timed_error(HttpBackend(url, "nope", timeout=5.0))
-    assert "rejected the request: HTTP 404" in message and "not found, try pulling it first" in message and "ollama list" in message
+    assert "rejected POST /v1/chat/completions: HTTP 404" in message and "not found, try pulling it first" in message and "ollama list" in message
 
 
 @pytest.mark.parametrize("spec, problem", [

@@ -113,7 +113,7 @@ def server_url(url: str) -> tuple[str, str]:
     if problem:
         raise EdentuneError(f"{url}: not a server URL ({problem})", hint="use http://host:port/v1#model, e.g. http://127.0.0.1:11434/v1#eden")
     base = url.rstrip("/")
-    return (base if base.endswith("/v1") else base + "/v1"), parts.netloc
+    return (base if base.endswith("/v1") else base + "/v1"), parts.netloc.rpartition("@")[2]  # never user:password
 
 
 class HttpBackend:
@@ -200,8 +200,9 @@ class HttpBackend:
             if resp.status_code >= 400 and not (probe and resp.status_code in (404, 405, 501)):
                 if not _is_json(resp) or resp.status_code in (405, 501):
                     raise self._not_api(resp, f"{method} {resp.url.path}", f"HTTP {resp.status_code}")
-                raise EdentuneError(f"{self.url} rejected the request: HTTP {resp.status_code}: {resp.text[:300]}",
-                                    hint="check the model name (for Ollama: `ollama list`)")
+                raise EdentuneError(f"{self.host} rejected {method} {resp.url.path}: HTTP {resp.status_code}: {resp.text[:300]}",
+                                    hint="the server wants an API key, or refuses this client" if resp.status_code in (401, 403)
+                                    else "check the model name (for Ollama: `ollama list`)")
             return resp
         raise EdentuneError(f"cannot get an answer from {self.host} after {self.retries + 1} attempts ({last})",
                             hint="is the server running? " + SERVER_HINT)
