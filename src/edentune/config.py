@@ -192,6 +192,7 @@ class EvaluationConfig(_Section):
     run_code: Literal["auto", "sandbox", "never", "unsafe-no-sandbox"] = Field(
         "auto", description="model-written code: auto = in the sandbox if one works here, else not run; "
                             "sandbox = an error without one; never; unsafe-no-sandbox = run even without isolation (docs/security.md)")
+    http_timeout_s: float = Field(120.0, gt=0, le=3600, description="`eval -m http://…`: longest wait for one answer (connecting: at most 10 s)")
 
 
 class ExportConfig(_Section):

@@ -139,7 +139,7 @@ def sparkline(values: list[float]) -> str:
 def run_quickstart(opts: QuickstartOptions | None = None, console: Console | None = None) -> QuickstartResult:
     from .evaluate.backends import backend_from_spec
     from .evaluate.compare import compare
-    from .evaluate.report import rich_table
+    from .evaluate.report import rich_table, write_reports
     from .evaluate.runner import evaluate, perplexity_sets
     from .evaluate.suite import Suite, load_suite
     from .export.api import export_adapter
@@ -190,10 +190,9 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
         table.add_column("fine-tuned", ratio=1)
         table.add_row(b.text, a.text)
         console.print(table)
-    comparison = compare(base_result, tuned_result, cfg, metrics_jsonl=Path(cfg.training.output_dir) / "metrics.jsonl",
-                         out_dir=out / "report")
+    comparison = compare(base_result, tuned_result, cfg, metrics_jsonl=Path(cfg.training.output_dir) / "metrics.jsonl")
     console.print(rich_table(comparison))
-    reports = {p.name: p for p in sorted((out / "report").iterdir())}
+    reports = {p.name: p for p in write_reports(comparison, out / "report", base=base_result, candidate=tuned_result).values()}
 
     _step(console, 5, "Export for Ollama")
     exported = export_adapter(cfg, result.adapter_dir, out / "ollama", verify=opts.verify_export)

@@ -1,9 +1,14 @@
 """HTTP backend against a real llama.cpp server (llama-cpp-python[server]) serving the embedded
-GGUF on loopback, plus the server-down error."""
+GGUF on loopback, and against real misbehaving servers on loopback: down, accepting and never
+answering, a web page instead of the API, the wrong JSON. Every failure is a clear error in bounded time."""
 
+import contextlib
+import http.server
+import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -11,7 +16,7 @@ import pytest
 
 from edentune.config import RunConfig
 from edentune.errors import EdentuneError
-from edentune.evaluate import HttpBackend, evaluate, load_suite
+from edentune.evaluate import HttpBackend, backend_from_spec, evaluate, load_suite
 
 import llama_cpp.server  # noqa: F401  installed by `make setup` ([llama] extra): a missing server fails, never skips
 
@@ -83,3 +88,129 @@ def test_server_down_is_a_clear_error():
     with pytest.raises(EdentuneError, match="after 3 attempts") as err:
         backend.generate([[{"role": "user", "content": "hi"}]], 4)
     assert "is the server running" in str(err.value) and time.monotonic() - start < 10
+
+
+CONV = [[{"role": "user", "content": "hi"}]]
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A port that accepts connections (the kernel completes the handshake) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def web_server(routes: dict):
+    """A real HTTP server: (method, path) -> (status, content type, body); anything else 404 HTML."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self, method):
+            if method == "POST":
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+            status, kind, body = routes.get((method, self.path), (404, "text/html", "<html><h1>Not Found</h1></html>"))
+            if status is None:  # hang until the client gives up
+                time.sleep(30)
+                return
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self.answer("GET")
+
+        def do_POST(self):
+            self.answer("POST")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+HTML_PAGE = (200, "text/html; charset=utf-8", "<!doctype html><html><body>Welcome to my blog</body></html>")
+MODELS = (200, "application/json", json.dumps({"object": "list", "data": [{"id": "eden"}]}))
+
+
+def timed_error(backend: HttpBackend) -> tuple[str, float]:
+    start = time.monotonic()
+    with pytest.raises(EdentuneError) as err:
+        backend.generate(CONV, 4)
+    return str(err.value), time.monotonic() - start
+
+
+def test_server_that_never_answers_fails_within_the_timeout():
+    with silent_server() as url:
+        message, elapsed = timed_error(HttpBackend(url, "eden", timeout=1.0))
+    host = url.removeprefix("http://")
+    assert f"{host} accepted the connection but sent no answer within 1 s" in message
+    assert "OpenAI-compatible server" in message and "hint:" in message
+    assert elapsed < 3 * 1.0
+
+
+def test_answer_that_never_comes_is_not_retried():
+    routes = {("GET", "/v1/models"): MODELS, ("POST", "/v1/chat/completions"): (None, "", "")}
+    with web_server(routes) as url:
+        message, elapsed = timed_error(HttpBackend(url, "eden", timeout=1.0, retries=3))
+    assert "sent no answer within 1 s (POST" in message and "evaluation.http_timeout_s" in message
+    assert elapsed < 3 * 1.0  # one wait, not four
+
+
+@pytest.mark.parametrize("routes, problem", [
+    ({("GET", "/v1/models"): HTML_PAGE, ("POST", "/v1/chat/completions"): HTML_PAGE},
+     "GET /v1/models gave the answer is not JSON (text/html: '<!doctype html><html><body>Welcome to my blog</body></html>')"),
+    ({}, "POST /v1/chat/completions gave HTTP 404 (text/html"),  # a web server without the API
+    ({("POST", "/v1/chat/completions"): HTML_PAGE}, "POST /v1/chat/completions gave the answer is not JSON (text/html"),
+    ({("GET", "/v1/models"): MODELS, ("POST", "/v1/chat/completions"): (200, "application/json", '{"answer": "hi"}')},
+     "POST /v1/chat/completions gave no choices[0].message.content"),
+    ({("GET", "/v1/models"): (200, "application/json", "[1, 2]")}, "GET /v1/models gave the answer is not a JSON object"),
+])
+def test_not_an_openai_server_is_a_clear_error(routes, problem):
+    with web_server(routes) as url:
+        message, elapsed = timed_error(HttpBackend(url, "eden", timeout=5.0))
+    assert message.startswith(f"not an OpenAI-compatible server at {url}/v1: {problem}"), message
+    assert elapsed < 5.0
+
+
+def test_unknown_model_is_the_servers_message():
+    error = (404, "application/json", json.dumps({"error": {"message": 'model "nope" not found, try pulling it first'}}))
+    with web_server({("GET", "/v1/models"): MODELS, ("POST", "/v1/chat/completions"): error}) as url:
+        message, _ = timed_error(HttpBackend(url, "nope", timeout=5.0))
+    assert "rejected POST /v1/chat/completions: HTTP 404" in message and "not found, try pulling it first" in message and "ollama list" in message
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("http://", "no host"),
+    ("http://:8080/v1", "no host"),
+    ("http://127.0.0.1:notaport/v1", "Port could not be cast to integer value"),
+    ("http://127.0.0.1:99999", "Port out of range"),
+    ("http://127.0.0.1:0", "port 0"),
+    ("http://127.0.0.1 :11434/v1#eden", "whitespace"),
+    ("http://127.0.0.1:11434/v1?x=1#eden", "unexpected ?query"),
+    ("ftp://127.0.0.1/v1", "must start with http:// or https://"),
+])
+def test_malformed_server_spec_is_a_clear_error(spec, problem):
+    with pytest.raises(EdentuneError) as err:
+        backend_from_spec(spec, RunConfig())
+    assert "not a server URL" in str(err.value) and problem in str(err.value) and "http://host:port/v1#model" in str(err.value)
+
+
+def test_spec_takes_the_configured_timeout():
+    cfg = RunConfig()
+    cfg.evaluation.http_timeout_s = 7.5
+    backend = backend_from_spec("http://127.0.0.1:11434#eden", cfg)
+    assert (backend.url, backend.model, backend.timeout, backend.connect_timeout) == (
+        "http://127.0.0.1:11434/v1/chat/completions", "eden", 7.5, 7.5)
+    assert backend_from_spec("https://example.org/openai/v1/", cfg).url == "https://example.org/openai/v1/chat/completions"

@@ -63,6 +63,11 @@ def test_evaluate_with_perplexity(tiny_llama_dir, suite_file, replay_file):
     assert m["latency_median_s"] > 0 and m["tokens_per_second"] > 0
     assert set(result.by_category) == {"korean", "coding", "persona"}
     assert "en-who" in {c.id for c in result.cases if not c.passed}
+    # what `compare` checks before comparing two results: the suite's content and the settings
+    assert result.suite_sha256 == load_suite(str(suite_file)).sha256
+    s = result.settings
+    assert s["max_new_tokens"] == 4 and s["temperature"] == 0.0 and s["persona"]["name"] == "Eden"
+    assert s["validation"]["n"] == 2 and s["validation"] == s["replay"]  # the same file for both here
 
 
 def test_adapter_and_cli(tiny_llama_dir, suite_file, replay_file, tmp_path):

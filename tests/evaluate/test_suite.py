@@ -78,3 +78,37 @@ def test_jsonl_suite_and_errors(tmp_path):
 def test_missing_suite_file():
     with pytest.raises(DataError, match="no such suite"):
         load_suite("no-such-suite.yaml")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a text suite file (invalid UTF-8"),
+    (b"- prompt: hi\x00\n  expected_language: en\n", "not a text suite file (it contains NUL bytes)"),
+    (b"- !!python/object/apply:os.system [\"touch PWNED\"]\n", "not a plain YAML value"),
+    (b"cases:\n  - prompt: hi\n    expected_language: !!python/name:os.getcwd\n", ":3: not a plain YAML value"),
+])
+def test_binary_or_unsafe_suite_is_a_clear_error(tmp_path, monkeypatch, content, message):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "suite.yaml"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="suite") as err:
+        load_suite(str(path))
+    assert message in str(err.value)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_directory_as_suite_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="not a file"):
+        load_suite(str(tmp_path))
+
+
+def test_suite_hash_is_the_cases_content(tmp_path):
+    yaml_suite = tmp_path / "a.yaml"
+    yaml_suite.write_text("# comment\ncases:\n  - id: x\n    prompt: hi\n    expected_keywords: [a, b]\n", encoding="utf-8")
+    jsonl_suite = tmp_path / "b.jsonl"  # the same case, other format, key order and file name
+    jsonl_suite.write_text(json.dumps({"expected_keywords": {"any": ["a", "b"]}, "prompt": "hi", "id": "x"}) + "\n", encoding="utf-8")
+    sha = load_suite(str(yaml_suite)).sha256
+    assert len(sha) == 64 and load_suite(str(jsonl_suite)).sha256 == sha
+    for changed in ("x\n    prompt: hi!", "y\n    prompt: hi"):  # another prompt, another id
+        yaml_suite.write_text(f"cases:\n  - id: {changed}\n    expected_keywords: [a, b]\n", encoding="utf-8")
+        assert load_suite(str(yaml_suite)).sha256 != sha
+    assert load_suite("default").sha256 == load_suite("default").sha256

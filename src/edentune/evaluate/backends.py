@@ -83,74 +83,160 @@ class LocalBackend:
         return perplexity(self.model, self.tokenizer, conversations, system_prompt, self.max_seq_len)
 
 
+SERVER_HINT = "start one with `ollama serve` or `python -m llama_cpp.server --model FILE.gguf`, and give its OpenAI-compatible URL, e.g. -m http://127.0.0.1:11434/v1#eden"
+
+
+def server_url(url: str) -> tuple[str, str]:
+    """(base URL ending in /v1, host:port) of an OpenAI-compatible server URL; a clear error for
+    anything that is not an http(s) URL with a host and a valid port."""
+    from urllib.parse import urlsplit
+
+    problem = None
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number in 0..65535
+    except ValueError as err:
+        problem, parts, port = str(err), None, None
+    if parts is not None:
+        if any(ch.isspace() for ch in url):
+            problem = "it contains whitespace"
+        elif parts.scheme not in ("http", "https"):
+            problem = "it must start with http:// or https://"
+        elif not parts.hostname:
+            problem = "no host"
+        elif port == 0:
+            problem = "port 0"
+        elif parts.query or parts.fragment:
+            problem = "unexpected ?query or #fragment"
+    if problem:
+        raise EdentuneError(f"{url}: not a server URL ({problem})", hint="use http://host:port/v1#model, e.g. http://127.0.0.1:11434/v1#eden")
+    base = url.rstrip("/")
+    return (base if base.endswith("/v1") else base + "/v1"), parts.netloc.rpartition("@")[2]  # never user:password
+
+
 class HttpBackend:
-    """POST /v1/chat/completions, one conversation at a time. Connection failures, timeouts, 429
-    and 5xx are retried a bounded number of times with exponential backoff; other 4xx are the
+    """POST /v1/chat/completions, one conversation at a time, every wait bounded.
+
+    Connecting takes at most `connect_timeout` (default: the smaller of `timeout` and 10 s). Before
+    the first answer, GET /v1/models must answer within that time too: a port that accepts and
+    never answers, or a web server that is not an OpenAI-compatible API, fails in seconds rather than
+    after a full generation timeout. A refused or dropped connection, 429 and 5xx are retried
+    `retries` times with exponential backoff (a server starting up or busy); an answer that does not
+    come within `timeout` is not retried (waiting again would take as long); other 4xx are the
     caller's mistake and fail at once with the server's message."""
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 120.0,
-                 retries: int = 3, backoff: float = 0.5, temperature: float = 0.0, seed: int = 0):
+                 connect_timeout: float | None = None, retries: int = 2, backoff: float = 0.5,
+                 temperature: float = 0.0, seed: int = 0):
         import httpx
 
-        url = base_url.rstrip("/")
-        self.url = (url if url.endswith("/v1") else url + "/v1") + "/chat/completions"
-        self.model, self.retries, self.backoff = model, retries, backoff
+        self.base, self.host = server_url(base_url)
+        self.url = self.base + "/chat/completions"
+        self.model, self.retries, self.backoff, self.timeout = model, retries, backoff, timeout
+        self.connect_timeout = min(timeout, 10.0) if connect_timeout is None else connect_timeout
         self.temperature, self.seed = temperature, seed
         self.name = f"{self.url} ({model})"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), headers=headers)
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=self.connect_timeout), headers=headers)
+        self._probed = False
 
     def generate(self, conversations: list[list[dict]], max_new_tokens: int) -> list[Generation]:
+        if not self._probed:
+            self._probe()
+            self._probed = True
         return [self._one(c, max_new_tokens) for c in conversations]
 
     def _one(self, messages: list[dict], max_new_tokens: int) -> Generation:
         payload = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens,
                    "temperature": self.temperature, "seed": self.seed, "stream": False}
         start = time.perf_counter()
-        data = self._post(payload)
+        resp = self._request("POST", self.url, json=payload)
         seconds = time.perf_counter() - start
+        data = self._json(resp, "POST /v1/chat/completions")
         try:
             text = data["choices"][0]["message"]["content"] or ""
+            if not isinstance(text, str):
+                raise TypeError
         except (KeyError, IndexError, TypeError):
-            raise EdentuneError(f"{self.url}: unexpected response (no choices[0].message.content): {str(data)[:200]}") from None
-        tokens = (data.get("usage") or {}).get("completion_tokens")
-        return Generation(text.strip(), seconds, tokens)
+            raise self._not_api(resp, "POST /v1/chat/completions", "no choices[0].message.content") from None
+        usage = data.get("usage")
+        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        return Generation(text.strip(), seconds, tokens if isinstance(tokens, int) else None)
 
-    def _post(self, payload: dict) -> dict:
+    def _probe(self) -> None:
+        """GET /v1/models with a short read timeout: reachable, and speaking the API."""
+        resp = self._request("GET", self.base + "/models", timeout=self.connect_timeout, probe=True)
+        if resp.status_code in (404, 405, 501):
+            return  # some servers do not list models: the chat request below tells
+        data = self._json(resp, "GET /v1/models")
+        if not isinstance(data.get("data"), list):
+            raise self._not_api(resp, "GET /v1/models", "no `data` list")
+
+    def _request(self, method: str, url: str, *, timeout: float | None = None, probe: bool = False, **kwargs):
         import httpx
 
+        wait = timeout if timeout is not None else self.timeout
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                resp = self.client.post(self.url, json=payload)
-            except httpx.TransportError as err:  # refused, reset, timed out
+                resp = self.client.request(method, url, timeout=httpx.Timeout(wait, connect=self.connect_timeout), **kwargs)
+            except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
+                raise EdentuneError(
+                    f"{self.host} accepted the connection but sent no answer within {wait:g} s ({method} {url})",
+                    hint=("is it an OpenAI-compatible server (Ollama, llama.cpp server, vLLM) and not hung? " if probe else
+                          "the model may be too slow for this machine: raise evaluation.http_timeout_s, or lower evaluation.max_new_tokens. ")
+                    + SERVER_HINT,
+                ) from None
+            except httpx.TransportError as err:  # refused, reset, connect timeout: the server may be starting
                 last = f"{type(err).__name__}: {err}"
                 continue
-            if resp.status_code == 429 or resp.status_code >= 500:
+            if resp.status_code == 429 or (resp.status_code >= 500 and resp.status_code != 501):
                 last = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 continue
-            if resp.status_code >= 400:
-                raise EdentuneError(f"{self.url} rejected the request: HTTP {resp.status_code}: {resp.text[:300]}",
-                                    hint="check the model name (for Ollama: `ollama list`)")
-            return resp.json()
-        raise EdentuneError(
-            f"cannot get an answer from {self.url} after {self.retries + 1} attempts ({last})",
-            hint="is the server running? start it with `ollama serve` or `python -m llama_cpp.server --model FILE.gguf`",
-        )
+            if resp.status_code >= 400 and not (probe and resp.status_code in (404, 405, 501)):
+                if not _is_json(resp) or resp.status_code in (405, 501):
+                    raise self._not_api(resp, f"{method} {resp.url.path}", f"HTTP {resp.status_code}")
+                raise EdentuneError(f"{self.host} rejected {method} {resp.url.path}: HTTP {resp.status_code}: {resp.text[:300]}",
+                                    hint="the server wants an API key, or refuses this client" if resp.status_code in (401, 403)
+                                    else "check the model name (for Ollama: `ollama list`)")
+            return resp
+        raise EdentuneError(f"cannot get an answer from {self.host} after {self.retries + 1} attempts ({last})",
+                            hint="is the server running? " + SERVER_HINT)
+
+    def _json(self, resp, what: str) -> dict:
+        try:
+            data = resp.json()
+        except (ValueError, RecursionError):
+            raise self._not_api(resp, what, "the answer is not JSON") from None
+        if not isinstance(data, dict):
+            raise self._not_api(resp, what, "the answer is not a JSON object")
+        return data
+
+    def _not_api(self, resp, what: str, problem: str) -> EdentuneError:
+        kind = resp.headers.get("content-type", "no content type").split(";")[0]
+        snippet = " ".join(resp.text[:120].split())
+        return EdentuneError(f"not an OpenAI-compatible server at {self.base}: {what} gave {problem} ({kind}: {snippet!r})",
+                             hint="give the URL of the API itself (Ollama: http://host:11434/v1; llama.cpp server: http://host:8080/v1)")
 
     def close(self) -> None:
         self.client.close()
 
 
+def _is_json(resp) -> bool:
+    return "json" in resp.headers.get("content-type", "")
+
+
 def backend_from_spec(spec: str, cfg, *, batch_size: int = 8, temperature: float = 0.0) -> Backend:
-    """A model spec: `http(s)://host:port[/v1][#model]` (model defaults to export.model_name),
+    """A model spec: `http(s)://host:port/v1#model` (`/v1` and `#model` optional; the model defaults
+    to export.model_name),
     `base` (the config's base model), a PEFT adapter directory (on the config's base) or a model
     directory / .gguf file."""
-    if spec.startswith(("http://", "https://")):
+    if spec.startswith(("http://", "https://")) or "://" in spec:
         url, _, model = spec.partition("#")
-        return HttpBackend(url, model or cfg.export.model_name, temperature=temperature, seed=cfg.training.seed)
+        return HttpBackend(url, model or cfg.export.model_name, temperature=temperature, seed=cfg.training.seed,
+                           timeout=cfg.evaluation.http_timeout_s)
     from edentune.models import check_adapter_dir, resolve_model_dir
 
     m = cfg.model

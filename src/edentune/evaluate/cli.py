@@ -9,7 +9,8 @@ from rich.console import Console
 
 console = Console(stderr=True)
 
-MODEL_HELP = "`base`, a PEFT adapter dir, a model dir / .gguf, or http://host:port\\[/v1]#model (OpenAI-compatible)"
+# No square brackets in help texts: Rich reads them as markup (`[/v1]` crashed `--help`).
+MODEL_HELP = "`base`, a PEFT adapter dir, a model dir / .gguf, or an OpenAI-compatible server: http://host:port/v1#model"
 
 
 def _config(path: Path | None):
@@ -37,7 +38,7 @@ def _run_eval(spec: str, cfg, suite_name: str | None, validation: list[Path], re
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_command(
-        model: str = typer.Option("base", "--model", "-m", help=MODEL_HELP),
+        model: str = typer.Option(..., "--model", "-m", help="the model to score (required): " + MODEL_HELP),
         config: Path = typer.Option(None, "--config", "-c", help="run config YAML (persona, thresholds, data); defaults if omitted"),
         suite: str = typer.Option(None, help="`default` or a suite .yaml/.jsonl (default: evaluation.suite)"),
         output: Path = typer.Option(Path("eval-results.json"), "--output", "-o", help="results JSON (input of `compare`)"),
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"  {'code_pass_rate':24} n/a: {next(c.code_error for c in result.cases if c.code_status == 'not_run')} "
                           "(docs/security.md, evaluation.run_code)")
         failed = sum(not c.passed for c in result.cases)
-        console.print(f"wrote [bold]{output}[/]: {len(result.cases) - failed}/{len(result.cases)} cases passed")
+        console.print(f"wrote {output}: {len(result.cases) - failed}/{len(result.cases)} cases passed", markup=False, highlight=False)
 
     @app.command("compare")
     def compare_command(
@@ -72,8 +73,12 @@ def register(app: typer.Typer) -> None:
         gate: bool = typer.Option(False, help="exit with status 1 unless the verdict is ship"),
     ) -> None:
         """Base vs fine-tuned report (Markdown, HTML, JSON verdict) and the deploy gate."""
-        from .compare import compare
-        from .report import rich_table
+        from rich.markup import escape
+
+        from edentune.errors import EdentuneError
+
+        from .compare import comparability, compare
+        from .report import rich_table, write_reports
         from .runner import EvalResult
 
         cfg = _config(config)
@@ -85,10 +90,16 @@ def register(app: typer.Typer) -> None:
             evaluated.save(out_dir / f"{name}-results.json")
             return evaluated
 
-        comparison = compare(result(base, "base"), result(candidate, "candidate"), cfg, metrics_jsonl, out_dir)
+        base_result, cand_result = result(base, "base"), result(candidate, "candidate")
+        problems = comparability(base_result, cand_result)
+        if problems:  # a user mistake, not a verdict: no report that could be taken for one
+            raise EdentuneError(f"cannot compare {base} with {candidate}: " + "; ".join(problems),
+                                hint="evaluate both with the same suite and config: `edentune eval -m MODEL -c CONFIG --suite SUITE`")
+        comparison = compare(base_result, cand_result, cfg, metrics_jsonl)
+        write_reports(comparison, out_dir, base=base_result, candidate=cand_result)
         Console().print(rich_table(comparison))
         for reason in comparison.reasons:
-            console.print(f"[red]not shipping:[/] {reason}")
-        console.print(f"wrote [bold]{out_dir}[/]/report.md, report.html, comparison.json")
+            console.print(f"[red]not shipping:[/] {escape(reason)}", highlight=False)
+        console.print(f"wrote {out_dir}/report.md, report.html, comparison.json", markup=False, highlight=False)
         if gate and not comparison.ship:
             raise typer.Exit(1)

@@ -20,22 +20,24 @@ Metrics (rates in 0..1, None when no case measures them):
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
 
 from edentune.config import RunConfig
 from edentune.errors import EdentuneError
-from edentune.io import write_json_atomic
+from edentune.io import atomic_open
 
 from .backends import Backend, Generation
 from .checks import AnswerContext, check_behavior, keyword_hits, language_ok, run_answer_code
 from .persona import check_persona
 from .sandbox import Limits, check_run_code
-from .suite import Case, Suite
+from .suite import Case, Suite, canonical_sha256
 
 BUNDLED_REPLAY = Path(__file__).resolve().parents[1] / "data" / "sample" / "replay.jsonl"
 
@@ -73,22 +75,66 @@ class CaseResult(BaseModel):
 class EvalResult(BaseModel):
     model: str
     suite: str
+    # Content hash of the cases answered (`Suite.sha256`); None in files written before it existed,
+    # which `compare` never ships.
+    suite_sha256: str | None = None
+    # Everything besides the suite that changes the scores (see `evaluation_settings`): two results
+    # are compared only when these match.
+    settings: dict[str, Any] = {}
     adapter_sha256: str | None = None  # weights of the PEFT adapter scored (local backend), for the deploy gate
     created: str
     metrics: dict[str, float | None]
     by_category: dict[str, dict[str, float | None]]
     by_language: dict[str, dict[str, float | None]]
     cases: list[CaseResult]
+    # The file this result was read from / written to and its sha256, recorded by `compare` so that
+    # `deploy --gate` can check the comparison is about these very files.
+    _path: str | None = PrivateAttr(None)
+    _sha256: str | None = PrivateAttr(None)
+
+    @property
+    def results_path(self) -> str | None:
+        return self._path
+
+    @property
+    def results_sha256(self) -> str | None:
+        return self._sha256
 
     def save(self, path: str | Path) -> None:
-        write_json_atomic(path, self.model_dump(mode="json"))
+        # Kept as Python writes it (a non-finite metric stays NaN): `compare` must tell it from "not measured".
+        data = (json.dumps(self.model_dump(mode="json"), ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+        with atomic_open(path, "wb") as fh:
+            fh.write(data)
+        self._path, self._sha256 = str(Path(path).resolve()), hashlib.sha256(data).hexdigest()
 
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
         try:
-            return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError) as err:
-            raise EdentuneError(f"{path}: not an `edentune eval` results file ({str(err).splitlines()[0]})") from None
+            data = Path(path).read_bytes()  # hashed and parsed from the same bytes
+            result = cls.model_validate(json.loads(data.decode("utf-8")))
+        except (OSError, ValueError, RecursionError) as err:
+            first = (str(err) or type(err).__name__).splitlines()[0]
+            raise EdentuneError(f"{path}: not an `edentune eval` results file ({first})") from None
+        result._path, result._sha256 = str(Path(path).resolve()), hashlib.sha256(data).hexdigest()
+        return result
+
+
+def evaluation_settings(cfg: RunConfig, backend: Backend, validation: list | None, replay: list | None) -> dict[str, Any]:
+    """The inputs besides the suite that change scores: generation length and sampling, the system
+    prompt, the persona rules, the language threshold, and the perplexity sets (by content hash)."""
+    def conversations(convs: list | None) -> dict | None:
+        # By messages, not by `source` (file:line): the same conversations read from another path match.
+        return {"n": len(convs), "sha256": canonical_sha256([getattr(c, "messages", c) for c in convs])} if convs else None
+
+    return {
+        "max_new_tokens": cfg.evaluation.max_new_tokens,
+        "temperature": getattr(backend, "temperature", None),
+        "system_prompt": cfg.model.system_prompt,
+        "persona": cfg.persona.model_dump(mode="json"),
+        "korean_hangul_threshold": cfg.evaluation.korean_hangul_threshold,
+        "validation": conversations(validation),
+        "replay": conversations(replay),
+    }
 
 
 def check_answer(case: Case, gen: Generation, cfg: RunConfig, limits: Limits = Limits()) -> CaseResult:
@@ -210,5 +256,7 @@ def evaluate(cfg: RunConfig, backend: Backend, suite: Suite, *, validation: list
     by_category = {cat: case_metrics([r for r in results if r.category == cat]) for cat in suite.categories}
     languages = sorted({r.expected_language for r in results if r.expected_language})
     by_language = {lang: case_metrics([r for r in results if r.expected_language == lang]) for lang in languages}
-    return EvalResult(model=backend.name, adapter_sha256=getattr(backend, "adapter_sha256", None), suite=suite.path, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    return EvalResult(model=backend.name, adapter_sha256=getattr(backend, "adapter_sha256", None), suite=suite.path,
+                      suite_sha256=suite.sha256, settings=evaluation_settings(cfg, backend, validation, replay),
+                      created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       metrics=metrics, by_category=by_category, by_language=by_language, cases=results)

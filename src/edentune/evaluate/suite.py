@@ -15,6 +15,7 @@ Every problem is reported as `file:line: reason`, all at once, before any model 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,11 +116,25 @@ class Suite:
     def categories(self) -> list[str]:
         return sorted({c.category for c in self.cases})
 
+    @property
+    def sha256(self) -> str:
+        """Content hash of the cases as evaluated (ids, prompts, checks), independent of the file's
+        formatting, comments, key order or path: two results are comparable only when it matches."""
+        return canonical_sha256([c.model_dump(mode="json") for c in self.cases])
+
+
+def canonical_sha256(value) -> str:
+    """sha256 of a JSON-able value in one canonical form (sorted keys, no whitespace, UTF-8)."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
 
 def _yaml_items(path: Path, text: str) -> list[tuple[int, object]]:
     """(line, python value) for each case, line from the YAML node marks."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise DataError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark else 1
@@ -129,7 +144,17 @@ def _yaml_items(path: Path, text: str) -> list[tuple[int, object]]:
     if not isinstance(root, yaml.SequenceNode):
         raise DataError(f"{path}:1: expected a list of cases (or a mapping with `cases:`)")
     constructor = yaml.SafeLoader("")
-    return [(node.start_mark.line + 1, constructor.construct_document(node)) for node in root.value]
+    items = []
+    for node in root.value:
+        try:  # the safe constructor refuses tags such as !!python/object: a clear error, never code
+            items.append((node.start_mark.line + 1, constructor.construct_document(node)))
+        except RecursionError:
+            raise DataError(f"{path}:{node.start_mark.line + 1}: YAML nested too deeply") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None) or node.start_mark
+            raise DataError(f"{path}:{mark.line + 1}: not a plain YAML value: {getattr(err, 'problem', err)}",
+                            hint="a suite holds plain mappings, lists and strings; remove the `!!` tag") from None
+    return items
 
 
 def _jsonl_items(path: Path, text: str) -> tuple[list[tuple[int, object]], list[str]]:
@@ -141,6 +166,8 @@ def _jsonl_items(path: Path, text: str) -> tuple[list[tuple[int, object]], list[
             items.append((n, json.loads(line)))
         except json.JSONDecodeError as err:
             errors.append(f"{path}:{n}: not valid JSON: {err.msg}")
+        except (ValueError, RecursionError) as err:  # a 5000-digit number, nesting deeper than Python's stack
+            errors.append(f"{path}:{n}: not usable JSON: {str(err) or type(err).__name__}")
     return items, errors
 
 
@@ -150,15 +177,29 @@ def resolve_suite_path(name_or_path: str) -> Path:
     if bundled.exists():
         return bundled
     path = Path(name_or_path).expanduser()
+    known = ", ".join(p.stem for p in SUITES_DIR.glob("*.yaml"))
     if not path.exists():
-        known = ", ".join(p.stem for p in SUITES_DIR.glob("*.yaml"))
         raise DataError(f"{name_or_path}: no such suite file", hint=f"bundled suites: {known}; or give a .yaml/.jsonl path")
+    if not path.is_file():
+        raise DataError(f"{name_or_path}: not a file", hint=f"give a suite .yaml/.jsonl file; bundled suites: {known}")
     return path
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not a text suite file (invalid UTF-8 at byte {err.start})",
+                        hint="a suite is a UTF-8 .yaml or .jsonl file") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the suite ({err.strerror or err})") from None
 
 
 def load_suite(name_or_path: str) -> Suite:
     path = resolve_suite_path(name_or_path)
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
+    if "\x00" in text:
+        raise DataError(f"{path}: not a text suite file (it contains NUL bytes)", hint="a suite is a UTF-8 .yaml or .jsonl file")
     if path.suffix == ".jsonl":
         items, errors = _jsonl_items(path, text)
     else:
