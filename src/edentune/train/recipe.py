@@ -28,10 +28,11 @@ from edentune.models import load_base_model, load_tokenizer, pick_device, pick_d
 
 from .data import encode_all, load_splits, to_dataset
 from .dropout import use_cheap_lora_dropout
+from .mlx_backend import select_backend
 from .monitor import MetricsLog, MonitorCallback, RichProgressCallback
 
 log = logging.getLogger(__name__)
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl", "edentune")
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl", "mlx", "mlx-lm", "edentune")
 
 
 @dataclass
@@ -189,17 +190,8 @@ def prepare_data(cfg: RunConfig, tokenizer, console: Console):
     return train_set, val_set, stats
 
 
-# -- the recipe ---------------------------------------------------------------------------------
-def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), console: Console | None = None) -> TrainResult:
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-    from transformers.integrations import TensorBoardCallback
-
-    from .trainer import EdenTrainer
-
-    console = console or Console(stderr=True)
-    t = cfg.training
-    run_dir = Path(t.output_dir)
+def open_run_dir(run_dir: Path, resume: bool, console: Console) -> str | None:
+    """The checkpoint to resume from (None: start fresh); refuses to train over a run without --resume."""
     existing = last_checkpoint(run_dir)
     if existing and not resume:
         raise EdentuneError(f"{run_dir} already has checkpoints ({Path(existing).name})",
@@ -210,6 +202,25 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(".checkpoint-*"):  # temporaries of a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
+    return checkpoint
+
+
+# -- the recipe ---------------------------------------------------------------------------------
+def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), console: Console | None = None) -> TrainResult:
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+    from transformers.integrations import TensorBoardCallback
+
+    from .trainer import EdenTrainer
+
+    console = console or Console(stderr=True)
+    if select_backend(cfg.training.backend) == "mlx":
+        from .mlx_backend import train_mlx
+
+        return train_mlx(cfg, resume=resume, callbacks=callbacks, console=console)
+    t = cfg.training
+    run_dir = Path(t.output_dir)
+    checkpoint = open_run_dir(run_dir, resume, console)
 
     device = pick_device()
     dtype = pick_dtype(t.precision, device)
