@@ -205,22 +205,56 @@ def collate(examples, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     return ids[:, :-1], labels[:, 1:]
 
 
-def token_loss(model, inputs, targets):
-    """(summed cross-entropy over trained positions, trained tokens)."""
+def output_head(model):
+    """The model's output projection as a function of the final hidden states, or None.
+
+    With it the loss computes logits at trained positions only, as the torch path does
+    (`trained_token_loss`): MLX's CPU matmul is slow and a 49k-152k vocabulary makes the head
+    the largest matmul of a step. It is used only when a probe shows head(body(x)) == model(x),
+    so architectures that post-process logits (soft-capping, scaling) keep the full forward."""
+    import mlx.core as mx
+
+    body = getattr(model, "model", None)
+    if body is None:
+        return None
+    if "lm_head" in model:
+        head = model.lm_head
+    elif hasattr(body, "embed_tokens") and hasattr(body.embed_tokens, "as_linear"):
+        head = body.embed_tokens.as_linear
+    else:
+        return None
+    probe = mx.array([[1, 2, 3, 4]])
+    try:
+        same = mx.allclose(head(body(probe)), model(probe), atol=1e-4).item()
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return head if same else None
+
+
+def trained_positions(targets: np.ndarray) -> np.ndarray:
+    """Flat indices of the positions that carry a label."""
+    from .data import IGNORE
+
+    return np.flatnonzero(targets.reshape(-1) != IGNORE).astype(np.int32)
+
+
+def make_loss(head):
+    """loss(model, inputs, targets, positions) -> (summed cross-entropy over trained positions, trained tokens)."""
     import mlx.core as mx
     import mlx.nn as nn
 
-    from .data import IGNORE
+    def token_loss(model, inputs, targets, positions):
+        flat_targets = targets.reshape(-1)[positions]
+        if head is not None:
+            hidden = model.model(inputs)
+            logits = head(hidden.reshape(-1, hidden.shape[-1])[positions])
+        else:
+            logits = model(inputs)
+            logits = logits.reshape(-1, logits.shape[-1])[positions]
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), flat_targets)
+        return ce.sum(), mx.array(positions.size)
 
-    mask = targets != IGNORE
-    logits = model(inputs).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, mx.where(mask, targets, 0)) * mask
-    return ce.sum(), mask.sum()
-
-
-def _mean_loss(model, inputs, targets):  # the (mean, tokens) pair mlx-lm's evaluate() expects
-    total, n = token_loss(model, inputs, targets)
-    return total / n, n
+    return token_loss
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -250,6 +284,7 @@ class MlxRun:
         self.run_dir, self.tb, self.console = run_dir, tb_writer, console
         self.hooks: list = []  # the torch path's TrainerCallbacks (monitor, progress, the caller's), set per attempt
         self._order: tuple[int, list] = (-1, [])
+        self.loss = make_loss(output_head(model))
         t = cfg.training
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.steps_per_epoch = math.ceil(math.ceil(len(train_set) / t.per_device_batch_size) / t.gradient_accumulation_steps)
@@ -377,13 +412,17 @@ class MlxRun:
         ordered = sorted(dataset, key=lambda e: len(e.input_ids))
         for i in range(0, len(ordered), batch_size):
             inputs, targets = collate(ordered[i:i + batch_size], self.pad_id)
-            yield mx.array(inputs), mx.array(targets)
+            yield mx.array(inputs), mx.array(targets), mx.array(trained_positions(targets))
 
     def evaluate(self) -> float:
         from mlx_lm.tuner.trainer import evaluate
 
+        def mean_loss(model, *batch):  # the (mean, tokens) pair mlx-lm's evaluate() expects
+            total, n = self.loss(model, *batch)
+            return total / n, n
+
         loss = evaluate(self.model, self.val_set, batch_size=self.cfg.training.per_device_batch_size, num_batches=-1,
-                        max_seq_length=self.cfg.model.max_seq_len, loss=_mean_loss, iterate_batches=self._batches)
+                        max_seq_length=self.cfg.model.max_seq_len, loss=mean_loss, iterate_batches=self._batches)
         self.model.train()
         return loss
 
@@ -398,10 +437,10 @@ class MlxRun:
         t = self.cfg.training
         has_eval = bool(self.val_set)
         early = has_eval and t.early_stopping_patience and t.load_best_model_at_end
-        def step_loss_fn(model, inputs, targets, denom):
+        def step_loss_fn(model, inputs, targets, positions, denom):
             # Divided by the trained tokens of the whole optimizer step (all micro-batches), like
             # EdenTrainer with num_items_in_batch: the summed gradients are the step's per-token mean.
-            total, n = token_loss(model, inputs, targets)
+            total, n = self.loss(model, inputs, targets, positions)
             return total / denom, n
 
         loss_and_grad = nn.value_and_grad(self.model, step_loss_fn)
@@ -415,11 +454,12 @@ class MlxRun:
                 self._order = (epoch, step_order(self.train_set, self.cfg, epoch))
             micro_batches = self._order[1][index]
             batches = [collate([self.train_set[i] for i in mb], self.pad_id) for mb in micro_batches]
-            denom = max(1, sum(int((y != -100).sum()) for _, y in batches))
+            positions = [trained_positions(y) for _, y in batches]
+            denom = max(1, sum(p.size for p in positions))
             self._call("on_step_begin")
             grads, step_loss = None, 0.0
-            for inputs, targets in batches:
-                (loss, _), g = loss_and_grad(self.model, mx.array(inputs), mx.array(targets), mx.array(float(denom)))
+            for (inputs, targets), pos in zip(batches, positions):
+                (loss, _), g = loss_and_grad(self.model, mx.array(inputs), mx.array(targets), mx.array(pos), mx.array(float(denom)))
                 grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
                 mx.eval(loss, grads)
                 step_loss += loss.item()
