@@ -77,8 +77,8 @@ def quickstart(
 @app.command()
 def plan(
     config: Path = typer.Argument(..., help="run config YAML"),
-    device_gb: float = typer.Option(None, help="memory of the training device in GB (default: the CUDA card, else 24)"),
-    device: str = typer.Option("cuda", help="cuda | cpu | mps: where the run will train"),
+    device_gb: float = typer.Option(None, help="memory of the training device in GB (default: the CUDA card, else 24); for apple: the Mac's RAM"),
+    device: str = typer.Option("cuda", help="cuda | cpu | mps | apple (MLX backend on unified memory): where the run will train"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Estimate peak training memory term by term, and say what to change if it does not fit."""
@@ -90,11 +90,18 @@ def plan(
     from .train.plan import estimate, model_config_for
 
     cfg = load_config(config)
-    if device_gb is None:
+    if device_gb is None and device != "apple":
         import torch
 
         device_gb = torch.cuda.get_device_properties(0).total_memory / 1024**3 if torch.cuda.is_available() else 24.0
-    p = estimate(cfg, model_config_for(cfg), device_gb, device)
+    if device == "apple":
+        from .train.plan import apple_plan
+
+        p, note = apple_plan(cfg, model_config_for(cfg), device_gb)
+        Console(stderr=True).print(note)
+        device_gb = p.device_gb
+    else:
+        p = estimate(cfg, model_config_for(cfg), device_gb, device)
     if as_json:
         print(json.dumps({"terms_gb": p.terms, "total_gb": p.total_gb, "device_gb": device_gb, "fits": p.fits,
                           "tokens_per_micro_batch": p.tokens_per_micro_batch, "advice": p.advice}, indent=2))

@@ -243,16 +243,30 @@ def make_loss(head):
     import mlx.core as mx
     import mlx.nn as nn
 
+    from .trainer import LOGITS_CHUNK_ELEMENTS
+
+    def ce_sum(hidden, targets):
+        return nn.losses.cross_entropy(head(hidden).astype(mx.float32), mx.stop_gradient(targets)).sum()
+
+    # Recomputed in backward, as the torch path's chunks: at most LOGITS_CHUNK_ELEMENTS logits live at once.
+    ce_sum_checkpointed = mx.checkpoint(ce_sum)
+
     def token_loss(model, inputs, targets, positions):
         flat_targets = targets.reshape(-1)[positions]
-        if head is not None:
-            hidden = model.model(inputs)
-            logits = head(hidden.reshape(-1, hidden.shape[-1])[positions])
-        else:
+        n = positions.size
+        if head is None:
             logits = model(inputs)
             logits = logits.reshape(-1, logits.shape[-1])[positions]
-        ce = nn.losses.cross_entropy(logits.astype(mx.float32), flat_targets)
-        return ce.sum(), mx.array(positions.size)
+            return nn.losses.cross_entropy(logits.astype(mx.float32), flat_targets).sum(), mx.array(n)
+        hidden = model.model(inputs)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[positions]
+        chunk = max(1, LOGITS_CHUNK_ELEMENTS // model.args.vocab_size) if hasattr(model, "args") else n
+        if n <= chunk:
+            return ce_sum(hidden, flat_targets), mx.array(n)
+        total = mx.array(0.0)
+        for i in range(0, n, chunk):
+            total = total + ce_sum_checkpointed(hidden[i:i + chunk], flat_targets[i:i + chunk])
+        return total, mx.array(n)
 
     return token_loss
 
@@ -372,10 +386,18 @@ class MlxRun:
         with atomic_dir(path) as tmp:
             self.write_adapter(tmp)
             opt = {f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)}
-            mx.save_safetensors(str(tmp / OPTIMIZER_STATE), {**opt, "random_state": mx.random.state[0]})
+            mx.save_safetensors(str(tmp / OPTIMIZER_STATE), opt)
             (tmp / TRAINER_STATE).write_text(json.dumps(vars(s), indent=2) + "\n")
         rotate_checkpoints(str(self.run_dir), save_total_limit=t.save_total_limit,
                            best_model_checkpoint=s.best_model_checkpoint, use_mtime=False)
+        self.reseed()
+
+    def reseed(self) -> None:
+        # MLX's global key cannot be set from a saved value, so the dropout RNG is re-seeded from
+        # (seed, step) at every checkpoint: a run resumed there draws the same masks as one that went on.
+        import mlx.core as mx
+
+        mx.random.seed(self.cfg.training.seed * 1_000_003 + self.state.global_step)
 
     def load_lora(self, checkpoint: Path) -> None:
         import mlx.core as mx
@@ -400,9 +422,9 @@ class MlxRun:
         path = Path(checkpoint)
         self.load_lora(path)
         saved = mx.load(str(path / OPTIMIZER_STATE))
-        mx.random.state[0] = saved.pop("random_state")
         self.optimizer.state = tree_unflatten([(k.removeprefix("optimizer."), v) for k, v in saved.items()])
         self.state = RunState.load(path / TRAINER_STATE)
+        self.reseed()
 
     # -- evaluation -------------------------------------------------------------------------
     def _batches(self, dataset, batch_size, max_seq_length=None, loop=False, seed=None, comm_group=None):
