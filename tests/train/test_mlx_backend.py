@@ -304,3 +304,22 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
     final, kept = peft_weights(result.adapter_dir), peft_weights(result.best_checkpoint)
     assert all(np.array_equal(final[k], kept[k]) for k in kept)
     assert result.metrics["final_eval_loss"] == pytest.approx(best["eval_loss"], abs=1e-5)
+
+
+# -- the planner for Apple unified memory (no MLX needed) ----------------------------------------
+def test_apple_plan_uses_the_gpu_share_of_unified_memory():
+    from edentune.config import config_for_model
+    from edentune.train.plan import KNOWN_ARCHITECTURES, Arch, apple_gpu_budget_gb, estimate_apple
+
+    assert [round(apple_gpu_budget_gb(r), 1) for r in (16, 24, 36, 64)] == [10.7, 16.0, 24.0, 48.0]
+    cfg = config_for_model("qwen2.5-14b")
+    arch = KNOWN_ARCHITECTURES[cfg.model.name_or_path]
+    plan = estimate_apple(cfg, arch, 24)
+    assert plan.device_gb == pytest.approx(16.0) and not plan.fits
+    assert plan.terms["base weights (MLX 4-bit)"] == pytest.approx(Arch.from_config(arch).params * 4.5 / 8 / 2**30)
+    assert any("per_device_batch_size: 2" in a for a in plan.advice) and any("iogpu.wired_limit_mb" in a for a in plan.advice)
+    one = cfg.updated({"training.per_device_batch_size": 1, "training.gradient_accumulation_steps": 32})
+    assert estimate_apple(one, arch, 24).fits and not estimate_apple(one, arch, 16).fits
+    assert estimate_apple(one, arch, 24, working_set_gb=12.0).device_gb == 12.0  # a Mac's own number wins
+    unquantized = estimate_apple(one.updated({"quantization.load_in_4bit": False}), arch, 36)
+    assert not unquantized.fits and any("load_in_4bit: true" in a for a in unquantized.advice)
