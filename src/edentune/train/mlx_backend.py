@@ -27,7 +27,6 @@ import importlib.util
 import json
 import math
 import platform
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
