@@ -292,6 +292,9 @@ class RunState:
 
 class MlxRun:
     def __init__(self, cfg, model, model_dir: str, keys: list[str], tokenizer, train_set, val_set, run_dir: Path, tb_writer, console):
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
         self.cfg, self.model, self.model_dir, self.keys = cfg, model, model_dir, keys
         self.train_set, self.val_set = train_set, val_set
         self.run_dir, self.tb, self.console = run_dir, tb_writer, console
@@ -305,9 +308,6 @@ class MlxRun:
         self.state = RunState()
         self.control = SimpleNamespace(should_training_stop=False)
         self.non_finite: str | None = None
-        import mlx.core as mx
-        from mlx.utils import tree_flatten
-
         self.initial_lora = [(k, mx.array(v)) for k, v in tree_flatten(model.trainable_parameters())]
 
     # -- hooks (the torch path's callbacks, driven with this run's numbers) ------------------
@@ -414,11 +414,15 @@ class MlxRun:
 
         self.make_optimizer(base_lr)
         self.non_finite = None
+        self.control.should_training_stop = False
         if checkpoint is None:
             self.model.load_weights(self.initial_lora, strict=False)
             self.state = RunState()
             return
         path = Path(checkpoint)
+        if not (path / OPTIMIZER_STATE).exists():
+            raise EdentuneError(f"{path} was not written by the MLX backend (no {OPTIMIZER_STATE})",
+                                hint="resume it with the backend that wrote it (training.backend: torch), or start a new training.output_dir")
         self.load_lora(path)
         saved = mx.load(str(path / OPTIMIZER_STATE))
         self.optimizer.state = tree_unflatten([(k.removeprefix("optimizer."), v) for k, v in saved.items()])
