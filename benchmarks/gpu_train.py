@@ -14,7 +14,7 @@ MFU. N = parameters of the base (embeddings excluded: a lookup, no matmul). Per 
 forward 2N, backward 2N (activation gradients only: the base is frozen; LoRA's weight gradients
 are < 1%), and gradient checkpointing recomputes the forward, 2N more. Attention scores add
 2·L·s·d per token forward under a causal mask (QK^T and AV, half of the s×s), twice that backward.
-    model FLOPs/token    = 4N + 6·L·s·d     (useful work; the FACTS' ≈4·N)
+    model FLOPs/token    = 4N + 6·L·s·d     (useful work; the usual ≈4·N of LoRA on a frozen base)
     hardware FLOPs/token = 6N + 8·L·s·d     (plus the forward recomputed by checkpointing)
 MFU = tokens/s × model FLOPs/token / peak; "HFU" uses hardware FLOPs. Peak is the bf16 dense spec
 (989 TFLOP/s for H100/H200 SXM) and, as `measured_peak`, a large bf16 matmul timed here.

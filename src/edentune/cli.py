@@ -10,15 +10,18 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import sys
 import warnings
+from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from .errors import EdentuneError
+from .errors import ConfigError, EdentuneError, os_error
 
 console = Console(stderr=True)
 app = typer.Typer(
@@ -41,23 +44,40 @@ def init(
     """Write a commented run config with the guide's preset for MODEL."""
     from .config import config_for_model, render_config_yaml
     from .io import write_text_atomic
+    from .models import model_reference_problem
 
+    if output.is_dir():
+        raise ConfigError(f"{output} is a directory; --output names the config file to write",
+                          hint=f"e.g. -o {output / 'edentune.yaml'}")
+    if output.exists() and not output.is_file():
+        raise ConfigError(f"{output} is not a regular file (a device or pipe?); --force replaces only files",
+                          hint="-o another path")
     if output.exists() and not force:
         raise EdentuneError(f"{output} exists", hint="use --force to overwrite, or -o another path")
     cfg = config_for_model(model)
+    problem = model_reference_problem(cfg.model.name_or_path)
+    if problem is not None and problem[0] == "error":
+        raise ConfigError(f"--model: {problem[1]}")
     write_text_atomic(output, render_config_yaml(cfg))
-    console.print(f"wrote [bold]{output}[/] (preset [bold]{cfg.preset}[/]: {cfg.preset_obj.description})")
+    console.print(f"wrote [bold]{escape(str(output))}[/] (preset [bold]{cfg.preset}[/]: {cfg.preset_obj.description})")
+    if problem is not None:
+        console.print(f"[yellow]warning:[/] {escape(problem[1])}", highlight=False, soft_wrap=True)
 
 
 @config_app.command("check")
 def config_check(path: Path = typer.Argument(..., help="run config YAML")) -> None:
-    """Validate a config: errors name the key; values outside the preset's safe range are warned about."""
-    from .config import load_config
+    """Validate a config: errors name the key; missing data files and unknown models are errors;
+    values outside the preset's safe range are warned about."""
+    from .config import load_config, reference_problems
 
     cfg = load_config(path)
-    for w in cfg.range_warnings():
-        console.print(f"[yellow]warning:[/] {w}")
-    console.print(f"[green]ok[/] {path}: preset {cfg.preset}, model {cfg.model.name_or_path}")
+    errors, warns = reference_problems(cfg)
+    for w in [*cfg.range_warnings(), *warns]:
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    if errors:
+        raise ConfigError(f"{path}: " + "\n  ".join([f"{len(errors)} problem(s):", *errors]),
+                          hint="fix the paths and model.name_or_path; relative paths are relative to the config file")
+    console.print(f"[green]ok[/] {escape(str(path))}: preset {cfg.preset}, model {escape(cfg.model.name_or_path)}", highlight=False)
 
 
 @app.command()
@@ -74,11 +94,25 @@ def quickstart(
                    Console())
 
 
+class Device(str, Enum):
+    cuda = "cuda"
+    cpu = "cpu"
+    mps = "mps"
+    apple = "apple"  # the MLX backend on a Mac's unified memory (docs/apple-silicon.md)
+
+
+def _device_gb(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number of GB above 0, not {value:g}")
+    return value
+
+
 @app.command()
 def plan(
     config: Path = typer.Argument(..., help="run config YAML"),
-    device_gb: float = typer.Option(None, help="memory of the training device in GB (default: the CUDA card, else 24); for apple: the Mac's RAM"),
-    device: str = typer.Option("cuda", help="cuda | cpu | mps | apple (MLX backend on unified memory): where the run will train"),
+    device_gb: float = typer.Option(None, callback=_device_gb,
+                                    help="memory of the training device in GB (default: the CUDA card, else 24; apple: the Mac's RAM)"),
+    device: Device = typer.Option(Device.cuda, help="where the run will train"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Estimate peak training memory term by term, and say what to change if it does not fit."""
@@ -90,18 +124,18 @@ def plan(
     from .train.plan import estimate, model_config_for
 
     cfg = load_config(config)
-    if device_gb is None and device != "apple":
+    if device_gb is None and device is not Device.apple:
         import torch
 
         device_gb = torch.cuda.get_device_properties(0).total_memory / 1024**3 if torch.cuda.is_available() else 24.0
-    if device == "apple":
+    if device is Device.apple:
         from .train.plan import apple_plan
 
         p, note = apple_plan(cfg, model_config_for(cfg), device_gb)
         Console(stderr=True).print(note)
         device_gb = p.device_gb
     else:
-        p = estimate(cfg, model_config_for(cfg), device_gb, device)
+        p = estimate(cfg, model_config_for(cfg), device_gb, device.value)
     if as_json:
         print(json.dumps({"terms_gb": p.terms, "total_gb": p.total_gb, "device_gb": device_gb, "fits": p.fits,
                           "tokens_per_micro_batch": p.tokens_per_micro_batch, "advice": p.advice}, indent=2))
@@ -119,17 +153,20 @@ def plan(
         Console().print(f"  change: {a}")
 
 
-# Stage command modules: `register(app)` adds top-level commands; a module-level Typer `app`
-# becomes a command group named after the stage (`edentune data …`). Import errors are not
+# Each stage's cli module adds its commands (or its command group) through `register(app)`.
+# A stage that has no cli module yet is skipped; import errors in one that exists are not
 # swallowed: a broken stage module is a packaging bug.
-for _stage in ("data", "train", "evaluate", "export"):  # data first: train adds `data inspect`
-    if importlib.util.find_spec(f"edentune.{_stage}.cli") is None:
-        continue
-    _mod = importlib.import_module(f"edentune.{_stage}.cli")
-    if hasattr(_mod, "register"):
-        _mod.register(app)
-    else:
-        app.add_typer(_mod.app, name=_stage)
+STAGES = ("data", "train", "evaluate", "export", "cycle")
+
+
+def _register_stages() -> None:
+    for stage in STAGES:
+        if importlib.util.find_spec(f"edentune.{stage}") is None or importlib.util.find_spec(f"edentune.{stage}.cli") is None:
+            continue
+        importlib.import_module(f"edentune.{stage}.cli").register(app)
+
+
+_register_stages()
 
 
 # Library warnings that say nothing the user can act on, each already handled by edentune: peft
@@ -141,7 +178,51 @@ QUIET_WARNINGS = (
 )
 
 
+EX_SOFTWARE = 70  # sysexits.h: an internal software error (a bug), as opposed to a user mistake (2)
+
+
+def write_crash_log(exc: BaseException) -> Path | None:
+    """Write the full traceback of an unexpected exception to a log file and return its path.
+
+    The log goes to <cache>/logs (EDENTUNE_CACHE or ~/.cache/edentune), else to the system temp
+    folder; None when neither can be written (the caller then prints the trace itself).
+    """
+    import tempfile
+    import time
+    import traceback
+
+    from .io import write_text_atomic
+    from .models import cache_root
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    text = (f"edentune {' '.join(sys.argv[1:])}\n{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    for folder in (cache_root() / "logs", Path(tempfile.gettempdir())):
+        path = folder / f"edentune-crash-{stamp}-{os.getpid()}.log"
+        try:
+            write_text_atomic(path, text)
+            return path
+        except (OSError, EdentuneError):  # the io helpers turn a blocked folder into EdentuneError
+            continue
+    return None
+
+
+def _fail(err: EdentuneError) -> None:
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+    sys.exit(err.exit_code)
+
+
 def main() -> None:
+    """The `edentune` entry point: every way a command can end is one clear line, never a traceback.
+
+    - EdentuneError (a user mistake or broken input): its message and hint, exit code 2.
+    - OSError (permission, read-only file system, a directory or file in the way, no space, ...):
+      mapped to what happened on which path and what to do, exit code 2.
+    - Ctrl-C: exit code 130 without a trace (Typer ends a running command so; "interrupted" when
+      it comes outside one).
+    - anything else is a bug: one line naming it and a log file with the full traceback, exit 70.
+    Usage errors (unknown option, bad value) are click's own messages, exit code 2.
+    """
     logging.basicConfig(level=os.environ.get("EDENTUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     for category, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
@@ -151,11 +232,26 @@ def main() -> None:
     try:
         app()
     except EdentuneError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
-        sys.exit(err.exit_code)
+        _fail(err)
+    except OSError as err:
+        _fail(os_error(err))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last resort: a bug, reported in one line + a log file
+        try:
+            log_path = write_crash_log(exc)
+        except Exception:  # noqa: BLE001 - the report of a bug must not itself end in a second trace
+            log_path = None
+        if log_path is None:
+            import traceback
+
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+        first_line = next(iter(str(exc).splitlines()), "")[:300]
+        where = f"full trace written to {log_path}" if log_path else "full trace above"
+        console.print(f"[bold red]internal error:[/] {escape(f'{type(exc).__name__}: {first_line}; {where}')} "
+                      "(a bug in edentune, please report it with that file)", highlight=False, soft_wrap=True)
+        sys.exit(EX_SOFTWARE)
 
 
 if __name__ == "__main__":

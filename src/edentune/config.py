@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +21,9 @@ from .presets import ALL_PROJECTIONS, DATA_ROUNDS, DEFAULT_SYSTEM_PROMPT, OLLAMA
 class _Section(BaseModel):
     # Unknown keys are a typo more often than not: refuse them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_SectionT = TypeVar("_SectionT", bound=_Section)
 
 
 class ModelConfig(_Section):
@@ -68,7 +71,8 @@ class LoraConfig(_Section):
             raise ValueError(f"must name at least one module; allowed: {', '.join(ALL_PROJECTIONS)}")
         bad = [m for m in v if m not in ALL_PROJECTIONS]
         if bad:
-            # lm_head / embed_tokens cannot be exported as a GGUF LoRA on tied bases (FACTS).
+            # lm_head / embed_tokens cannot be exported as a GGUF LoRA on tied bases: llama.cpp fails to
+            # load such an adapter (docs/deploy-to-ollama.md).
             raise ValueError(f"unknown module(s) {bad}; allowed: {', '.join(ALL_PROJECTIONS)}")
         return v
 
@@ -129,17 +133,38 @@ class PreferenceConfig(_Section):
 
 
 class CleanConfig(_Section):
-    near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
-    min_chars: int = Field(2, ge=0)
-    max_chars: int = Field(32000, gt=0)
-    scrub: Literal["redact", "drop", "off"] = "redact"
-    language_mismatch: bool = True
+    """`edentune data clean` and `data.clean.clean()`: their defaults and limits are these."""
+
+    near_duplicate_threshold: float = Field(0.85, gt=0, le=1, allow_inf_nan=False,
+                                            description="Jaccard similarity from which a record is a near duplicate; 1 turns the check off")
+    min_chars: int = Field(10, ge=0, description="fewest characters per conversation (system prompt not counted)")
+    max_chars: int = Field(50_000, gt=0, description="most characters per conversation")
+    max_turn_chars: int = Field(20_000, gt=0, description="most characters per message")
+    scrub: Literal["redact", "drop", "off"] = Field("redact", description="secrets and personal data: redact, drop the record, or off")
+    language_mismatch: bool = Field(True, description="drop answers in another language than the question (Korean/English)")
+
+    @model_validator(mode="after")
+    def _length_range(self) -> CleanConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars}): every record would be dropped")
+        return self
 
 
 class MixConfig(_Section):
-    new_ratio: float = Field(0.7, gt=0, le=1)
-    quotas: dict[str, int] = Field(default_factory=lambda: {"persona": 200, "korean": 300, "coding": 300, "general": 200})
+    """`edentune data mix` and `data.mix.mix()`: their defaults and limits are these."""
+
+    new_ratio: float = Field(0.7, gt=0, le=1, allow_inf_nan=False, description="share of new data; the rest is replay")
+    quotas: dict[str, int] = Field(default_factory=lambda: {"persona": 200, "korean": 300, "coding": 300, "general": 200},
+                                   description="records drawn per category")
     seed: int = 42
+
+    @field_validator("quotas")
+    @classmethod
+    def _counts(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if n < 0}
+        if bad:
+            raise ValueError(f"quotas must be >= 0, got {bad}")
+        return v
 
 
 class DataConfig(_Section):
@@ -167,6 +192,9 @@ class EvaluationConfig(_Section):
     # A candidate is "worse" on a metric when it loses more than this (absolute, rates in 0..1).
     tolerance: float = Field(0.02, ge=0)
     max_forgetting: float = Field(0.10, ge=0, description="allowed relative perplexity increase on the replay set")
+    run_code: Literal["auto", "sandbox", "never", "unsafe-no-sandbox"] = Field(
+        "auto", description="model-written code: auto = in the sandbox if one works here, else not run; "
+                            "sandbox = an error without one; never; unsafe-no-sandbox = run even without isolation (docs/security.md)")
 
 
 class ExportConfig(_Section):
@@ -181,6 +209,8 @@ class ExportConfig(_Section):
     num_ctx: int = Field(4096, gt=0)
     num_predict: int = Field(1024, gt=0, description="Ollama's default is unlimited: a model that never stops runs forever")
     ollama_host: str | None = Field(None, description="Ollama URL; `--host` wins, then this, then $OLLAMA_HOST, then http://127.0.0.1:11434")
+    ollama_timeout_s: float = Field(30.0, gt=0, description="connect/read timeout of ordinary Ollama API calls (seconds)")
+    ollama_create_timeout_s: float = Field(600.0, gt=0, description="read timeout for blob upload, create and the first chat (model load)")
     # Extra Ollama models on the same adapter, one per persona: model name -> SYSTEM prompt. Empty:
     # one model, `model_name`, with the training system prompt.
     personas: dict[str, str] = Field(default_factory=dict)
@@ -218,7 +248,7 @@ class RunConfig(_Section):
         if self.training.max_steps is None and self.training.warmup_steps and self.training.num_epochs <= 0:
             raise ValueError("training.num_epochs must be > 0")
         if self.model.max_seq_len > self.export.num_ctx:
-            # Ollama truncates silently at num_ctx (USERS.md #11): serving context must hold training's.
+            # Ollama truncates prompts longer than num_ctx without an error: serving context must hold training's.
             raise ValueError(
                 f"export.num_ctx ({self.export.num_ctx}) is smaller than model.max_seq_len ({self.model.max_seq_len}); "
                 "Ollama would silently truncate conversations the model was trained on"
@@ -303,17 +333,66 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | os.PathLike) -> RunConfig:
-    path = Path(path)
+def with_overrides(section: _SectionT, changes: dict[str, object], source: str) -> _SectionT:
+    """A validated copy of a config section with the non-None `changes` applied (command-line
+    options over a config file's values); bad values raise ConfigError naming the key."""
+    data = section.model_dump() | {k: v for k, v in changes.items() if v is not None}
+    try:
+        return type(section).model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KB; anything near this is not one
+
+
+def _read_yaml(path: Path) -> object:
+    """The YAML document in `path`, or a ConfigError naming the file and what is wrong with it."""
     if not path.exists():
         raise ConfigError(f"{path}: no such config file", hint="create one with `edentune init --model qwen2.5-14b`")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file", hint="name the YAML file, e.g. edentune.yaml")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file (a device or pipe?)", hint="name the YAML file, e.g. edentune.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KB; not a run config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8): a binary file given as the config?",
+                          hint="name the YAML file written by `edentune init`") from None
+    if "\0" in text:
+        raise ConfigError(f"{path}: contains NUL bytes: a binary file given as the config?",
+                          hint="name the YAML file written by `edentune init`")
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as err:
+        if err.problem and "python/" in err.problem:
+            raise ConfigError(f"{path}: YAML tags like !!python/... are not allowed in a config "
+                              f"({err.problem_mark.line + 1 if err.problem_mark else '?'}: {err.problem})",
+                              hint="configs are plain data: strings, numbers, lists and mappings") from None
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a run config") from None
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    path = Path(path)
+    data = _read_yaml(path)
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, training, ...)")
-    cfg = parse_config(data, str(path))
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, training, ...), "
+                          f"not a {type(data).__name__}")
+    try:
+        cfg = parse_config(data, str(path))
+    except RecursionError:  # pydantic on junk nested within the YAML's recursion limit
+        raise ConfigError(f"{path}: nested too deeply to be a run config") from None
     # Relative data paths are relative to the config file, not the working directory.
     base = path.resolve().parent
     d = cfg.data
@@ -322,6 +401,31 @@ def load_config(path: str | os.PathLike) -> RunConfig:
     if not Path(cfg.training.output_dir).is_absolute():
         cfg.training.output_dir = str((base / cfg.training.output_dir).resolve())
     return cfg
+
+
+def reference_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about what the config names outside itself: data files and the model.
+
+    Offline: a hub id that is not in the local Hugging Face cache is a warning (the first run
+    downloads it), not a network call.
+    """
+    from .models import model_reference_problem
+
+    errors, warnings = [], []
+    d = cfg.data
+    for key in ("train_files", "validation_files", "replay_files"):
+        for f in getattr(d, key):
+            p = Path(f)
+            if not p.exists():
+                errors.append(f"data.{key}: {f} does not exist")
+            elif not p.is_file():
+                errors.append(f"data.{key}: {f} is not a file")
+    if not d.train_files:
+        warnings.append("data.train_files is empty: `edentune train` needs at least one ChatML JSONL file")
+    problem = model_reference_problem(cfg.model.name_or_path, cfg.model.gguf_file)
+    if problem is not None:
+        (errors if problem[0] == "error" else warnings).append(f"model.name_or_path: {problem[1]}")
+    return errors, warnings
 
 
 def config_for_model(model: str) -> RunConfig:

@@ -21,7 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .config import RunConfig, config_for_model, render_config_yaml
-from .io import write_text_atomic
+from .io import atomic_open, ensure_dir, write_text_atomic
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
 
@@ -122,8 +122,8 @@ def loss_curve(metrics_jsonl: Path, png: Path) -> tuple[list[float], list[tuple[
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
+    with atomic_open(png, "wb") as fh:
+        fig.savefig(fh, format="png")
     plt.close(fig)
     return [v for _, v in train], val
 
@@ -150,7 +150,7 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
     console = console or Console()
     started = time.perf_counter()
     out = opts.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
 
     _step(console, 1, "Validate and clean the bundled Eden conversations")
     train_file, val_file = prepare_data(out, console)

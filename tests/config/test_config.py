@@ -128,3 +128,106 @@ def test_relative_paths_resolve_against_the_config(tmp_path):
     cfg = load_config(path)
     assert cfg.data.train_files == [str(tmp_path / "cfg" / "chats.jsonl")]
     assert cfg.training.output_dir == str(tmp_path / "cfg" / "out")
+
+
+# -- files that are not configs: each a ConfigError naming the file ------------------------------
+
+@pytest.mark.parametrize("name, content, text", [
+    ("binary.yaml", bytes(range(256)) * 4, "not a text file"),
+    ("nul.yaml", b"preset: 14b\n\0\0\0", "contains NUL bytes"),
+    ("tag.yaml", b"preset: !!python/object/apply:os.system ['touch pwned']\n", "tags like !!python/... are not allowed"),
+    ("list.yaml", b"- preset\n- 14b\n", "the top level must be a mapping"),
+    ("scalar.yaml", b"just words\n", "the top level must be a mapping"),
+    ("deep.yaml", b"[" * 20000 + b"]" * 20000, "nested too deeply"),
+    ("deep-map.yaml", b"{a: " * 20000 + b"1" + b"}" * 20000, "nested too deeply"),
+    ("deep-value.yaml", b"lora: {target_modules: " + b"[" * 900 + b"]" * 900 + b"}\n", "nested too deeply"),
+    ("broken.yaml", b"lora: {r: 8\n", "not valid YAML"),
+    ("huge.yaml", b"#" * (2 << 20), "not a run config"),
+])
+def test_files_that_are_not_configs(tmp_path, name, content, text):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value).startswith(f"{path}: ") and text in str(exc.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_directory_or_a_missing_file_as_config(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a config file"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def _check(tmp_path, yaml_text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    return CliRunner().invoke(app, ["config", "check", str(path)])
+
+
+def test_config_check_reports_missing_data_files_and_an_unknown_model(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "folder.jsonl").mkdir()
+    result = _check(tmp_path, "model:\n  name_or_path: qwen-14b-typo\n"
+                              "data:\n  train_files: [train.jsonl, missing.jsonl]\n  validation_files: [folder.jsonl]\n"
+                              "  replay_files: [gone/replay.jsonl]\n")
+    assert isinstance(result.exception, ConfigError)  # main() prints it in one message, exit code 2
+    msg = str(result.exception)
+    assert "4 problem(s)" in msg
+    assert f"data.train_files: {tmp_path / 'missing.jsonl'} does not exist" in msg
+    assert f"data.validation_files: {tmp_path / 'folder.jsonl'} is not a file" in msg
+    assert f"data.replay_files: {tmp_path / 'gone' / 'replay.jsonl'} does not exist" in msg
+    assert "model.name_or_path: unknown model 'qwen-14b-typo'" in msg
+    assert "train.jsonl does not exist" not in msg
+
+
+@pytest.mark.parametrize("model, ok, warning", [
+    ("embedded", True, None),
+    ("qwen2.5-14b", True, None),  # a preset alias
+    ("Some-Org/not-cached-model", True, "not in the local Hugging Face cache"),
+    ("./models/missing", False, None),
+    ("gpt-typo", False, None),
+])
+def test_config_check_model_references(tmp_path, monkeypatch, model, ok, warning):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    (tmp_path / "t.jsonl").write_text("")
+    result = _check(tmp_path, f"model:\n  name_or_path: {model}\ndata:\n  train_files: [t.jsonl]\n")
+    assert (result.exit_code == 0) == ok, result.output
+    if warning:
+        assert warning in result.output
+    if not ok:
+        assert isinstance(result.exception, ConfigError) and "model.name_or_path" in str(result.exception)
+
+
+def test_config_check_accepts_a_local_model_folder_and_gguf(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "t.jsonl").write_text("")
+    for model in (str(tmp_path / "model"), str(tmp_path / "m.gguf")):
+        result = _check(tmp_path, f"model:\n  name_or_path: {model}\ndata:\n  train_files: [t.jsonl]\n")
+        assert result.exit_code == 0, result.output
+    (tmp_path / "empty").mkdir()
+    result = _check(tmp_path, f"model:\n  name_or_path: {tmp_path / 'empty'}\ndata:\n  train_files: [t.jsonl]\n")
+    assert isinstance(result.exception, ConfigError) and "without config.json" in str(result.exception)
+
+
+def test_init_force_onto_a_directory_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["init", "--model", "embedded", "-o", str(tmp_path), "--force"])
+    assert isinstance(result.exception, ConfigError) and "is a directory" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_refuses_an_unknown_model_and_warns_about_an_uncached_one(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    result = CliRunner().invoke(app, ["init", "--model", "qwen-14b-typo", "-o", str(tmp_path / "a.yaml")])
+    assert isinstance(result.exception, ConfigError) and "unknown model 'qwen-14b-typo'" in str(result.exception)
+    assert not (tmp_path / "a.yaml").exists()
+    result = CliRunner().invoke(app, ["init", "--model", "qwen2.5-7b", "-o", str(tmp_path / "b.yaml")])
+    assert result.exit_code == 0 and "Qwen/Qwen2.5-7B-Instruct is not in the local Hugging Face cache" in result.output
+    assert load_config(tmp_path / "b.yaml").model.name_or_path == "Qwen/Qwen2.5-7B-Instruct"

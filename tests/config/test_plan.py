@@ -1,8 +1,10 @@
-"""Memory planner: the FACTS formula terms, fit verdict and advice."""
+"""Memory planner: the formula terms, fit verdict and advice."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from typer.testing import CliRunner
 
@@ -21,7 +23,7 @@ def test_qwen14b_parameter_count_matches_the_model_card():
 def test_logits_term_dominates_qwen14b_at_guide_batch_with_hf_loss():
     cfg = config_for_model("qwen2.5-14b")
     p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=24, loss="hf")
-    # FACTS: 13.6 bytes x T x V; batch 4 x 2048 with V=152,064 is ~17 GB (decimal) on its own.
+    # 13.6 bytes x T x V; batch 4 x 2048 with V=152,064 is ~17 GB (decimal) on its own.
     assert abs(p.terms["largest transient: logits+loss"] * GB / 1e9 - 16.9) < 0.1
     assert max(p.terms, key=p.terms.get) == "largest transient: logits+loss"
     assert not p.fits and any("per_device_batch_size: 2" in a for a in p.advice)
@@ -82,3 +84,79 @@ def test_planner_within_ten_percent_of_cpu_measurement():
     p = estimate(cfg, model_config, 24, device="cpu")
     rss = measured["edentune"]["peak_rss_gb"]
     assert abs(p.total_gb - rss) / rss < 0.10, (p.terms, rss)
+
+
+# -- advice: the change that frees most first; "weights alone" only when they are -------------
+
+def _frees(advice: str) -> float:
+    return float(advice.rsplit("frees ~", 1)[1].split(" GB")[0])
+
+
+def test_weights_being_the_biggest_term_is_not_weights_alone_not_fitting():
+    cfg = config_for_model("qwen2.5-14b")
+    arch = KNOWN_ARCHITECTURES[cfg.model.name_or_path]
+    p = estimate(cfg, arch, device_gb=24)
+    assert max(p.terms, key=p.terms.get) == "base weights" and 11 < p.terms["base weights"] < 24
+    assert not p.fits and p.advice
+    assert not any("alone" in a for a in p.advice)
+    assert "per_device_batch_size: 2 with gradient_accumulation_steps: 16" in p.advice[0]
+    freed = [_frees(a) for a in p.advice]
+    assert freed == sorted(freed, reverse=True) and all(f > 0 for f in freed)
+    # the number is what the estimate says for the changed config
+    halved = cfg.updated({"training.per_device_batch_size": 2, "training.gradient_accumulation_steps": 16})
+    assert abs(p.total_gb - estimate(halved, arch, device_gb=24).total_gb - freed[0]) < 0.05
+    assert estimate(halved, arch, device_gb=24).fits
+
+
+def test_weights_alone_not_fitting_is_said_alone():
+    cfg = config_for_model("qwen2.5-32b")
+    p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=16)
+    assert p.terms["base weights"] > 16
+    assert p.advice == [f"the base weights alone ({p.terms['base weights']:.1f} GB in 4-bit) do not fit in 16 GB: "
+                        "pick a smaller model preset or a larger device"]
+
+
+def test_unquantized_base_is_told_to_quantize_first():
+    cfg = config_for_model("qwen2.5-14b").updated({"quantization.load_in_4bit": False, "training.optimizer": "adamw_torch"})
+    p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=24)
+    assert p.terms["base weights"] > 24  # 16-bit weights do not fit, but 4-bit ones do: that is the advice
+    assert p.advice[0].startswith("quantization.load_in_4bit: true") and _frees(p.advice[0]) > 10
+    assert any(a.startswith("training.optimizer: paged_adamw_8bit") for a in p.advice)
+    assert not any("alone" in a for a in p.advice)
+
+
+def test_when_no_single_change_is_enough_the_advice_says_so():
+    cfg = config_for_model("qwen2.5-14b")
+    p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=16)
+    assert p.terms["base weights"] < 16 and not p.fits
+    assert p.advice[-1].startswith("even with all of these at once the run needs ~") and "16 GB" in p.advice[-1]
+
+
+def test_a_fitting_plan_has_no_advice():
+    cfg = config_for_model("qwen2.5-14b")
+    assert estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=80).advice == []
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--device", "tpu"], "'tpu' is not one of"),
+    (["--device-gb", "-5"], "must be a finite number of GB above 0"),
+    (["--device-gb", "0"], "must be a finite number of GB above 0"),
+    (["--device-gb", "nan"], "must be a finite number of GB above 0"),
+    (["--device-gb", "inf"], "must be a finite number of GB above 0"),
+])
+def test_plan_rejects_bad_device_options(tmp_path, args, text):
+    path = tmp_path / "q.yaml"
+    path.write_text(render_config_yaml(config_for_model("qwen2.5-14b")))
+    res = CliRunner().invoke(app, ["plan", str(path), *args])
+    assert res.exit_code == 2 and text in " ".join(res.output.replace("│", " ").split())
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu", "mps"])
+def test_plan_accepts_each_device(tmp_path, device):
+    path = tmp_path / "q.yaml"
+    path.write_text(render_config_yaml(config_for_model("qwen2.5-14b")))
+    res = CliRunner().invoke(app, ["plan", str(path), "--device", device, "--device-gb", "24", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert ("attention scores" in out["terms_gb"]) == (device != "cuda")

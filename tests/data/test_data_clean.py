@@ -2,6 +2,7 @@ import json
 
 from data_helpers import chat, read_jsonl, write_lines, write_records
 
+from edentune.config import CleanConfig
 from edentune.data.clean import clean
 
 STORY = ("The quick brown fox jumps over the lazy dog near the river bank while the farmer watches "
@@ -10,7 +11,7 @@ STORY = ("The quick brown fox jumps over the lazy dog near the river bank while 
 
 def run(tmp_path, records, **kw):
     path = write_records(tmp_path / "in.jsonl", records)
-    kept, report = clean([path], write=tmp_path / "out.jsonl", quarantine=tmp_path / "q.jsonl", **kw)
+    kept, report = clean([path], write=tmp_path / "out.jsonl", quarantine=tmp_path / "q.jsonl", config=CleanConfig(**kw))
     q = read_jsonl(tmp_path / "q.jsonl")
     assert report.lines == len(records) == report.kept + report.repaired + report.quarantined + report.blank
     assert len(q) == report.quarantined == sum(report.reasons.values())
@@ -34,7 +35,7 @@ def test_near_duplicates(tmp_path):
     path, kept, report, _ = run(tmp_path, [a, b, c])
     assert kept == [a, c] and report.reasons == {"near duplicate": 1}
     assert report.problems[0].startswith(f"{path}:2: near duplicate (of {path}:1, jaccard ~")
-    _, kept, _, _ = run(tmp_path, [a, b, c], near_dup_threshold=1.0)  # disabled
+    _, kept, _, _ = run(tmp_path, [a, b, c], near_duplicate_threshold=1.0)  # disabled
     assert len(kept) == 3
 
 
@@ -46,7 +47,7 @@ def test_language_mismatch_both_directions(tmp_path):
     assert kept == [ok]
     assert report.problems == [f"{path}:1: message 1: language mismatch (user ko, assistant en)",
                                f"{path}:2: message 1: language mismatch (user en, assistant ko)"]
-    _, kept, _, _ = run(tmp_path, [chat(ko_q, en_a)], language_check=False)
+    _, kept, _, _ = run(tmp_path, [chat(ko_q, en_a)], language_mismatch=False)
     assert len(kept) == 1
 
 

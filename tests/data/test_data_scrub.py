@@ -1,6 +1,7 @@
 import pytest
 from data_helpers import chat, read_jsonl, write_records
 
+from edentune.config import CleanConfig
 from edentune.data.clean import clean
 from edentune.data.scrub import luhn_ok, scrub_text
 
@@ -66,7 +67,7 @@ def test_luhn():
 def test_drop_mode_quarantines_without_leaking(tmp_path):
     recs = [chat("my mail is a.b@example.com", "ok noted"), chat("nothing here at all", "fine thanks")]
     write_records(tmp_path / "in.jsonl", recs)
-    records, report = clean([tmp_path / "in.jsonl"], quarantine=tmp_path / "q.jsonl", scrub="drop")
+    records, report = clean([tmp_path / "in.jsonl"], quarantine=tmp_path / "q.jsonl", config=CleanConfig(scrub="drop"))
     assert len(records) == 1 and report.quarantined == 1
     assert report.problems == [f"{tmp_path / 'in.jsonl'}:1: contains secrets or personal data (email)"]
     q = read_jsonl(tmp_path / "q.jsonl")
@@ -75,7 +76,7 @@ def test_drop_mode_quarantines_without_leaking(tmp_path):
 
 def test_scrub_off_keeps_text(tmp_path):
     write_records(tmp_path / "in.jsonl", [chat("my mail is a.b@example.com", "ok noted")])
-    records, report = clean([tmp_path / "in.jsonl"], scrub="off")
+    records, report = clean([tmp_path / "in.jsonl"], config=CleanConfig(scrub="off"))
     assert "a.b@example.com" in records[0]["messages"][0]["content"] and not report.findings
 
 
@@ -85,6 +86,6 @@ def test_tool_call_arguments_are_scrubbed(tmp_path):
                             {"id": "1", "type": "function",
                              "function": {"name": "mail", "arguments": '{"to": "lee@example.org"}'}}]}]}
     write_records(tmp_path / "in.jsonl", [rec])
-    records, report = clean([tmp_path / "in.jsonl"], min_chars=1)
+    records, report = clean([tmp_path / "in.jsonl"], config=CleanConfig(min_chars=1))
     assert "[REDACTED_EMAIL]" in records[0]["messages"][1]["tool_calls"][0]["function"]["arguments"]
     assert report.findings[0]["message"] == 1

@@ -3,6 +3,7 @@ from collections import Counter
 import pytest
 from data_helpers import chat, read_jsonl, write_records
 
+from edentune.config import MixConfig
 from edentune.data.mix import allocate, mix, mix_records
 from edentune.data.split import split, split_records
 
@@ -44,19 +45,19 @@ def pools():
 
 def test_mix_hits_ratio_and_quotas():
     new, replay = pools()
-    out, report = mix_records(new, replay, seed=1)
+    out, report = mix_records(new, replay, MixConfig(seed=1))
     quotas = {"persona": 200, "korean": 300, "coding": 300, "general": 200}
     by_cat = Counter(r["category"] for r in out)
     from_new = sum(r["messages"][0]["content"].startswith("new") for r in out)
     assert all(abs(by_cat[c] - q) <= 1 for c, q in quotas.items())
     assert abs(from_new - 0.7 * len(out)) <= 1 and report.drawn == len(out) == 1000 and not report.shortfalls
-    assert mix_records(new, replay, seed=1)[0] == out and mix_records(new, replay, seed=2)[0] != out
+    assert mix_records(new, replay, MixConfig(seed=1))[0] == out and mix_records(new, replay, MixConfig(seed=2))[0] != out
 
 
 def test_mix_reports_shortfall():
     new, replay = pools()
     replay = [r for r in replay if r["category"] != "korean"][:-450]  # no korean, 50 general
-    out, report = mix_records(new, replay, seed=0)
+    out, report = mix_records(new, replay, MixConfig(seed=0))
     assert "korean from replay: wanted 90, only 0 available (90 short)" in report.shortfalls[0]
     assert "general from replay: wanted 60, only 50 available (10 short)" in report.shortfalls[1]
     assert report.drawn == len(out) == 1000 - 90 - 10
@@ -66,6 +67,6 @@ def test_mix_files_and_topic_fallback(tmp_path):
     write_records(tmp_path / "new.jsonl", [chat("Fix my code", "```python\nx = 1\n```") for _ in range(10)])
     write_records(tmp_path / "old.jsonl", [chat("Fix my code", "```js\nlet x = 1\n```") for _ in range(10)])
     report = mix([tmp_path / "new.jsonl"], [tmp_path / "old.jsonl"], tmp_path / "mix.jsonl",
-                 quotas={"coding": 10}, ratio=0.6)
+                 MixConfig(quotas={"coding": 10}, new_ratio=0.6))
     assert len(read_jsonl(tmp_path / "mix.jsonl")) == 10 == report.drawn
     assert [(d.source, d.drawn) for d in report.draws] == [("new", 6), ("replay", 4)]

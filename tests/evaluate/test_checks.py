@@ -3,7 +3,7 @@
 import pytest
 
 from edentune.config import PersonaConfig
-from edentune.evaluate import checks
+from edentune.evaluate import checks, sandbox
 from edentune.evaluate.checks import AnswerContext, check_behavior, keyword_hits, language_ok, python_blocks
 from edentune.evaluate.persona import check_persona, claims_other_identity, detect_formality
 from edentune.evaluate.sandbox import RunResult
@@ -50,6 +50,7 @@ def test_python_blocks():
     assert python_blocks("```python\ndef f(:\n") == ["def f(:\n"]  # cut off by max tokens: still checked
 
 
+@pytest.mark.skipif(sandbox.find_sandbox() is None, reason="no working sandbox here: code is not run (test_sandbox.py)")
 def test_code_runs_joined_blocks():
     assert checks.run_answer_code(KO_WITH_CODE).status == "pass"
     assert checks.run_answer_code("```python\nprint(undefined_name)\n```").status == "fail"
@@ -77,6 +78,7 @@ def test_provides_running_code_uses_sandbox_result():
     assert check_behavior("provides_running_code", "x", AnswerContext(code=RunResult("pass")))[0]
     assert not check_behavior("provides_running_code", "x", AnswerContext(code=RunResult("timeout", "wall")))[0]
     assert not check_behavior("provides_running_code", "x", AnswerContext())[0]
+    assert check_behavior("provides_running_code", "x", AnswerContext(code=RunResult("not_run", "no sandbox")))[0] is None
 
 
 def test_behavior_docs_table_lists_every_rule():

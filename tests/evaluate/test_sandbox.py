@@ -1,77 +1,314 @@
-"""Planted malicious snippets are stopped, and the machine is not hurt.
+"""Hostile snippets are stopped by the OS sandbox, judged by what happened on the host.
 
-The fork bomb is linear (only the parent forks; children sleep), so even if every layer failed it
-could not grow exponentially, and the wall timeout kills its whole process group.
+Each escape seen against the old audit-hook sandbox (issue 9) is tried again; the assertions look
+at the host (canary files, a live process, a listening socket, our secrets), not at what the
+snippet reports. The fork bomb is linear (only the parent forks; children sleep), so even if every
+layer failed it could not grow exponentially, and killing bwrap kills its whole pid namespace.
 """
 
+from __future__ import annotations
+
+import json
 import os
+import socket
+import subprocess
+import sys
+import tracemalloc
+import uuid
 
 import pytest
 
-from edentune.evaluate.sandbox import Limits, run_python
+from edentune.config import RunConfig
+from edentune.errors import EdentuneError
+from edentune.evaluate import sandbox
+from edentune.evaluate.backends import Generation
+from edentune.evaluate.runner import case_metrics, check_answer
+from edentune.evaluate.sandbox import NOT_RUN_NO_SANDBOX, Limits, run_python
+from edentune.evaluate.suite import Case
 
-FAST = Limits(cpu_seconds=2, wall_seconds=3, memory_bytes=512 << 20)
+FAST = Limits(cpu_seconds=2, wall_seconds=4, memory_bytes=512 << 20)
+SECRET = "EDENTUNE_TEST_SECRET=s3cr3t-value-for-the-sandbox-test"
+
+needs_sandbox = pytest.mark.skipif(sandbox.find_sandbox() is None, reason="no working sandbox on this machine "
+                                   "(bwrap refused): covered by the no-isolation tests below")
 
 
-def test_ordinary_code_passes_and_can_use_its_own_dir():
-    r = run_python("open('out.txt', 'w').write('ok')\nprint(open('out.txt').read())", FAST)
-    assert (r.status, r.stdout) == ("pass", "ok\n")
+def _host_text(r: sandbox.RunResult) -> str:
+    return r.stdout + r.error
 
 
-def test_write_outside_is_blocked(tmp_path):
-    target = tmp_path / "escaped.txt"
-    r = run_python(f"open({str(target)!r}, 'w').write('pwned')", FAST)
-    assert r.status == "blocked" and "outside the sandbox" in r.error
-    assert not target.exists()
+@pytest.fixture
+def host_process():
+    """A host process carrying the secret in its environment (visible in its /proc/PID/environ)."""
+    name, value = SECRET.split("=", 1)
+    proc = subprocess.Popen(["sleep", "60"], env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), name: value})
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+# -- ordinary programs --------------------------------------------------------------------------
+@needs_sandbox
+def test_ordinary_program_passes_and_can_write_its_own_dir_and_tmp():
+    r = run_python("open('out.txt', 'w').write('ok')\nopen('/tmp/t', 'w').write('!')\n"
+                   "print(open('out.txt').read() + open('/tmp/t').read())", FAST)
+    assert (r.status, r.stdout) == ("pass", "ok!\n")
+
+
+@needs_sandbox
+def test_failing_program_fails_with_its_own_error_capped():
+    r = run_python("raise ValueError('boom')", FAST)
+    assert r.status == "fail" and r.error == "ValueError: boom"
+    r = run_python("raise ValueError('x' * 100000)", FAST)
+    assert r.status == "fail" and len(r.error) <= sandbox.ERROR_CHARS
+    assert run_python("import sys; sys.exit(3)", FAST).status == "fail"
+
+
+# -- escapes seen against the audit hook ----------------------------------------------------------
+@needs_sandbox
+def test_dir_fd_writes_and_deletes_do_not_reach_the_host(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
-    assert run_python(f"import os; os.remove({str(victim)!r})", FAST).status == "blocked"
-    assert victim.exists()
+    created, made = tmp_path / "created.txt", tmp_path / "made"
+    code = f"""
+import os
+root = os.open('/', 0)
+for attempt in (lambda: os.remove({str(victim)[1:]!r}, dir_fd=root),
+                lambda: open({str(created)[1:]!r}, 'w', opener=lambda p, f: os.open(p, f, dir_fd=root)).write('pwned'),
+                lambda: os.mkdir({str(made)[1:]!r}, dir_fd=root),
+                lambda: open({str(victim)!r}, 'w').write('pwned')):
+    try:
+        attempt()
+    except OSError:
+        pass
+os._exit(0)  # a harmless program exiting 0 is a pass; what matters is that nothing above escaped
+"""
+    run_python(code, FAST)
+    assert victim.read_text() == "keep"
+    assert not created.exists() and not made.exists()
 
 
-def test_socket_is_blocked():
-    r = run_python("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)", FAST)
-    assert r.status == "blocked" and "socket" in r.error
+@needs_sandbox
+def test_other_processes_cannot_be_signalled(host_process):
+    code = f"""
+import os, signal
+for attempt in (lambda: signal.pidfd_send_signal(os.pidfd_open({host_process.pid}), signal.SIGTERM),
+                lambda: os.kill({host_process.pid}, signal.SIGKILL),
+                lambda: os.kill(-1, signal.SIGKILL)):
+    try:
+        attempt()
+    except OSError as err:
+        print(err)
+"""
+    r = run_python(code, FAST)
+    assert host_process.poll() is None  # still alive
+    assert "No such process" in r.stdout  # its pid does not exist in the sandbox's pid namespace
 
 
-def test_fork_bomb_is_blocked_and_leaves_nothing_behind():
-    before = len(os.listdir("/proc"))
-    bomb = "import os, time\nwhile True:\n    if os.fork() == 0:\n        time.sleep(600)\n"
+@needs_sandbox
+def test_host_secrets_and_files_never_reach_results(host_process, monkeypatch, tmp_path):
+    name, value = SECRET.split("=", 1)
+    monkeypatch.setenv(name, value)
+    with open(f"/proc/{host_process.pid}/environ", "rb") as f:
+        assert value.encode() in f.read()  # the secret is really there on the host
+    code = f"""
+import glob, os
+seen = [repr(dict(os.environ))]
+for path in ['/etc/shadow', '/etc/passwd', '/proc/{os.getpid()}/environ', '/proc/{host_process.pid}/environ',
+             '/proc/{os.getppid()}/environ', *glob.glob('/proc/*/environ'), *glob.glob('/proc/*/cmdline')]:
+    try:
+        seen.append(path + ': ' + open(path, 'rb').read().decode(errors='replace'))
+    except OSError as err:
+        seen.append(repr(err))
+print(seen)
+print(open('/etc/passwd').read())
+raise RuntimeError(' '.join(seen))  # the error text goes into the results too
+"""
+    r = run_python(code, FAST)
+    assert r.status == "fail" and r.stdout.endswith(f"\nsandbox:x:{os.getuid()}:{os.getgid()}::/sandbox:/bin/false\n\n")  # synthetic
+    text = _host_text(r)
+    assert value not in text and "root:x:0:0" not in text
+    if os.access("/etc/shadow", os.R_OK):
+        shadow = open("/etc/shadow").read().splitlines()[0]
+        assert shadow not in text
+    # Nor in the results file an evaluation writes.
+    cfg = RunConfig()
+    result = check_answer(Case(id="leak", prompt="q", expected_language="en"), Generation(f"```python\n{code}\n```", 0.1), cfg, FAST)
+    assert value not in json.dumps(result.model_dump())
+
+
+@needs_sandbox
+def test_host_files_are_not_visible(tmp_path):
+    (tmp_path / "notes.txt").write_text("private")
+    r = run_python(f"import os\nprint(os.path.exists({str(tmp_path)!r}), os.path.exists({__file__!r}), "
+                   f"sorted(os.listdir('/etc')))", FAST)
+    assert (r.status, r.stdout) == ("pass", "False False ['ld.so.cache', 'passwd']\n")
+    if sys.prefix != sys.base_prefix:  # of a venv, only the venv is visible, not the folder holding it
+        r = run_python("import os, sys\nprint(os.listdir(os.path.dirname(sys.prefix)))", FAST)
+        assert r.stdout == f"{[os.path.basename(sys.prefix)]}\n"
+
+
+@needs_sandbox
+def test_system_dirs_stay_read_only_and_no_nested_namespaces():
+    canary = f"/usr/edentune-canary-{uuid.uuid4().hex}"
+    code = f"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+print(libc.mount(None, b'/usr', None, MS_REMOUNT | MS_BIND, None), os.strerror(ctypes.get_errno()))  # rw again?
+print(libc.unshare(0x10000000), os.strerror(ctypes.get_errno()))  # CLONE_NEWUSER: root in a nested namespace?
+try:
+    open({canary!r}, 'w').write('pwned')
+except OSError as err:
+    print(err)
+"""
+    r = run_python(code, FAST)
+    assert not os.path.exists(canary)
+    assert r.stdout.splitlines()[:2] == ["-1 Operation not permitted", "-1 No space left on device"]
+
+
+@needs_sandbox
+def test_no_network_even_to_localhost():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.5)
+        port = listener.getsockname()[1]
+        r = run_python(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')", FAST)
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    assert r.status == "fail" and "Connection refused" in r.error
+
+
+# -- resource floods ----------------------------------------------------------------------------
+def _host_processes_with(marker: str) -> list[str]:
+    """Host processes whose command line holds `marker` (sandboxed children exec `sleep MARKER`)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def _marker() -> str:
+    return f"{600 + uuid.uuid4().int % 10 ** 6 / 10 ** 7:.7f}"  # a unique sleep duration
+
+
+@needs_sandbox
+def test_fork_bomb_is_stopped_and_leaves_nothing_behind():
+    marker = _marker()
+    bomb = f"import os\nwhile True:\n    if os.fork() == 0:\n        os.execv('/bin/sleep', ['sleep', '{marker}'])\n"
     r = run_python(bomb, FAST)
-    assert r.status == "blocked" and "os.fork" in r.error
-    assert len(os.listdir("/proc")) < before + 20
+    assert r.status == "fail" and "Resource temporarily unavailable" in r.error
+    assert _host_processes_with(marker) == []  # the sleeping children died with the sandbox
 
 
-def test_caught_violation_still_reported():
-    r = run_python("import os\ntry:\n    os.system('id')\nexcept Exception:\n    pass\nprint('fine')", FAST)
-    assert r.status == "blocked"
+@needs_sandbox
+def test_thread_bomb_is_stopped():
+    r = run_python("import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()",
+                   FAST)
+    assert r.status == "fail" and "can't start new thread" in r.error and r.seconds < FAST.wall_seconds
 
 
-@pytest.mark.parametrize("code", ["import subprocess\nsubprocess.run(['true'])", "import os\nos.execv('/bin/true', ['true'])"])
-def test_process_creation_is_blocked(code):
-    assert run_python(code, FAST).status == "blocked"
-
-
-def test_huge_allocation_is_stopped():
-    r = run_python("x = bytearray(10 * 1024 ** 3)", FAST)
+@needs_sandbox
+@pytest.mark.parametrize("code", ["x = bytearray(10 * 1024 ** 3)",
+                                  "chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))"])
+def test_memory_hog_is_stopped(code):
+    r = run_python(code, Limits(memory_bytes=256 << 20, cpu_seconds=10, wall_seconds=20))
     assert r.status == "blocked" and "MemoryError" in r.error
 
 
-def test_sleep_forever_times_out():
-    r = run_python("import time\ntime.sleep(10 ** 6)", Limits(wall_seconds=1.5))
-    assert r.status == "timeout" and r.seconds < 5
+@needs_sandbox
+def test_disk_is_bounded():
+    r = run_python("for i in range(100):\n    open(f'f{i}', 'wb').write(bytes(4 << 20))", Limits(disk_bytes=16 << 20))
+    assert r.status == "blocked" and "No space left" in r.error
 
 
-def test_busy_loop_hits_cpu_limit():
-    assert run_python("while True: pass", Limits(cpu_seconds=1, wall_seconds=5)).status == "timeout"
+@needs_sandbox
+def test_cpu_spin_hits_cpu_limit():
+    r = run_python("while True: pass", Limits(cpu_seconds=1, wall_seconds=20))
+    assert r.status == "timeout" and "CPU" in r.error  # not the wall clock
 
 
-def test_environment_secrets_are_not_inherited(monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "secret-token")
-    r = run_python("import os; print(os.environ.get('HF_TOKEN'))", FAST)
-    assert r.stdout.strip() == "None"
+@needs_sandbox
+def test_sleep_past_wall_time_is_killed_with_its_children():
+    marker = _marker()
+    code = f"import os\nif os.fork() == 0:\n    os.setsid()\nos.execv('/bin/sleep', ['sleep', '{marker}'])"
+    r = run_python(code, Limits(wall_seconds=1))
+    assert r.status == "timeout" and "wall-clock" in r.error and r.seconds < 3
+    assert _host_processes_with(marker) == []
 
 
-def test_runtime_error_is_a_failure():
-    r = run_python("raise ValueError('boom')", FAST)
-    assert r.status == "fail" and "ValueError: boom" in r.error
+@needs_sandbox
+def test_closing_its_output_does_not_escape_the_wall_clock():
+    r = run_python("import os, time\nos.close(1)\nos.close(2)\ntime.sleep(10 ** 6)", Limits(wall_seconds=1))
+    assert r.status == "timeout" and r.seconds < 3
+
+
+@needs_sandbox
+def test_gigabyte_of_stdout_is_cut_off_in_bounded_memory():
+    tracemalloc.start()
+    try:
+        r = run_python("import sys\nfor _ in range(1024):\n    sys.stdout.buffer.write(b'x' * (1 << 20))", Limits(wall_seconds=20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.status == "blocked" and "output limit" in r.error
+    assert len(r.stdout) <= sandbox.STDOUT_CHARS  # and it ended at 8 MiB, well before the wall clock
+    assert peak < 4 * Limits().output_keep + (1 << 20)
+
+
+# -- where no isolation is available ------------------------------------------------------------
+@pytest.fixture
+def no_sandbox(monkeypatch):
+    monkeypatch.setattr(sandbox, "find_sandbox", lambda: None)
+
+
+def test_without_sandbox_code_is_not_run(no_sandbox, tmp_path):
+    canary = tmp_path / "ran.txt"
+    code = f"open({str(canary)!r}, 'w').write('ran')"
+    r = run_python(code, FAST)
+    assert (r.status, r.error) == ("not_run", NOT_RUN_NO_SANDBOX) and not canary.exists()
+    assert run_python(code, FAST, mode="never").status == "not_run" and not canary.exists()
+    with pytest.raises(EdentuneError, match="no sandbox"):
+        run_python(code, FAST, mode="sandbox")
+    # The explicit opt-in runs it, with limits and a clean environment but no isolation.
+    assert run_python(code, FAST, mode="unsafe-no-sandbox").status == "pass" and canary.read_text() == "ran"
+
+
+def test_unsandboxed_opt_in_still_has_limits_and_no_secrets(no_sandbox, monkeypatch):
+    name, value = SECRET.split("=", 1)
+    monkeypatch.setenv(name, value)
+    assert value not in run_python("import os; print(os.environ)", FAST, mode="unsafe-no-sandbox").stdout
+    r = run_python("import time\ntime.sleep(10 ** 6)", Limits(wall_seconds=1), mode="unsafe-no-sandbox")
+    assert r.status == "timeout"
+
+
+def test_without_sandbox_the_code_metric_is_not_applicable(no_sandbox):
+    cfg = RunConfig()
+    case = Case(id="code", prompt="write code", expected_behavior="provides_running_code")
+    result = check_answer(case, Generation("```python\nprint(1)\n```", 0.1), cfg, FAST)
+    assert (result.code_status, result.code_error) == ("not_run", NOT_RUN_NO_SANDBOX)
+    assert result.behavior_ok is None and result.passed
+    no_code = check_answer(case, Generation("no code here", 0.1), cfg, FAST)
+    assert case_metrics([result, no_code])["code_pass_rate"] is None  # not 0, not 1
+
+
+def test_sandbox_mode_fails_before_generating(no_sandbox):
+    from edentune.evaluate.runner import evaluate
+    from edentune.evaluate.suite import Suite
+
+    class Unused:
+        name = "unused"
+
+        def generate(self, *_):
+            raise AssertionError("generated although the run could never be scored")
+
+    cfg = RunConfig()
+    cfg.evaluation.run_code = "sandbox"
+    with pytest.raises(EdentuneError, match="no sandbox"):
+        evaluate(cfg, Unused(), Suite(name="x", path="x", cases=[Case(id="a", prompt="q", expected_language="en")]))

@@ -1,17 +1,29 @@
 """STAND-IN for an Ollama server, for tests only: Ollama cannot run on the CI machines.
 
 It implements the few endpoints edentune's deploy uses, following Ollama's API documentation:
-blobs (HEAD/POST with digest check), create (JSON fields only: Modelfile text is refused, a
-missing `from` model is an error instead of a pull), show, tags, copy, delete. Models are kept in
-memory; `show` renders a Modelfile text the way Ollama's does (FROM/ADAPTER/TEMPLATE/SYSTEM/PARAMETER).
+version, blobs (HEAD/POST with digest check), create (JSON fields only: Modelfile text is refused,
+a missing `from` model is an error instead of a pull), show, tags, copy, delete, and chat. Models
+are kept in memory; `show` renders a Modelfile text the way Ollama's does
+(FROM/ADAPTER/TEMPLATE/SYSTEM/PARAMETER).
+
+`/api/chat` really answers, as Ollama's llama.cpp runner does: the base GGUF registered for the
+FROM name (`{"gguf": path}` in `base_models`) plus the created model's adapter blob as a GGUF LoRA
+at scale 1 (or the model's own GGUF blob), the prompt rendered from the model's TEMPLATE and
+SYSTEM by the Go-template renderer; it always decodes greedily (sampling options other than
+num_predict are ignored). Switches simulate known failures: `drop_adapters` (answers from the
+base alone, as when an adapter is silently not applied) and `refuse_adapters` (create refuses a
+GGUF adapter, as a newer Ollama may).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 CREATE_FIELDS = {"model", "from", "files", "adapters", "template", "license", "system", "parameters", "messages",
                  "quantize", "stream"}
@@ -22,10 +34,15 @@ def _full(name: str) -> str:
 
 
 class OllamaStandIn:
-    def __init__(self, base_models: dict[str, dict] | None = None):
+    def __init__(self, base_models: dict[str, dict] | None = None, *, version: str = "0.13.0",
+                 drop_adapters: bool = False, refuse_adapters: bool = False):
         self.blobs: dict[str, bytes] = {}
         self.models: dict[str, dict] = {_full(k): dict(v) for k, v in (base_models or {}).items()}
         self.requests: list[tuple[str, str]] = []
+        self.create_requests: list[dict] = []
+        self.version, self.drop_adapters, self.refuse_adapters = version, drop_adapters, refuse_adapters
+        self._llamas: dict[tuple, object] = {}
+        self._blob_dir = Path(tempfile.mkdtemp(prefix="ollama-standin-"))
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.host = f"http://127.0.0.1:{self._server.server_address[1]}"
 
@@ -36,6 +53,47 @@ class OllamaStandIn:
     def __exit__(self, *exc):
         self._server.shutdown()
         self._server.server_close()
+        self._llamas.clear()
+        shutil.rmtree(self._blob_dir, ignore_errors=True)
+
+    def _blob_file(self, digest: str) -> Path:
+        path = self._blob_dir / digest.replace(":", "-")
+        if not path.exists():
+            path.write_bytes(self.blobs[digest])
+        return path
+
+    def _weights(self, name: str) -> tuple[str, list[str]]:
+        """(model GGUF, adapter GGUFs) that llama.cpp loads for a model, following FROM."""
+        m = self.models[name]
+        if m.get("gguf"):
+            return str(m["gguf"]), []
+        if m.get("files"):
+            return str(self._blob_file(next(iter(m["files"].values())))), []
+        if not m.get("from") or _full(m["from"]) not in self.models:
+            raise LookupError(f"model {name} has no weights")
+        model, adapters = self._weights(_full(m["from"]))
+        if not self.drop_adapters:
+            adapters = adapters + [str(self._blob_file(d)) for d in (m.get("adapters") or {}).values()]
+        return model, adapters
+
+    def answer(self, name: str, messages: list[dict], options: dict) -> str:
+        from edentune.export.adapter_gguf import validate_adapter_against_base
+        from edentune.export.parity import greedy_answer, llama_model, render_ollama_prompt
+
+        m = self.models[name]
+        model, adapters = self._weights(name)
+        if len(adapters) > 1:
+            raise LookupError("the stand-in serves at most one adapter")
+        for adapter in adapters:
+            validate_adapter_against_base(adapter, model)  # a bad adapter segfaults llama-cpp-python
+        key = (model, tuple(adapters))
+        if key not in self._llamas:
+            self._llamas[key] = llama_model(model, lora=adapters[0] if adapters else None, n_ctx=1024, n_threads=1)
+        params = m.get("parameters") or {}
+        prompt = render_ollama_prompt(m.get("template") or "{{ .Prompt }}", m.get("system"), messages)
+        stops = params.get("stop") or []
+        n = int(options.get("num_predict") or params.get("num_predict") or 128)
+        return greedy_answer(self._llamas[key], prompt, n, stops if isinstance(stops, list) else [stops])
 
     def modelfile(self, name: str) -> str:
         m = self.models[name]
@@ -85,6 +143,8 @@ class OllamaStandIn:
 
             def do_GET(self):
                 standin.requests.append(("GET", self.path))
+                if self.path == "/api/version":
+                    return self._send(200, {"version": standin.version})
                 if self.path != "/api/tags":
                     return self._send(404, {"error": "not found"})
                 self._send(200, {"models": [
@@ -116,9 +176,13 @@ class OllamaStandIn:
                     m = standin.models[name]
                     params = "\n".join(f"{k} {json.dumps(x)}" for k, v in (m.get("parameters") or {}).items()
                                        for x in (v if isinstance(v, list) else [v]))
-                    return self._send(200, {"modelfile": standin.modelfile(name), "template": m.get("template", ""),
-                                            "system": m.get("system"), "parameters": params, "details": {},
-                                            "model_info": {}})
+                    shown = {"modelfile": standin.modelfile(name), "template": m.get("template", ""),
+                             "system": m.get("system"), "parameters": params, "details": {}, "model_info": {}}
+                    if m.get("remote_host"):  # how Ollama shows a cloud model
+                        shown.update(remote_host=m["remote_host"], remote_model=name)
+                    return self._send(200, shown)
+                if self.path == "/api/chat":
+                    return self._chat(req)
                 if self.path == "/api/copy":
                     src, dst = _full(req.get("source", "")), _full(req.get("destination", ""))
                     if src not in standin.models:
@@ -127,7 +191,21 @@ class OllamaStandIn:
                     return self._send(200)
                 self._send(404, {"error": "not found"})
 
+            def _chat(self, req: dict):
+                name = _full(req.get("model", ""))
+                if name not in standin.models:
+                    return self._send(404, {"error": f"model '{name}' not found"})
+                if req.get("stream", True):
+                    return self._send(400, {"error": "stand-in: only stream=false chat is implemented"})
+                try:
+                    text = standin.answer(name, req.get("messages") or [], req.get("options") or {})
+                except Exception as err:  # noqa: BLE001 - reported like Ollama's runner errors
+                    return self._send(500, {"error": f"stand-in runner: {err}"})
+                self._send(200, {"model": name, "created_at": "2025-01-01T00:00:00Z", "done": True, "done_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}})
+
             def _create(self, req: dict):
+                standin.create_requests.append(req)
                 unknown = set(req) - CREATE_FIELDS
                 if unknown:  # e.g. the old `modelfile` text field, which Ollama no longer accepts
                     return self._send(400, {"error": f"unknown field(s) {sorted(unknown)}"})
@@ -136,6 +214,8 @@ class OllamaStandIn:
                 base = req.get("from")
                 if base and _full(base) not in standin.models:
                     return self._send(404, {"error": f"stand-in: base '{base}' not present (real Ollama would pull it)"})
+                if req.get("adapters") and standin.refuse_adapters:
+                    return self._send(400, {"error": "stand-in: this Ollama does not accept GGUF adapters"})
                 for digest in list((req.get("adapters") or {}).values()) + list((req.get("files") or {}).values()):
                     if digest not in standin.blobs:
                         return self._send(400, {"error": f"blob {digest} not found"})

@@ -1,11 +1,19 @@
-"""Deploy against a stand-in Ollama server (Ollama cannot run here): create, confirm the adapter
-through /api/show, keep and restore the previous model, clear errors when Ollama is down or the
-base is not pulled."""
+"""Deploy against a stand-in Ollama server (Ollama cannot run here): plan touches nothing, create,
+confirm through /api/show, keep and restore the previous model, the gate re-checks its hashes, the
+registry is checked before anything is created, and every network failure (down, silent, not
+Ollama, malformed host) is a clear, bounded error. The smoke check is in test_smoke_check.py."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from threading import Thread
 
 import httpx
 import pytest
@@ -16,10 +24,26 @@ from qwen25_template import QWEN25_OLLAMA_TEMPLATE
 from edentune.config import RunConfig
 from edentune.errors import EdentuneError
 from edentune.export import export_adapter
-from edentune.export.deploy import deploy, rollback
+from edentune.export.deploy import (
+    DeployPlan,
+    apply_deploy,
+    check_gate,
+    check_host,
+    deploy,
+    plan_deploy,
+    read_registry,
+    rollback,
+)
 from edentune.export.modelfile import CHATML_TEMPLATE, STOP_TOKENS
+from edentune.io import file_sha256
 
 QWEN_BASE = {"qwen2.5:14b": {"template": QWEN25_OLLAMA_TEMPLATE, "parameters": {"stop": ["<|im_start|>", "<|im_end|>"]}}}
+CHANGING = {"/api/create", "/api/copy", "/api/delete"}
+
+
+def changes(server: OllamaStandIn) -> list[tuple[str, str]]:
+    """Requests that change something in Ollama (blob uploads included)."""
+    return [(m, p) for m, p in server.requests if p in CHANGING or (m == "POST" and p.startswith("/api/blobs/"))]
 
 
 @pytest.fixture(scope="module")
@@ -32,36 +56,63 @@ def exported(tiny_qwen2_dir, tmp_path_factory):
     return cfg, result
 
 
-def test_deploy_creates_confirms_and_rolls_back(exported):
+def test_deploy_creates_confirms_and_rolls_back(exported, tmp_path):
     cfg, result = exported
+    registry = tmp_path / "deployments.json"
     with OllamaStandIn(QWEN_BASE) as server:
-        first = deploy(cfg, result.out_dir, host=server.host)[0]
+        first = deploy(cfg, result.out_dir, host=server.host, registry=registry, smoke=False)[0]
         model = server.models["eden:latest"]
-        assert model["adapters"] == {"adapter.gguf": first["adapter.gguf"]} and model["from"] == "qwen2.5:14b"
+        assert model["adapters"] == {"adapter.gguf": first["digest"]} and model["from"] == "qwen2.5:14b"
         assert model["system"] == cfg.model.system_prompt
         assert model["parameters"]["stop"] == list(STOP_TOKENS) and model["parameters"]["num_ctx"] == cfg.export.num_ctx
         assert model["template"] == QWEN25_OLLAMA_TEMPLATE  # the base's template already matches training
-        assert first["previous"] is None and first["adapter.gguf"] in server.blobs
+        assert first["previous"] is None and first["digest"] in server.blobs
+        assert first["route"] == "adapter" and first["ollama_version"] == "0.13.0" and first["smoke"] == {"status": "skipped"}
+        assert all("quantize" not in req for req in server.create_requests)  # never re-quantize a GGUF
 
         server.models["eden:latest"]["system"] = "the old persona"  # make the current model recognisable
-        second = deploy(cfg, result.out_dir, host=server.host)[0]
+        second = deploy(cfg, result.out_dir, host=server.host, registry=registry, smoke=False)[0]
         assert second["previous"] == "eden:previous"
         assert server.models["eden:previous"]["system"] == "the old persona"
         assert server.models["eden:latest"]["system"] == cfg.model.system_prompt
 
-        restored = rollback(cfg, host=server.host)
+        restored = rollback(cfg, host=server.host, registry=registry)
         assert restored["restored_from"] == "eden:previous"
         assert server.models["eden:latest"]["system"] == "the old persona"
-    history = json.loads((Path(cfg.training.output_dir) / "deployments.json").read_text())
-    assert [h["action"] for h in history] == ["deploy", "deploy", "rollback"]
+    assert [h["action"] for h in read_registry(registry)] == ["deploy", "deploy", "rollback"]
+
+
+def test_deploy_functions_return_records_and_persist_nothing_by_themselves(exported, tmp_path):
+    cfg, result = exported
+    cfg = cfg.updated({"training.output_dir": str(tmp_path / "run")})
+    with OllamaStandIn(QWEN_BASE) as server:
+        records = deploy(cfg, result.out_dir, host=server.host, smoke=False)
+    assert records[0]["model"] == "eden:latest" and not (tmp_path / "run").exists()
+
+
+def test_plan_touches_nothing_in_ollama(exported):
+    cfg, result = exported
+    with OllamaStandIn(QWEN_BASE) as server:
+        server.models["eden:latest"] = {"from": "qwen2.5:14b", "system": "old"}
+        plan = plan_deploy(cfg, result.out_dir, host=server.host)
+        assert isinstance(plan, DeployPlan) and changes(server) == []
+        assert {p for _, p in server.requests} == {"/api/version", "/api/tags", "/api/show"}
+        (mp,) = plan.models
+        assert (plan.route, mp.name, mp.from_, mp.previous, mp.template_source) == ("adapter", "eden:latest", "qwen2.5:14b", "eden:previous", "base")
+        assert plan.ollama_version == "0.13.0" and plan.merged_fallback is None and plan.timeout_s == 30
+        assert server.models["eden:latest"]["system"] == "old"
+
+        records = apply_deploy(plan, smoke=False)
+        assert [p for _, p in changes(server)][-2:] == ["/api/copy", "/api/create"]
+        assert records[0]["previous"] == "eden:previous" and server.models["eden:previous"]["system"] == "old"
 
 
 def test_base_with_another_template_gets_edentune_chatml(exported):
     cfg, result = exported
     other = {"qwen2.5:14b": {"template": "{{ .System }}USER: {{ .Prompt }} ASSISTANT:"}}
     with OllamaStandIn(other) as server:
-        deploy(cfg, result.out_dir, host=server.host, registry=Path(cfg.training.output_dir) / "other.json")
-        assert server.models["eden:latest"]["template"] == CHATML_TEMPLATE
+        (record,) = deploy(cfg, result.out_dir, host=server.host, smoke=False)
+        assert server.models["eden:latest"]["template"] == CHATML_TEMPLATE and record["template"] == "edentune-chatml"
 
 
 def test_missing_base_is_an_error_not_a_silent_pull(exported):
@@ -70,19 +121,167 @@ def test_missing_base_is_an_error_not_a_silent_pull(exported):
         with pytest.raises(EdentuneError, match=r"base model 'qwen2.5:14b' is not in Ollama") as err:
             deploy(cfg, result.out_dir, host=server.host)
         assert "ollama pull qwen2.5:14b" in str(err.value)
-        assert not any(path == "/api/create" for _, path in server.requests)
+        assert changes(server) == []
 
+
+def with_base(result, tmp_path: Path, base: str) -> Path:
+    """A copy of the export whose Modelfile says FROM `base`."""
+    out = tmp_path / "export"
+    shutil.copytree(result.out_dir, out)
+    text = (out / "Modelfile").read_text()
+    (out / "Modelfile").write_text(text.replace("FROM qwen2.5:14b", f"FROM {base}"))
+    return out
+
+
+@pytest.mark.parametrize("base", ["gpt-oss:120b-cloud", "gemma4:cloud", "https://example.com/model"])
+def test_adapter_on_a_cloud_base_is_refused(exported, tmp_path, base):
+    cfg, result = exported
+    export_dir = with_base(result, tmp_path, base)
+    with OllamaStandIn({base: {"template": CHATML_TEMPLATE}}) as server:
+        with pytest.raises(EdentuneError, match="is not a local model") as err:
+            plan_deploy(cfg, export_dir, host=server.host)
+        assert "--merged" in str(err.value) and changes(server) == []
+
+
+def test_adapter_on_a_remote_base_shown_by_ollama_is_refused(exported):
+    cfg, result = exported
+    remote = {"qwen2.5:14b": dict(QWEN_BASE["qwen2.5:14b"], remote_host="https://ollama.com:443")}
+    with OllamaStandIn(remote) as server:
+        with pytest.raises(EdentuneError, match=r"remote model served by https://ollama.com:443"):
+            deploy(cfg, result.out_dir, host=server.host)
+        assert changes(server) == []
+
+
+def test_old_ollama_without_the_json_create_api_is_refused(exported):
+    cfg, result = exported
+    with OllamaStandIn(QWEN_BASE, version="0.5.4") as server:
+        with pytest.raises(EdentuneError, match=r"version 0.5.4; deploy needs 0.5.5 or newer"):
+            deploy(cfg, result.out_dir, host=server.host)
+        assert changes(server) == []
+
+
+def test_corrupt_registry_is_an_error_before_anything_is_created(exported, tmp_path):
+    cfg, result = exported
+    for text in ("{not json", '{"a": 1}', "[" * 100000):
+        registry = tmp_path / "deployments.json"
+        registry.write_text(text)
+        with OllamaStandIn(QWEN_BASE) as server:
+            with pytest.raises(EdentuneError, match="deploy registry .* (cannot be read|is not a list)") as err:
+                deploy(cfg, result.out_dir, host=server.host, registry=registry)
+            assert "nothing was changed in Ollama" in str(err.value)
+            assert server.requests == [] and "eden:latest" not in server.models
+            with pytest.raises(EdentuneError, match="deploy registry"):
+                rollback(cfg, host=server.host, registry=registry)
+        assert registry.read_text() == text  # never overwritten
+
+
+# -- the network: down, silent, not Ollama, malformed ----------------------------------------------
 
 def test_ollama_not_running(exported):
     cfg, result = exported
     with OllamaStandIn() as server:
         host = server.host  # the port is closed after the block
-    with pytest.raises(EdentuneError, match="cannot reach Ollama") as err:
+    with pytest.raises(EdentuneError, match=f"cannot reach Ollama at {host}: connection refused") as err:
         deploy(cfg, result.out_dir, host=host)
     assert "ollama serve" in str(err.value)
     with pytest.raises(EdentuneError, match="cannot reach Ollama"):
         rollback(cfg, host=host)
 
+
+def test_a_server_that_accepts_and_never_answers_times_out(exported):
+    cfg, result = exported
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # the kernel accepts connections; nobody ever answers
+    host = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        start = time.monotonic()
+        with pytest.raises(EdentuneError, match=rf"Ollama at {host} did not answer GET /api/version within 0.5 s") as err:
+            plan_deploy(cfg.updated({"export.ollama_timeout_s": 0.5}), result.out_dir, host=host)
+        assert time.monotonic() - start < 10
+        assert "export.ollama_timeout_s" in str(err.value)
+    finally:
+        listener.close()
+
+
+class _WebPage(BaseHTTPRequestHandler):
+    status = 200
+
+    def log_message(self, *args):
+        pass
+
+    def _page(self):
+        body = b"<!DOCTYPE html><html><body>Welcome to nginx!</body></html>"
+        self.send_response(self.status)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _page
+
+
+class _NotFound(_WebPage):
+    status = 404
+
+
+class _OtherApi(_WebPage):
+    """Another JSON API on the port: 404 {"error": ...} for Ollama's paths."""
+
+    def _page(self):
+        body = b'{"error": "no route"}'
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _page
+
+
+@pytest.mark.parametrize("handler", [_WebPage, _NotFound, _OtherApi])
+def test_a_web_server_is_not_ollama(exported, handler):
+    cfg, result = exported
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    Thread(target=server.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(EdentuneError, match=f"not an Ollama server at {host}") as err:
+            deploy(cfg, result.out_dir, host=host)
+        assert "11434" in str(err.value)  # says what to check
+        with pytest.raises(EdentuneError, match=f"not an Ollama server at {host}"):
+            rollback(cfg, host=host)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("host", ["ftp://127.0.0.1:11434", "http://127.0.0.1:99999", "http://127.0.0.1:port", "http://", "local host:11434", ""])
+def test_a_malformed_host_is_a_clear_error(exported, host):
+    cfg, result = exported
+    with pytest.raises(EdentuneError, match="malformed Ollama host") as err:
+        deploy(cfg.updated({"export.ollama_host": host or " "}), result.out_dir)
+    assert "http://HOST:PORT" in str(err.value)
+
+
+def test_hosts_in_ollamas_own_forms_are_accepted():
+    for host in ("127.0.0.1", "localhost:11434", "http://[::1]:11434", "https://example.com/ollama", ":11434"):
+        assert check_host(host) == host
+
+
+def test_an_unresolvable_host_is_named_as_such():
+    from edentune.export.deploy import _connect_reason
+
+    try:
+        try:
+            raise httpx.ConnectError("[Errno -2] Name or service not known")
+        except httpx.ConnectError:
+            raise ConnectionError("Failed to connect to Ollama.")  # what the ollama client raises
+    except ConnectionError as err:
+        assert _connect_reason(err).startswith("the host name does not resolve")
+
+
+# -- the stand-in, personas, rollback -------------------------------------------------------------
 
 def test_rollback_without_previous(exported):
     cfg, _ = exported
@@ -92,12 +291,14 @@ def test_rollback_without_previous(exported):
 
 def test_standin_follows_the_documented_api():
     with OllamaStandIn(QWEN_BASE) as server:
+        assert httpx.get(f"{server.host}/api/version").json() == {"version": "0.13.0"}
         bad = httpx.post(f"{server.host}/api/blobs/sha256:{'0' * 64}", content=b"data")
         assert bad.status_code == 400
         legacy = httpx.post(f"{server.host}/api/create", json={"model": "x", "modelfile": "FROM qwen2.5:14b"})
         assert legacy.status_code == 400 and "modelfile" in legacy.json()["error"]
         streamed = httpx.post(f"{server.host}/api/create", json={"model": "x", "from": "qwen2.5:14b"})
         assert [json.loads(line)["status"] for line in streamed.text.splitlines()][-1] == "success"
+        assert httpx.post(f"{server.host}/api/chat", json={"model": "nope", "stream": False}).status_code == 404
         assert httpx.request("DELETE", f"{server.host}/api/delete", json={"model": "x"}).status_code == 200
 
 
@@ -111,7 +312,7 @@ def test_personas_and_host_from_the_config(exported, tmp_path, monkeypatch):
     assert set(result.modelfiles) == set(personas)
     monkeypatch.setenv("OLLAMA_HOST", "http://127.0.0.1:9")  # nothing listens there: must not be used
     with OllamaStandIn(QWEN_BASE) as server:
-        records = deploy(cfg.updated({"export.ollama_host": server.host}), result.out_dir)
+        records = deploy(cfg.updated({"export.ollama_host": server.host}), result.out_dir, smoke=False)
         assert {r["model"] for r in records} == {"eden:latest", "eden-formal:v2"}
         assert server.models["eden:latest"]["system"] == personas["eden"]
         assert server.models["eden-formal:v2"]["system"] == personas["eden-formal:v2"]
@@ -126,28 +327,90 @@ def test_a_persona_without_a_prompt_is_a_config_error():
         parse_config({"export": {"personas": {"eden-ko": "  "}}})
 
 
-def write_comparison(path: Path, ship: bool, sha: str | None) -> Path:
+# -- the gate ---------------------------------------------------------------------------------------
+
+def write_comparison(path: Path, ship: bool, sha: str | None, **fields) -> Path:
     """The part of `edentune compare`'s comparison.json the gate reads (the full file is tested in tests/evaluate)."""
     path.write_text(json.dumps({"ship": ship, "reasons": [] if ship else ["Persona adherence is worse (1 → 0.5)"],
-                                "candidate_adapter_sha256": sha}))
+                                "candidate_adapter_sha256": sha} | fields))
     return path
 
 
-def test_deploy_gate_ships_only_a_better_model_and_only_this_adapter(exported, tmp_path):
-    from edentune.io import file_sha256
+@pytest.fixture
+def results_files(tmp_path):
+    base, cand = tmp_path / "base.json", tmp_path / "cand.json"
+    base.write_text('{"cases": 31}')
+    cand.write_text('{"cases": 31, "model": "tuned"}')
+    return {"suite_sha256": "5" * 64, "base_results_sha256": file_sha256(base), "candidate_results_sha256": file_sha256(cand),
+            "base_results_path": str(base), "candidate_results_path": str(cand)}
 
+
+def test_deploy_gate_ships_only_a_better_model_and_only_this_adapter(exported, tmp_path, results_files):
     cfg, result = exported
     sha = json.loads(result.report_path.read_text())["adapter_sha256"]
     assert sha == file_sha256(Path(result.report["adapter_dir"]) / "adapter_model.safetensors")
-    cfg = cfg.updated({"training.output_dir": str(tmp_path / "run")})
+    registry = tmp_path / "run" / "deployments.json"
     with OllamaStandIn(QWEN_BASE) as server:
         with pytest.raises(EdentuneError, match="not deploying: the comparison says .*Persona adherence is worse"):
-            deploy(cfg, result.out_dir, host=server.host, gate=write_comparison(tmp_path / "worse.json", False, sha))
+            deploy(cfg, result.out_dir, host=server.host, registry=registry,
+                   gate=write_comparison(tmp_path / "worse.json", False, sha, **results_files))
         with pytest.raises(EdentuneError, match="not deploying: .* scored adapter 000000000000"):
-            deploy(cfg, result.out_dir, host=server.host, gate=write_comparison(tmp_path / "other.json", True, "0" * 64))
+            deploy(cfg, result.out_dir, host=server.host, gate=write_comparison(tmp_path / "other.json", True, "0" * 64, **results_files))
         with pytest.raises(EdentuneError, match="not a comparison.json"):
             deploy(cfg, result.out_dir, host=server.host, gate=tmp_path / "missing.json")
-        assert "eden:latest" not in server.models and not (tmp_path / "run" / "deployments.json").exists()
+        assert "eden:latest" not in server.models and server.requests == [] and not registry.exists()
 
-        (record,) = deploy(cfg, result.out_dir, host=server.host, gate=write_comparison(tmp_path / "ok.json", True, sha))
-        assert "eden:latest" in server.models and record["gate"] == {"comparison": str(tmp_path / "ok.json"), "adapter_sha256": sha}
+        ok = write_comparison(tmp_path / "ok.json", True, sha, **results_files)
+        (record,) = deploy(cfg, result.out_dir, host=server.host, gate=ok, registry=registry, smoke=False)
+        assert "eden:latest" in server.models
+        assert record["gate"] == {"comparison": str(ok), "adapter_sha256": sha, "suite_sha256": "5" * 64,
+                                  "results_checked": {"base": results_files["base_results_path"],
+                                                      "candidate": results_files["candidate_results_path"]}}
+
+
+@pytest.mark.parametrize("missing", ["suite_sha256", "base_results_sha256", "candidate_results_sha256", "candidate_adapter_sha256"])
+def test_gate_refuses_an_old_comparison_without_hashes(tmp_path, results_files, missing):
+    fields = {k: v for k, v in results_files.items() if k != missing}
+    sha = None if missing == "candidate_adapter_sha256" else "a" * 64
+    with pytest.raises(EdentuneError, match=f"has no {missing}.*older `edentune compare`") as err:
+        check_gate(write_comparison(tmp_path / "c.json", True, sha, **fields), {"adapter_sha256": "a" * 64})
+    assert "re-run `edentune compare`" in str(err.value)
+
+
+def test_gate_refuses_results_changed_after_compare(tmp_path, results_files):
+    comparison = write_comparison(tmp_path / "c.json", True, "a" * 64, **results_files)
+    assert check_gate(comparison, {"adapter_sha256": "a" * 64})["results_checked"]
+    Path(results_files["candidate_results_path"]).write_text('{"cases": 2}')  # re-scored on another suite
+    with pytest.raises(EdentuneError, match=r"cand.json changed after `edentune compare` scored it"):
+        check_gate(comparison, {"adapter_sha256": "a" * 64})
+
+
+def test_gate_with_results_not_from_files_or_moved(tmp_path, results_files):
+    moved = dict(results_files, base_results_path=None, candidate_results_path=str(tmp_path / "gone.json"))
+    record = check_gate(write_comparison(tmp_path / "c.json", True, "a" * 64, **moved), {"adapter_sha256": "a" * 64})
+    assert record["results_checked"] == {}
+
+
+# -- the CLI ----------------------------------------------------------------------------------------
+
+def test_export_cli_does_not_import_the_root_cli():
+    code = "import sys, edentune.export.cli; assert 'edentune.cli' not in sys.modules, 'imports the root CLI'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_deploy_cli_writes_the_registry(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from edentune.cli import app
+
+    cfg, result = exported
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(cfg.updated({"training.output_dir": str(tmp_path / "run")}).model_dump(mode="json")))
+    runner = CliRunner()
+    assert "--no-smoke-check" in runner.invoke(app, ["deploy", "--help"]).output
+    with OllamaStandIn(QWEN_BASE) as server:
+        out = runner.invoke(app, ["deploy", str(config), "-e", str(result.out_dir), "--host", server.host, "--no-smoke-check"])
+        assert out.exit_code == 0, out.output
+        assert "eden:latest" in server.models
+    (record,) = read_registry(tmp_path / "run" / "deployments.json")
+    assert record["model"] == "eden:latest" and record["smoke"] == {"status": "skipped"}

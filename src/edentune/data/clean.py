@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterable
 
 from datasketch import MinHash, MinHashLSH
 
+from edentune.config import CleanConfig
 from edentune.data.lang import detect
 from edentune.data.records import MAX_LINE_BYTES, Item, PathLike, Rejected, Report, load, write_outputs
-from edentune.data.scrub import MODES, scrub_record, scrub_text
+from edentune.data.scrub import scrub_record, scrub_text
 from edentune.data.validate import validate_record
-from edentune.errors import DataError
+from edentune.io import check_outputs
 
 
 def normalise(text: str) -> str:
@@ -133,29 +134,28 @@ def _near_dups(threshold: float, num_perm: int) -> Callable[[Item], None]:
 
 
 def clean(paths: Iterable[PathLike], write: PathLike | None = None, quarantine: PathLike | None = None,
-          *, scrub: str = "redact",
-          near_dup_threshold: float = 0.85, num_perm: int = 128, min_chars: int = 10,
-          max_chars: int = 50_000, max_turn_chars: int = 20_000, language_check: bool = True,
+          config: CleanConfig | None = None, *, report_path: PathLike | None = None, num_perm: int = 128,
           max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[dict], Report]:
-    """Validate then clean JSONL files. `scrub`: "redact" (default), "drop" (quarantine the
-    record) or "off". `near_dup_threshold` is the Jaccard similarity above which a record is a
-    near duplicate (1.0 disables the near-duplicate pass)."""
-    if scrub not in MODES:
-        raise DataError(f"unknown scrub mode {scrub!r}", hint=f"use one of: {', '.join(MODES)}")
+    """Validate then clean JSONL files with the settings of `config` (default: CleanConfig()).
+    Kept records go to `write`, removed lines to `quarantine`, the report as JSON to
+    `report_path`: all or none of them, never over an input."""
+    cfg = config or CleanConfig()
+    paths = list(paths)
+    check_outputs(paths, [write, quarantine, report_path])
     report = Report()
     items = load(paths, validate_record, report, max_line_bytes)
-    checks = [_lengths(min_chars, max_chars, max_turn_chars), check_broken]
-    if scrub != "off":
-        checks.insert(0, scrubber(report, scrub))
-    if language_check:
+    checks = [_lengths(cfg.min_chars, cfg.max_chars, cfg.max_turn_chars), check_broken]
+    if cfg.scrub != "off":
+        checks.insert(0, scrubber(report, cfg.scrub))
+    if cfg.language_mismatch:
         checks.append(check_language)
     checks.append(_exact_dups())
-    if near_dup_threshold < 1.0:
-        checks.append(_near_dups(near_dup_threshold, num_perm))
+    if cfg.near_duplicate_threshold < 1.0:
+        checks.append(_near_dups(cfg.near_duplicate_threshold, num_perm))
     for check in checks:
         items = apply_check(items, report, check)
-    if scrub != "off":
+    if cfg.scrub != "off":
         redact_quarantine(report)
     records = report.finish(items)
-    write_outputs(report, records, write, quarantine)
+    write_outputs(paths, report, records, write, quarantine, report_path)
     return records, report

@@ -13,9 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edentune.config import CleanConfig, MixConfig
 from edentune.data.records import MAX_LINE_BYTES, Report
 from edentune.errors import DataError
-from edentune.io import write_json_atomic
 
 app = typer.Typer(help="Validate, convert, clean, inspect, split and mix chat datasets; turn thumbs up/down into preference data.",
                   no_args_is_help=True)
@@ -26,10 +26,31 @@ Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the kept
 Quarantine = Annotated[Optional[Path], typer.Option(help="Write rejected lines here with their reasons (JSONL).")]
 ReportPath = Annotated[Optional[Path], typer.Option("--report", help="Write the full report as JSON.")]
 MaxLine = Annotated[int, typer.Option(help="Reject lines longer than this many bytes.")]
+ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="Run config YAML whose data section gives the defaults; options given here win.")]
 SHOWN_PROBLEMS = 20
 
 
-def _show(report: Report, title: str, report_path: Path | None, more: str = "see --quarantine / --report") -> None:
+def _default(section: type, key: str) -> str:
+    """Help text suffix naming the config key and its default: the config class is the one source."""
+    name = {CleanConfig: "clean", MixConfig: "mix"}[section]
+    return f" Default: data.{name}.{key} ({section.model_fields[key].get_default(call_default_factory=True)})."
+
+
+def _section(config: Path | None, name: str, changes: dict[str, object]):
+    """data.clean / data.mix from --config (or the defaults) with the options given on the command line."""
+    from edentune.config import RunConfig, load_config, with_overrides
+
+    base = getattr((load_config(config) if config else RunConfig()).data, name)
+    return with_overrides(base, changes, f"edentune data {name}")
+
+
+def _printable(text: object) -> str:
+    """File names with undecodable bytes are lone surrogates in Python; a UTF-8 terminal cannot
+    print those, so they are shown escaped (\\udcXX), as the JSON outputs write them."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _show(report: Report, title: str, more: str = "see --quarantine / --report") -> None:
     table = Table(title=title, show_header=False)
     for name in ("lines", "kept", "repaired", "quarantined", "blank"):
         table.add_row(name, str(getattr(report, name)))
@@ -39,11 +60,9 @@ def _show(report: Report, title: str, report_path: Path | None, more: str = "see
     console.print(table)
     console.print(report.summary())
     for problem in report.problems[:SHOWN_PROBLEMS]:
-        console.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"  {_printable(problem)}", markup=False, highlight=False, soft_wrap=True)
     if len(report.problems) > SHOWN_PROBLEMS:
-        console.print(f"  ... {len(report.problems) - SHOWN_PROBLEMS} more ({more})")
-    if report_path is not None:
-        write_json_atomic(report_path, report.model_dump())
+        console.print(_printable(f"  ... {len(report.problems) - SHOWN_PROBLEMS} more ({more})"), markup=False)
 
 
 @app.command()
@@ -52,8 +71,8 @@ def validate(files: Files, out: Out = None, quarantine: Quarantine = None, repor
     """Check ChatML records; report every problem as file:line: reason."""
     from edentune.data.validate import validate as run
 
-    _, rep = run(files, write=out, quarantine=quarantine, max_line_bytes=max_line_bytes)
-    _show(rep, "validate", report)
+    _, rep = run(files, write=out, quarantine=quarantine, max_line_bytes=max_line_bytes, report_path=report)
+    _show(rep, "validate")
 
 
 @app.command()
@@ -64,28 +83,32 @@ def convert(files: Files, out: Out = None, quarantine: Quarantine = None, report
     """Convert alpaca / ShareGPT / OpenAI records to ChatML."""
     from edentune.data.convert import convert as run
 
-    _, rep = run(files, fmt=fmt, system=system, write=out, quarantine=quarantine, max_line_bytes=max_line_bytes)
-    _show(rep, f"convert --from {fmt}", report)
+    _, rep = run(files, fmt=fmt, system=system, write=out, quarantine=quarantine, max_line_bytes=max_line_bytes,
+                 report_path=report)
+    _show(rep, f"convert --from {fmt}")
 
 
 @app.command()
 def clean(files: Files, out: Out = None, quarantine: Quarantine = None, report: ReportPath = None,
-          scrub: Annotated[str, typer.Option(help="Secrets/personal data: redact, drop or off.")] = "redact",
-          near_dup: Annotated[float, typer.Option(help="Near-duplicate Jaccard threshold (1.0 disables).")] = 0.85,
-          min_chars: Annotated[int, typer.Option(help="Minimum characters per conversation.")] = 10,
-          max_chars: Annotated[int, typer.Option(help="Maximum characters per conversation.")] = 50_000,
-          max_turn_chars: Annotated[int, typer.Option(help="Maximum characters per turn.")] = 20_000,
-          language_check: Annotated[bool, typer.Option(help="Drop answers in another language than the question.")] = True,
+          config: ConfigPath = None,
+          scrub: Annotated[Optional[str], typer.Option(help="Secrets/personal data: redact, drop or off." + _default(CleanConfig, "scrub"), show_default=False)] = None,
+          near_dup: Annotated[Optional[float], typer.Option(help="Near-duplicate Jaccard threshold in (0, 1]; 1 disables." + _default(CleanConfig, "near_duplicate_threshold"), show_default=False)] = None,
+          min_chars: Annotated[Optional[int], typer.Option(help="Minimum characters per conversation." + _default(CleanConfig, "min_chars"), show_default=False)] = None,
+          max_chars: Annotated[Optional[int], typer.Option(help="Maximum characters per conversation." + _default(CleanConfig, "max_chars"), show_default=False)] = None,
+          max_turn_chars: Annotated[Optional[int], typer.Option(help="Maximum characters per turn." + _default(CleanConfig, "max_turn_chars"), show_default=False)] = None,
+          language_check: Annotated[Optional[bool], typer.Option("--language-check/--no-language-check", help="Drop answers in another language than the question." + _default(CleanConfig, "language_mismatch"), show_default=False)] = None,
           max_line_bytes: MaxLine = MAX_LINE_BYTES) -> None:
     """Validate, scrub, and drop duplicates, length outliers, broken turns and language mismatches."""
     from edentune.data.clean import clean as run
 
-    _, rep = run(files, write=out, quarantine=quarantine, scrub=scrub, near_dup_threshold=near_dup,
-                 min_chars=min_chars, max_chars=max_chars, max_turn_chars=max_turn_chars,
-                 language_check=language_check, max_line_bytes=max_line_bytes)
-    _show(rep, "clean", report)
+    settings = _section(config, "clean", {"scrub": scrub, "near_duplicate_threshold": near_dup, "min_chars": min_chars,
+                                          "max_chars": max_chars, "max_turn_chars": max_turn_chars,
+                                          "language_mismatch": language_check})
+    _, rep = run(files, write=out, quarantine=quarantine, config=settings, report_path=report,
+                 max_line_bytes=max_line_bytes)
+    _show(rep, "clean")
     if rep.findings:
-        console.print(f"scrub: {len(rep.findings)} finding(s) ({scrub}); details in --report")
+        console.print(f"scrub: {len(rep.findings)} finding(s) ({settings.scrub}); details in --report")
 
 
 @app.command()
@@ -96,10 +119,12 @@ def stats(files: Files,
           json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the statistics as JSON.")] = None) -> None:
     """Sizes, token lengths, language and topic mix, duplicates."""
     from edentune.data.stats import stats as run
+    from edentune.io import check_outputs
     from edentune.models import load_tokenizer, resolve_model_dir
 
+    check_outputs(files, [json_out])  # before loading a tokenizer, which can take a while
     tok = load_tokenizer(resolve_model_dir(tokenizer, gguf_file), require_chat_template=False) if tokenizer else None
-    st = run(files, tokenizer=tok, max_seq_len=max_seq_len)
+    st = run(files, tokenizer=tok, max_seq_len=max_seq_len, json_path=json_out)
     table = Table(title="dataset", show_header=False)
     table.add_row("conversations", str(st.conversations))
     table.add_row("invalid lines (skipped)", str(st.invalid_lines))
@@ -123,8 +148,6 @@ def stats(files: Files,
             console.print(f"{lo:>7}-{hi:<7} {'#' * round(40 * c / peak)} {c}", highlight=False)
     for flag in st.topic_flags:
         console.print(f"[yellow]topic mix: {flag}[/yellow]")
-    if json_out is not None:
-        write_json_atomic(json_out, st.model_dump())
 
 
 @app.command()
@@ -136,7 +159,7 @@ def split(files: Files,
     from edentune.data.split import split as run
 
     n_train, n_val = run(files, train, val, val_fraction)
-    console.print(f"train: {n_train} -> {train}\nvalidation: {n_val} -> {val}")
+    console.print(_printable(f"train: {n_train} -> {train}\nvalidation: {n_val} -> {val}"), markup=False)
 
 
 def _quotas(specs: list[str] | None) -> dict[str, int] | None:
@@ -155,25 +178,25 @@ def _quotas(specs: list[str] | None) -> dict[str, int] | None:
 def mix(new: Annotated[list[Path], typer.Option(help="New data (JSONL); repeat for several files.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Mixed training set (JSONL).")],
         replay: Annotated[Optional[list[Path]], typer.Option(help="Replay buffer (JSONL); repeatable.")] = None,
-        ratio: Annotated[float, typer.Option(help="Share of new data (the rest is replay).")] = 0.7,
-        quota: Annotated[Optional[list[str]], typer.Option(help="category=count, repeatable; default: the guide's.")] = None,
-        seed: Annotated[int, typer.Option(help="Random seed (same seed, same mix).")] = 0,
+        config: ConfigPath = None,
+        ratio: Annotated[Optional[float], typer.Option(help="Share of new data in (0, 1] (the rest is replay)." + _default(MixConfig, "new_ratio"), show_default=False)] = None,
+        quota: Annotated[Optional[list[str]], typer.Option(help="category=count, repeatable; replaces all quotas." + _default(MixConfig, "quotas"), show_default=False)] = None,
+        seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, same mix)." + _default(MixConfig, "seed"), show_default=False)] = None,
         report: ReportPath = None) -> None:
     """Build a training set from new data and a replay buffer at a ratio, with per-category quotas."""
     from edentune.data.mix import mix as run
 
-    rep = run(new, replay or [], out, ratio=ratio, quotas=_quotas(quota), seed=seed)
+    settings = _section(config, "mix", {"new_ratio": ratio, "quotas": _quotas(quota), "seed": seed})
+    rep = run(new, replay or [], out, settings, report_path=report)
     table = Table(title=f"mix (ratio {rep.ratio:.0%} new, seed {rep.seed})")
     for col in ("category", "source", "wanted", "available", "drawn"):
         table.add_column(col)
     for d in rep.draws:
         table.add_row(d.category, d.source, str(d.wanted), str(d.available), str(d.drawn))
     console.print(table)
-    console.print(f"drew {rep.drawn} of {rep.wanted} -> {out}")
+    console.print(_printable(f"drew {rep.drawn} of {rep.wanted} -> {out}"), markup=False)
     for short in rep.shortfalls:
         console.print(f"[yellow]short: {short}[/yellow]")
-    if report is not None:
-        write_json_atomic(report, rep.model_dump())
 
 
 @app.command()
@@ -185,11 +208,19 @@ def feedback(files: Files,
     from edentune.data.feedback import prepare_feedback as run
 
     res = run(files, out_dir, max_pairs_per_prompt=max_pairs, max_line_bytes=max_line_bytes)
-    _show(res.report, "feedback", None, more=f"see {res.paths['quarantine']}")
+    _show(res.report, "feedback", more=f"see {res.paths['quarantine']}")
     console.print(f"ratings: {res.desirable} up, {res.undesirable} down; DPO pairs: {res.pairs}\n"
                   f"KTO weights: desirable_weight={res.desirable_weight}, undesirable_weight={res.undesirable_weight}",
                   highlight=False)
     for warning in res.warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
     for name, path in res.paths.items():
-        console.print(f"{name}: {path}", markup=False, highlight=False, soft_wrap=True)
+        console.print(_printable(f"{name}: {path}"), markup=False, highlight=False, soft_wrap=True)
+
+
+def register(root: typer.Typer) -> None:
+    """Add `edentune data ...` to the root app; `data inspect` is the training stage's `inspect`."""
+    from edentune.train.cli import inspect_command
+
+    app.command("inspect")(inspect_command)
+    root.add_typer(app, name="data")

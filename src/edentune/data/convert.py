@@ -19,6 +19,7 @@ from functools import partial
 from edentune.data.records import MAX_LINE_BYTES, PathLike, Rejected, Report, load, write_outputs
 from edentune.data.validate import validate_record
 from edentune.errors import DataError
+from edentune.io import check_outputs
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai")
 SHAREGPT_ROLES = {
@@ -85,11 +86,13 @@ def convert_record(rec: dict, fmt: str = "auto", system: str | None = None) -> t
 
 def convert(paths: Iterable[PathLike], fmt: str = "auto", system: str | None = None,
             write: PathLike | None = None, quarantine: PathLike | None = None,
-            max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[dict], Report]:
+            max_line_bytes: int = MAX_LINE_BYTES, *, report_path: PathLike | None = None) -> tuple[list[dict], Report]:
     """Convert JSONL files to ChatML; unconvertible lines are quarantined with the reason."""
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")
+    paths = list(paths)
+    check_outputs(paths, [write, quarantine, report_path])
     report = Report()
     records = report.finish(load(paths, partial(convert_record, fmt=fmt, system=system), report, max_line_bytes))
-    write_outputs(report, records, write, quarantine)
+    write_outputs(paths, report, records, write, quarantine, report_path)
     return records, report

@@ -37,7 +37,7 @@ from edentune.data.clean import apply_check, redact_quarantine, scrubber
 from edentune.data.records import MAX_LINE_BYTES, Item, Rejected, Report, load
 from edentune.data.validate import validate_record
 from edentune.errors import DataError
-from edentune.io import write_json_atomic, write_jsonl_atomic
+from edentune.io import atomic_outputs, check_outputs
 
 RATING_KEYS = ("rating", "feedback", "thumbs", "label")
 UP = frozenset({"up", "👍", "thumbs_up", "good"})
@@ -221,14 +221,16 @@ def _warnings(n_up: int, n_down: int, n_pairs: int) -> list[str]:
 def prepare_feedback(paths: list[str | Path], out_dir: str | Path, *, max_pairs_per_prompt: int = MAX_PAIRS_PER_PROMPT,
                      max_line_bytes: int = MAX_LINE_BYTES) -> FeedbackResult:
     """Read feedback JSONL files and write kto.jsonl, dpo.jsonl, quarantine.jsonl and
-    feedback_stats.json to `out_dir` (each atomically). Raises DataError for unreadable input."""
+    feedback_stats.json to `out_dir` (all four or none, never over an input). Raises DataError
+    for unreadable input."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise DataError("no feedback files given", hint="pass one or more JSONL files")
     if max_pairs_per_prompt < 0:
         raise DataError(f"max_pairs_per_prompt must be >= 0, got {max_pairs_per_prompt}")
     out = Path(out_dir)
-    # Read everything before touching out_dir: a bad path must not leave half-written outputs.
+    outputs = {"kto": out / KTO_FILE, "dpo": out / DPO_FILE, "quarantine": out / QUARANTINE_FILE, "stats": out / STATS_FILE}
+    check_outputs(paths, outputs.values())  # before reading: `-o` holding an input is refused up front
     report = Report()
     items = load(paths, parse_feedback, report, max_line_bytes)
     items = apply_check(items, report, scrubber(report, "redact"))
@@ -240,25 +242,20 @@ def prepare_feedback(paths: list[str | Path], out_dir: str | Path, *, max_pairs_
     n_down = len(records) - n_up
     pairs = dpo_pairs(records, max_pairs_per_prompt)
     w_up, w_down = kto_weights(n_up, n_down)
-    result = FeedbackResult(report, n_up, n_down, len(pairs), w_up, w_down, _warnings(n_up, n_down, len(pairs)),
-                            {"kto": out / KTO_FILE, "dpo": out / DPO_FILE, "quarantine": out / QUARANTINE_FILE,
-                             "stats": out / STATS_FILE})
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create output directory {out}: {e.strerror}", hint="choose another -o directory") from None
-    write_jsonl_atomic(result.paths["kto"], map(kto_example, records))
-    write_jsonl_atomic(result.paths["dpo"], pairs)
-    write_jsonl_atomic(result.paths["quarantine"], report.quarantine)
-    # Written last: its presence says the other three are complete.
-    write_json_atomic(result.paths["stats"], {
-        "inputs": [str(p) for p in paths],
-        "lines": report.lines, "kept": report.kept, "repaired": report.repaired,
-        "quarantined": report.quarantined, "blank": report.blank,
-        "reasons": report.reasons, "repairs": report.repairs,
-        "findings": dict(Counter(f["kind"] for f in report.findings)),
-        "desirable": n_up, "undesirable": n_down, "pairs": len(pairs),
-        "kto_weights": {"desirable_weight": w_up, "undesirable_weight": w_down},
-        "warnings": result.warnings,
-    })
+    result = FeedbackResult(report, n_up, n_down, len(pairs), w_up, w_down, _warnings(n_up, n_down, len(pairs)), outputs)
+    # The four files appear together or not at all.
+    with atomic_outputs(inputs=paths, outputs=outputs.values()) as txn:
+        txn.write_jsonl(outputs["kto"], map(kto_example, records))
+        txn.write_jsonl(outputs["dpo"], pairs)
+        txn.write_jsonl(outputs["quarantine"], report.quarantine)
+        txn.write_json(outputs["stats"], {
+            "inputs": [str(p) for p in paths],
+            "lines": report.lines, "kept": report.kept, "repaired": report.repaired,
+            "quarantined": report.quarantined, "blank": report.blank,
+            "reasons": report.reasons, "repairs": report.repairs,
+            "findings": dict(Counter(f["kind"] for f in report.findings)),
+            "desirable": n_up, "undesirable": n_down, "pairs": len(pairs),
+            "kto_weights": {"desirable_weight": w_up, "undesirable_weight": w_down},
+            "warnings": result.warnings,
+        })
     return result

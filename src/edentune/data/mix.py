@@ -18,13 +18,11 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel
 
+from edentune.config import MixConfig
 from edentune.data.records import PathLike
 from edentune.data.topics import category
 from edentune.data.validate import load_valid
-from edentune.errors import DataError
-from edentune.io import write_jsonl_atomic
-
-DEFAULT_QUOTAS = {"persona": 200, "korean": 300, "coding": 300, "general": 200}
+from edentune.io import atomic_outputs, check_outputs
 
 
 class Draw(BaseModel):
@@ -54,13 +52,12 @@ def allocate(quotas: dict[str, int], ratio: float) -> dict[str, int]:
     return new
 
 
-def mix_records(new: list[dict], replay: list[dict], ratio: float = 0.7,
-                quotas: dict[str, int] | None = None, seed: int = 0) -> tuple[list[dict], MixReport]:
-    """Draw the mix reproducibly (same inputs and seed give the same output, in the same order)."""
-    if not 0.0 <= ratio <= 1.0:
-        raise DataError(f"new-data ratio {ratio} is out of range", hint="use a value in [0, 1], e.g. 0.7")
-    quotas = DEFAULT_QUOTAS if quotas is None else quotas
-    rng = random.Random(seed)
+def mix_records(new: list[dict], replay: list[dict], config: MixConfig | None = None) -> tuple[list[dict], MixReport]:
+    """Draw the mix reproducibly (same inputs and config give the same output, in the same order)
+    with the ratio, quotas and seed of `config` (default: MixConfig())."""
+    cfg = config or MixConfig()
+    ratio, quotas = cfg.new_ratio, cfg.quotas
+    rng = random.Random(cfg.seed)
     pools = {"new": new, "replay": replay}
     by_cat = {s: {} for s in pools}
     for s, recs in pools.items():
@@ -78,15 +75,21 @@ def mix_records(new: list[dict], replay: list[dict], ratio: float = 0.7,
                 shortfalls.append(f"{cat} from {s}: wanted {wanted}, only {len(pool)} available "
                                   f"({wanted - len(picked)} short); add {s} {cat} data or lower the quota")
     rng.shuffle(out)
-    report = MixReport(ratio=ratio, seed=seed, wanted=sum(quotas.values()), drawn=len(out),
+    report = MixReport(ratio=ratio, seed=cfg.seed, wanted=sum(quotas.values()), drawn=len(out),
                        draws=draws, shortfalls=shortfalls)
     return out, report
 
 
 def mix(new_paths: Iterable[PathLike], replay_paths: Iterable[PathLike], out: PathLike,
-        ratio: float = 0.7, quotas: dict[str, int] | None = None, seed: int = 0) -> MixReport:
-    """Mix JSONL files into `out` (written atomically); see mix_records."""
-    records, report = mix_records(load_valid(new_paths), load_valid(replay_paths),
-                                  ratio, quotas, seed)
-    write_jsonl_atomic(out, records)
+        config: MixConfig | None = None, *, report_path: PathLike | None = None) -> MixReport:
+    """Mix JSONL files into `out` and the report as JSON into `report_path` (both or neither,
+    never over an input); see mix_records."""
+    new_paths, replay_paths = list(new_paths), list(replay_paths)
+    inputs = new_paths + replay_paths
+    check_outputs(inputs, [out, report_path])
+    records, report = mix_records(load_valid(new_paths), load_valid(replay_paths), config)
+    with atomic_outputs(inputs=inputs, outputs=[out, report_path]) as txn:
+        txn.write_jsonl(out, records)
+        if report_path is not None:
+            txn.write_json(report_path, report.model_dump())
     return report

@@ -24,8 +24,6 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import date
 
-MODES = ("redact", "drop", "off")
-
 
 def luhn_ok(digits: str) -> bool:
     total = 0

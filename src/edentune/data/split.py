@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from edentune.data.records import MAX_LINE_BYTES, PathLike
 from edentune.data.validate import load_valid
 from edentune.errors import DataError
-from edentune.io import write_jsonl_atomic
+from edentune.io import atomic_outputs, check_outputs
 
 
 def bucket(record: dict) -> float:
@@ -34,8 +34,12 @@ def split_records(records: Iterable[dict], val_fraction: float = 0.05) -> tuple[
 
 def split(paths: Iterable[PathLike], train_path: PathLike, val_path: PathLike, val_fraction: float = 0.05,
           max_line_bytes: int = MAX_LINE_BYTES) -> tuple[int, int]:
-    """Split valid JSONL files into train and validation files; returns their sizes."""
+    """Split valid JSONL files into train and validation files (both or neither is written);
+    returns their sizes."""
+    paths = list(paths)
+    check_outputs(paths, [train_path, val_path])
     train, val = split_records(load_valid(paths, max_line_bytes), val_fraction)
-    write_jsonl_atomic(train_path, train)
-    write_jsonl_atomic(val_path, val)
+    with atomic_outputs(inputs=paths, outputs=[train_path, val_path]) as txn:
+        txn.write_jsonl(train_path, train)
+        txn.write_jsonl(val_path, val)
     return len(train), len(val)

@@ -23,6 +23,7 @@ from edentune.data import lang, topics
 from edentune.data.clean import dedup_key
 from edentune.data.records import MAX_LINE_BYTES, PathLike, Report, load
 from edentune.data.validate import validate_record
+from edentune.io import atomic_outputs, check_outputs
 
 # The guide's target topic mix (share of conversations).
 TOPIC_TARGETS = {"coding": (0.50, 0.60), "general": (0.20, 0.30), "korean": (0.10, 0.20)}
@@ -148,8 +149,16 @@ def compute_stats(records: list[dict], tokenizer: Callable | None = None,
 
 
 def stats(paths: Iterable[PathLike], tokenizer: Callable | None = None,
-          max_seq_len: int | None = None, max_line_bytes: int = MAX_LINE_BYTES) -> Stats:
-    """Statistics over the valid records of JSONL files; invalid lines are only counted."""
+          max_seq_len: int | None = None, max_line_bytes: int = MAX_LINE_BYTES, *,
+          json_path: PathLike | None = None) -> Stats:
+    """Statistics over the valid records of JSONL files; invalid lines are only counted. With
+    `json_path` the statistics are also written there as JSON (never over an input)."""
+    paths = list(paths)
+    check_outputs(paths, [json_path])
     report = Report()
     records = report.finish(load(paths, validate_record, report, max_line_bytes))
-    return compute_stats(records, tokenizer, max_seq_len, invalid_lines=report.quarantined)
+    st = compute_stats(records, tokenizer, max_seq_len, invalid_lines=report.quarantined)
+    if json_path is not None:
+        with atomic_outputs(inputs=paths, outputs=[json_path]) as txn:
+            txn.write_json(json_path, st.model_dump())
+    return st

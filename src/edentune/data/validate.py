@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 from edentune.data.records import MAX_LINE_BYTES, PathLike, Rejected, Report, load, write_outputs
 from edentune.errors import DataError
+from edentune.io import check_outputs
 
 ROLES = ("system", "user", "assistant", "tool")
 CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
@@ -91,11 +92,15 @@ def validate_record(record: dict) -> tuple[dict, list[str]]:
 
 
 def validate(paths: Iterable[PathLike], write: PathLike | None = None,
-             quarantine: PathLike | None = None, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[dict], Report]:
-    """Validate JSONL files; valid records go to `write`, rejected lines verbatim to `quarantine`."""
+             quarantine: PathLike | None = None, max_line_bytes: int = MAX_LINE_BYTES, *,
+             report_path: PathLike | None = None) -> tuple[list[dict], Report]:
+    """Validate JSONL files; valid records go to `write`, rejected lines verbatim to `quarantine`,
+    the report as JSON to `report_path` (all or none of them, never over an input)."""
+    paths = list(paths)
+    check_outputs(paths, [write, quarantine, report_path])
     report = Report()
     records = report.finish(load(paths, validate_record, report, max_line_bytes))
-    write_outputs(report, records, write, quarantine)
+    write_outputs(paths, report, records, write, quarantine, report_path)
     return records, report
 
 

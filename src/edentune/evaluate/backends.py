@@ -42,11 +42,9 @@ class LocalBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = load_base_model(model_dir, load_in_4bit=False, dtype=pick_dtype("auto", self.device), device=self.device)
         if adapter:
-            from peft import PeftModel
+            from edentune.models import load_adapter
 
-            if not (Path(adapter) / "adapter_config.json").exists():
-                raise EdentuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
-            self.model = PeftModel.from_pretrained(self.model, adapter)
+            self.model = load_adapter(self.model, adapter)  # checks the adapter files, errors name them
         self.model.eval()
         self.name = f"{model_dir}" + (f" + {adapter}" if adapter else "")
         self.adapter_sha256 = adapter_sha256(adapter) if adapter else None
@@ -153,7 +151,7 @@ def backend_from_spec(spec: str, cfg, *, batch_size: int = 8, temperature: float
     if spec.startswith(("http://", "https://")):
         url, _, model = spec.partition("#")
         return HttpBackend(url, model or cfg.export.model_name, temperature=temperature, seed=cfg.training.seed)
-    from edentune.models import resolve_model_dir
+    from edentune.models import check_adapter_dir, resolve_model_dir
 
     m = cfg.model
     kwargs = {"batch_size": batch_size, "temperature": temperature, "seed": cfg.training.seed, "max_seq_len": m.max_seq_len}
@@ -162,6 +160,7 @@ def backend_from_spec(spec: str, cfg, *, batch_size: int = 8, temperature: float
         return LocalBackend(base_dir, **kwargs)
     path = Path(spec).expanduser()
     if (path / "adapter_config.json").exists():
+        check_adapter_dir(path)  # before the base is loaded: a broken adapter fails at once
         return LocalBackend(base_dir, str(path), **kwargs)
     if path.exists():
         return LocalBackend(resolve_model_dir(str(path)), **kwargs)

@@ -9,7 +9,7 @@ from rich.console import Console
 
 console = Console(stderr=True)
 
-MODEL_HELP = "`base`, a PEFT adapter dir, a model dir / .gguf, or http://host:port[/v1]#model (OpenAI-compatible)"
+MODEL_HELP = "`base`, a PEFT adapter dir, a model dir / .gguf, or http://host:port\\[/v1]#model (OpenAI-compatible)"
 
 
 def _config(path: Path | None):
@@ -55,6 +55,9 @@ def register(app: typer.Typer) -> None:
         for key, value in m.items():
             if value is not None and key != "n":
                 console.print(f"  {key:24} {value:.3f}")
+        if any(c.code_status == "not_run" for c in result.cases):
+            console.print(f"  {'code_pass_rate':24} n/a: {next(c.code_error for c in result.cases if c.code_status == 'not_run')} "
+                          "(docs/security.md, evaluation.run_code)")
         failed = sum(not c.passed for c in result.cases)
         console.print(f"wrote [bold]{output}[/]: {len(result.cases) - failed}/{len(result.cases)} cases passed")
 

@@ -7,7 +7,7 @@ Metrics (rates in 0..1, None when no case measures them):
 | `language_consistency`    | answers in the expected language (per language in `by_language`)     |
 | `language_mixing`         | 1 - consistency: wrong language or mixed                             |
 | `persona_adherence`       | answers passing every persona rule                                   |
-| `code_pass_rate`          | answers with Python (or asked for it) whose code runs in the sandbox |
+| `code_pass_rate`          | answers with Python (or asked for it) whose code runs in the sandbox; None (n/a) when no code was run (no sandbox) |
 | `keyword_hit_rate`        | keyword cases passing their any/all rule                             |
 | `keyword_recall`          | mean share of a case's keywords found                                |
 | `behavior_pass_rate`      | cases passing their named behaviour                                  |
@@ -34,7 +34,7 @@ from edentune.io import write_json_atomic
 from .backends import Backend, Generation
 from .checks import AnswerContext, check_behavior, keyword_hits, language_ok, run_answer_code
 from .persona import check_persona
-from .sandbox import Limits
+from .sandbox import Limits, check_run_code
 from .suite import Case, Suite
 
 BUNDLED_REPLAY = Path(__file__).resolve().parents[1] / "data" / "sample" / "replay.jsonl"
@@ -53,7 +53,7 @@ class CaseResult(BaseModel):
     keywords_found: list[str] = []
     keywords_missing: list[str] = []
     keywords_ok: bool | None = None
-    code_status: str | None = None  # pass | fail | timeout | blocked, None without Python
+    code_status: str | None = None  # pass | fail | timeout | blocked | not_run (no sandbox), None without Python
     code_error: str = ""
     behavior: str | None = None
     behavior_ok: bool | None = None
@@ -106,17 +106,17 @@ def check_answer(case: Case, gen: Generation, cfg: RunConfig, limits: Limits = L
         r.keywords_found, r.keywords_missing, r.keywords_ok = kw.found, kw.missing, kw.passed
         if not kw.passed:
             r.failures.append(f"keywords ({case.expected_keywords.mode}): missing {', '.join(kw.missing)}")
-    code = run_answer_code(answer, limits)
+    code = run_answer_code(answer, limits, ev.run_code)
     if code:
         r.code_status, r.code_error = code.status, code.error
-        if code.status != "pass":
+        if code.status not in ("pass", "not_run"):
             r.failures.append(f"code {code.status}: {code.error}")
     if case.expected_behavior:
         names = tuple(n for n in (persona.name, persona.korean_name) if n)
         r.behavior = case.expected_behavior
         r.behavior_ok, reason = check_behavior(case.expected_behavior, answer, AnswerContext(names, code))
         already_listed = code is not None and case.expected_behavior == "provides_running_code"  # the code failure
-        if not r.behavior_ok and not already_listed:
+        if r.behavior_ok is False and not already_listed:
             r.failures.append(f"{case.expected_behavior}: {reason}")
     p = check_persona(answer, case.question, persona)
     r.persona_ok = p.passed
@@ -141,12 +141,15 @@ def case_metrics(cases: list[CaseResult]) -> dict[str, float | None]:
     consistency = _rate([c.language_ok for c in cases])
     recalls = [c.keyword_recall for c in cases if c.keyword_recall is not None]
     wants_code = [c for c in cases if c.code_status or c.behavior == "provides_running_code"]
+    # Code not run (no sandbox) is not measured: a rate over the rest would count only the answers
+    # without code, so the metric is n/a rather than 0 or 1.
+    code_run = not any(c.code_status == "not_run" for c in cases)
     return {
         "n": len(cases),
         "language_consistency": consistency,
         "language_mixing": None if consistency is None else 1 - consistency,
         "persona_adherence": _rate([c.persona_ok for c in cases]),
-        "code_pass_rate": _rate([c.code_status == "pass" for c in wants_code]),
+        "code_pass_rate": _rate([c.code_status == "pass" for c in wants_code]) if code_run else None,
         "keyword_hit_rate": _rate([c.keywords_ok for c in cases]),
         "keyword_recall": sum(recalls) / len(recalls) if recalls else None,
         "behavior_pass_rate": _rate([c.behavior_ok for c in cases]),
@@ -186,6 +189,7 @@ def evaluate(cfg: RunConfig, backend: Backend, suite: Suite, *, validation: list
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Answer every case of `suite` with `backend` and check the answers against `cfg`'s persona and
     thresholds. Perplexity needs a local backend and conversations (see `perplexity_sets`)."""
+    check_run_code(cfg.evaluation.run_code)  # run_code: sandbox without one fails now, not after generating
     conversations = [c.conversation(cfg.model.system_prompt) for c in suite.cases]
     generations: list[Generation] = []
     seconds = 0.0

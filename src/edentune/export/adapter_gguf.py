@@ -3,9 +3,9 @@
 The GGUF LoRA format holds, per projection, the two matrices A (r, in) and B (out, r) plus one
 global alpha; llama.cpp adds (alpha / r) * B(Ax) beside the (possibly quantized) base matmul.
 Everything else a PEFT adapter may contain has no place in it, so it is refused with the reason
-and the alternative instead of being silently dropped (USERS.md #4, #5).
+and the alternative instead of being silently dropped (ollama#8132, llama.cpp#11554).
 
-llama-cpp-python does not catch a failed adapter load and segfaults on the first eval (FACTS),
+llama-cpp-python does not catch a failed adapter load and segfaults on the first eval (llama-cpp-python 0.3.36),
 hence `validate_adapter_against_base` runs before any llama.cpp load.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdentuneError
-from .gguf_common import PROJ_TO_GGUF, field_value, gguf_arch, permute_rows_for_llama_rope, tensor_shapes, write_gguf
+from .gguf_common import PROJ_TO_GGUF, gguf_arch, gguf_facts, permute_rows_for_llama_rope, write_gguf
 
 ADAPTER_DTYPES = ("f32", "f16", "q8_0")
 _LAYER_KEY = re.compile(r"^base_model\.model\.(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
@@ -59,10 +59,14 @@ def read_peft_adapter(adapter_dir: str | Path, base_config: dict) -> LoraAdapter
             f"{adapter_dir}: no adapter_model.safetensors (found: {found})",
             hint="edentune reads adapters only as safetensors; pickled .bin files can run code when loaded",
         )
-    cfg = json.loads(cfg_path.read_text())
+    cfg = _read_adapter_config(cfg_path)
     _refuse_unrepresentable_config(cfg)
     arch = gguf_arch(base_config.get("model_type", "?"))
-    tensors = load_file(weights_path)
+    try:
+        tensors = load_file(weights_path)
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError/ValueError) on a broken file
+        raise EdentuneError(f"{weights_path}: not a readable safetensors file ({str(err)[:160]}); is it truncated or corrupt?",
+                            hint="save the adapter again (`model.save_pretrained`) or use the run's final adapter folder") from None
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     # llama.cpp scales by alpha / r; rsLoRA scales by alpha / sqrt(r): store alpha * sqrt(r).
     adapter = LoraAdapter(arch=arch, r=r, alpha=alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha)
@@ -73,14 +77,65 @@ def read_peft_adapter(adapter_dir: str | Path, base_config: dict) -> LoraAdapter
     for name, ab in sorted(halves.items()):
         if set(ab) != {"A", "B"}:
             raise EdentuneError(f"{weights_path}: {name} has lora_{''.join(ab)} without its partner; the adapter file is incomplete")
-        a, b = ab["A"], ab["B"]
-        if arch == "llama" and name.endswith(("attn_q", "attn_k")):
-            heads = base_config["num_attention_heads"] if name.endswith("attn_q") else base_config["num_key_value_heads"]
-            b = permute_rows_for_llama_rope(b, heads)
-        adapter.pairs[name] = (a, b)
+        adapter.pairs[name] = (ab["A"], ab["B"])
     if not adapter.pairs:
         raise EdentuneError(f"{weights_path}: no LoRA tensors found")
+    check_shapes_against_config(adapter, base_config, weights_path)  # before the permutation, which needs the right shapes
+    if arch == "llama":
+        for name, (a, b) in adapter.pairs.items():
+            if name.endswith(("attn_q", "attn_k")):
+                heads = base_config["num_attention_heads"] if name.endswith("attn_q") else base_config["num_key_value_heads"]
+                adapter.pairs[name] = (a, permute_rows_for_llama_rope(b, heads))
     return adapter
+
+
+def _read_adapter_config(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise EdentuneError(f"{path}: not readable JSON ({str(err)[:160]})", hint="save the adapter again with PEFT") from None
+    if not isinstance(cfg, dict):
+        raise EdentuneError(f"{path}: not a PEFT adapter config (a JSON object is expected)", hint="save the adapter again with PEFT")
+    bad = [k for k in ("r", "lora_alpha") if isinstance(cfg.get(k), bool) or not isinstance(cfg.get(k), (int, float)) or not cfg[k] > 0]
+    if bad:
+        raise EdentuneError(f"{path}: not a LoRA adapter config: {', '.join(bad)} missing or not a positive number",
+                            hint="point --adapter at the folder PEFT's save_pretrained wrote (adapter_config.json + adapter_model.safetensors)")
+    return cfg
+
+
+def expected_shape(stem: str, base_config: dict) -> tuple[int, int] | None:
+    """(out, in) of the base weight a GGUF tensor stem names, from the HF config; None if unknown."""
+    hidden = base_config.get("hidden_size")
+    heads, kv_heads = base_config.get("num_attention_heads"), base_config.get("num_key_value_heads") or base_config.get("num_attention_heads")
+    if not hidden or not heads:
+        return None
+    head_dim = base_config.get("head_dim") or hidden // heads
+    ffn = base_config.get("intermediate_size")
+    shapes = {"attn_q": (heads * head_dim, hidden), "attn_k": (kv_heads * head_dim, hidden), "attn_v": (kv_heads * head_dim, hidden),
+              "attn_output": (hidden, heads * head_dim), "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn),
+              "output": (base_config.get("vocab_size"), hidden)}
+    shape = shapes.get(stem.rsplit(".", 1)[-1])
+    return shape if shape and all(shape) else None
+
+
+def check_shapes_against_config(adapter: LoraAdapter, base_config: dict, source: Path | str) -> None:
+    """Every A (r, in) / B (out, r) must fit the base the export targets: cheap (the HF config
+    only), so it runs on every export, not only with --verify."""
+    layers = base_config.get("num_hidden_layers")
+    problems = []
+    for stem, (a, b) in sorted(adapter.pairs.items()):
+        if stem.startswith("blk.") and layers is not None and int(stem.split(".")[1]) >= layers:
+            problems.append(f"{stem}: the base has only {layers} layers")
+            continue
+        want = expected_shape(stem, base_config)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            problems.append(f"{stem}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not share a rank")
+        elif want is not None and (a.shape[1] != want[1] or b.shape[0] != want[0]):
+            problems.append(f"{stem}: lora_A {tuple(a.shape)} x lora_B {tuple(b.shape)} does not fit the base weight (out, in) = {want}")
+    if problems:
+        shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise EdentuneError(f"adapter {source} does not fit the base model:\n  {shown}",
+                            hint="export with the base the adapter was trained on (model.name_or_path / model.architecture in the config)")
 
 
 def _ab(key: str) -> str:
@@ -137,7 +192,7 @@ def write_adapter_gguf(adapter: LoraAdapter, path: str | Path, dtype: str = "f16
     if dtype not in ADAPTER_DTYPES:
         raise EdentuneError(f"adapter dtype {dtype!r} not supported; choose one of {', '.join(ADAPTER_DTYPES)}")
     w = gguf.GGUFWriter(None, adapter.arch)
-    w.add_type(gguf.GGUFType.ADAPTER)  # without it Ollama stores the file as a second model (FACTS)
+    w.add_type(gguf.GGUFType.ADAPTER)  # without it Ollama stores the file as a second model
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
     for stem, (a, b) in adapter.pairs.items():
@@ -158,24 +213,31 @@ def _add_tensor(w, name: str, t: np.ndarray, dtype: str) -> None:
         w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float16))
 
 
-def validate_adapter_against_base(adapter_path: str | Path, base_path: str | Path) -> dict:
+def validate_adapter_against_base(adapter_path: str | Path, base_path: str | Path, *, label: str | None = None) -> dict:
     """Check every lora_a/lora_b pair against the base GGUF's tensors, without llama.cpp.
 
-    Returns a summary; raises EdentuneError naming the first problems. This is what stands
-    between a mismatched adapter and a segfault inside llama-cpp-python.
+    Returns a summary; raises EdentuneError naming the first problems (the adapter as `label`,
+    default its path). This is what stands between a mismatched adapter and a segfault inside
+    llama-cpp-python.
     """
-    import gguf
-
-    ar, br = gguf.GGUFReader(adapter_path), gguf.GGUFReader(base_path)
+    facts = []
+    for path, what in ((adapter_path, f"adapter {label or adapter_path}"), (base_path, f"base {base_path}")):
+        try:
+            facts.append(gguf_facts(path))
+        except Exception as err:  # gguf raises ValueError/struct/numpy errors on a truncated or foreign file
+            raise EdentuneError(f"{what} is not a readable GGUF file ({str(err)[:160]})",
+                                hint="export it again with `edentune export`") from None
+    af, bf = facts
     problems: list[str] = []
-    if field_value(ar, "general.type") != "adapter" or field_value(ar, "adapter.type") != "lora":
+    if af.fields.get("general.type") != "adapter" or af.fields.get("adapter.type") != "lora":
         problems.append("metadata general.type must be 'adapter' and adapter.type 'lora'")
-    if field_value(ar, "adapter.lora.alpha") is None:
+    alpha = af.fields.get("adapter.lora.alpha")
+    if alpha is None:
         problems.append("adapter.lora.alpha is missing (llama.cpp would use scale 1 instead of alpha/r)")
-    a_arch, b_arch = field_value(ar, "general.architecture"), field_value(br, "general.architecture")
+    a_arch, b_arch = af.fields.get("general.architecture"), bf.fields.get("general.architecture")
     if a_arch != b_arch:
         problems.append(f"architecture {a_arch!r} does not match the base's {b_arch!r}")
-    base, lora = tensor_shapes(br), tensor_shapes(ar)
+    base, lora = bf.shapes, af.shapes
     stems = {n.rsplit(".lora_", 1)[0] for n in lora}
     for stem in sorted(stems):
         a, b = lora.get(f"{stem}.lora_a"), lora.get(f"{stem}.lora_b")
@@ -190,7 +252,7 @@ def validate_adapter_against_base(adapter_path: str | Path, base_path: str | Pat
     if problems:
         shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise EdentuneError(
-            f"adapter {adapter_path} does not fit base {base_path}:\n  {shown}",
+            f"adapter {label or adapter_path} does not fit base {base_path}:\n  {shown}",
             hint="export the adapter from a model of the same architecture and size as the base",
         )
-    return {"tensors": len(stems), "architecture": a_arch, "alpha": float(field_value(ar, "adapter.lora.alpha"))}
+    return {"tensors": len(stems), "architecture": a_arch, "alpha": float(alpha)}

@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import EdentuneError
-from ..io import atomic_dir, write_json_atomic, write_text_atomic
+from ..io import atomic_dir, check_output_dir, write_json_atomic, write_text_atomic
 
 REPORT_NAME = "export_report.json"
+# In every export folder: only a folder holding it is ever replaced by the next export (io.atomic_dir).
+EXPORT_MARKER = ".edentune-export"
 
 
 @dataclass
@@ -44,14 +46,30 @@ def base_model_dir(cfg) -> str:
 def reference_ggufs(cfg, base_dir: str) -> list[Path]:
     """Base GGUFs for the llama.cpp checks: first an exact one (f16/f32) that isolates the adapter
     conversion, then the original base file when it is quantized (e.g. the embedded Q4_1), which
-    shows what quantization costs on top (USERS.md #8). The exact one is the original file when
+    shows what quantization costs on top (llama.cpp#7062). The exact one is the original file when
     that is unquantized, otherwise written once from the HF weights and cached."""
-    import gguf
     from transformers import AutoModelForCausalLM
 
-    from ..models import cache_root, embedded_gguf_path, load_tokenizer
-    from .gguf_common import field_value
+    from ..models import cache_root, load_tokenizer
     from .model_gguf import write_model_gguf
+
+    original, exact_type = _run_gguf(cfg, base_dir)
+    if original is not None and exact_type:
+        return [original]
+    cfg_file = Path(base_dir) / "config.json"
+    key = hashlib.sha256(f"{Path(base_dir).resolve()}|{cfg_file.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    exact = cache_root() / "gguf-bases" / f"{Path(base_dir).name}-{key}-f16.gguf"
+    if not exact.exists():
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+        write_model_gguf(model, load_tokenizer(base_dir), exact, "f16", name=Path(base_dir).name)
+    return [exact] + ([original] if original else [])
+
+
+def _run_gguf(cfg, base_dir: str) -> tuple[Path | None, bool]:
+    """The run's own base GGUF (embedded, a .gguf path, or model.gguf_file) when llama.cpp can use
+    it for this architecture, and whether it is unquantized (f32/f16)."""
+    from ..models import embedded_gguf_path
+    from .gguf_common import gguf_facts
 
     m = cfg.model
     source = None
@@ -61,21 +79,20 @@ def reference_ggufs(cfg, base_dir: str) -> list[Path]:
         source = Path(m.name_or_path).expanduser()
     elif m.gguf_file:
         source = Path(m.name_or_path).expanduser() / m.gguf_file
+    if source is None:
+        return None, False
     model_type = json.loads((Path(base_dir) / "config.json").read_text())["model_type"]
-    original = None
-    if source is not None:
-        reader = gguf.GGUFReader(source)
-        if field_value(reader, "general.architecture") == model_type:
-            if field_value(reader, "general.file_type", 0) in (0, 1):  # ALL_F32, MOSTLY_F16
-                return [source]
-            original = source
-    cfg_file = Path(base_dir) / "config.json"
-    key = hashlib.sha256(f"{Path(base_dir).resolve()}|{cfg_file.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    exact = cache_root() / "gguf-bases" / f"{Path(base_dir).name}-{key}-f16.gguf"
-    if not exact.exists():
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
-        write_model_gguf(model, load_tokenizer(base_dir), exact, "f16", name=Path(base_dir).name)
-    return [exact] + ([original] if original else [])
+    facts = gguf_facts(source)
+    if facts.fields.get("general.architecture") != model_type:
+        return None, False
+    return source, facts.fields.get("general.file_type", 0) in (0, 1)  # ALL_F32, MOSTLY_F16
+
+
+def smoke_base_gguf(cfg, base_dir: str) -> Path:
+    """The base GGUF for deploy's smoke check: the run's own file when there is one (closest to a
+    quantized Ollama base, no conversion), else the exact reference written for the parity checks."""
+    original, _ = _run_gguf(cfg, base_dir)
+    return original if original is not None else reference_ggufs(cfg, base_dir)[0]
 
 
 def _write_modelfiles(cfg, tmp: Path, out_dir: Path, personas: dict[str, str] | None, report: dict,
@@ -108,6 +125,7 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
     from .parity import adapter_parity, template_parity
 
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, marker=EXPORT_MARKER, inputs=[adapter_dir])  # before any work
     base_dir = base_model_dir(cfg)
     base_config = AutoConfig.from_pretrained(base_dir).to_dict()
     adapter = read_peft_adapter(adapter_dir, base_config)  # refusals happen here, before anything is written
@@ -115,14 +133,15 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
                     "base": base_dir,
                     "ollama_base": cfg.export.ollama_base, "dtype": cfg.export.adapter_dtype,
                     "lora": {"r": adapter.r, "alpha_in_gguf": adapter.alpha, "tensors": len(adapter.pairs)}}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=EXPORT_MARKER, inputs=[adapter_dir]) as tmp:
         gguf_path = write_adapter_gguf(adapter, tmp / "adapter.gguf", cfg.export.adapter_dtype)
         modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, report, adapter="./adapter.gguf")
         logits, template = [], None
         if verify:
             refs = reference_ggufs(cfg, base_dir)
-            report["validation"] = validate_adapter_against_base(gguf_path, refs[0])
-            logits = adapter_parity(base_dir, adapter_dir, gguf_path, refs, cfg.model.system_prompt)
+            label = f"exported from {adapter_dir}"  # gguf_path is in a temporary folder, gone once this raises
+            report["validation"] = validate_adapter_against_base(gguf_path, refs[0], label=label)
+            logits = adapter_parity(base_dir, adapter_dir, gguf_path, refs, cfg.model.system_prompt, label=label)
             template = template_parity(CHATML_TEMPLATE, cfg.model.system_prompt, _tokenizer(base_dir), refs[0])
             report["logits"] = {str(ref): asdict(rep) for ref, rep in zip(refs, logits)}
             report["template"] = asdict(template)
@@ -139,12 +158,13 @@ def export_merged(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: 
     from .parity import model_parity, template_parity
 
     out_dir, dtype = Path(out_dir), dtype or cfg.export.merged_dtype
+    check_output_dir(out_dir, marker=EXPORT_MARKER, inputs=[adapter_dir])  # before any work
     base_dir = base_model_dir(cfg)
     tok = _tokenizer(base_dir)
     model = merged_model(base_dir, adapter_dir).float().eval()
     report: dict = {"route": "merged", "created": _now(), "adapter_dir": str(adapter_dir), "adapter_sha256": adapter_sha256(adapter_dir),
                     "base": base_dir, "dtype": dtype}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=EXPORT_MARKER, inputs=[adapter_dir]) as tmp:
         gguf_path = write_model_gguf(model, tok, tmp / "model.gguf", dtype, name=cfg.export.model_name)
         modelfiles = _write_modelfiles(cfg, tmp, out_dir, personas, report, adapter=None, from_="./model.gguf",
                                        template=CHATML_TEMPLATE)
@@ -179,4 +199,10 @@ def load_export(out_dir: str | Path) -> dict:
     path = Path(out_dir) / REPORT_NAME
     if not path.exists():
         raise EdentuneError(f"{out_dir}: not an edentune export (no {REPORT_NAME})", hint="run `edentune export` first")
-    return json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        report = err
+    if not isinstance(report, dict):
+        raise EdentuneError(f"{path}: not a readable export report ({str(report)[:160]})", hint="run `edentune export` again")
+    return report

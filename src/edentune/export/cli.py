@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+
+console = Console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -17,7 +20,6 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(False, "--verify", help="llama.cpp parity checks (logits, greedy, template) before finishing"),
     ) -> None:
         """Export an adapter for Ollama: adapter.gguf + Modelfile (or model.gguf with --merged)."""
-        from ..cli import console
         from ..config import load_config
         from .api import export_adapter, export_merged
 
@@ -38,16 +40,29 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option(None, "--host", help="Ollama URL (default: export.ollama_host, then $OLLAMA_HOST, then http://127.0.0.1:11434)"),
         rollback: bool = typer.Option(False, "--rollback", help="restore the model the last deploy replaced"),
         gate: Path = typer.Option(None, "--gate", help="comparison.json from `edentune compare`: deploy only if it says ship for this adapter"),
+        smoke_check: bool = typer.Option(True, "--smoke-check/--no-smoke-check",
+                                         help="after create, ask the model a fixed prompt and compare with llama.cpp on the exported files"),
+        registry: Path = typer.Option(None, "--registry", help="deploy history JSON (default: training.output_dir/deployments.json)"),
     ) -> None:
         """Create the exported model in Ollama (keeps the old one as <name>:previous), or roll back."""
-        from ..cli import console
         from ..config import load_config
         from . import deploy as d
 
         cfg = load_config(config)
+        history = d.registry_path(cfg, registry)
         if rollback:
-            rec = d.rollback(cfg, host=host)
+            rec = d.rollback(cfg, host=host, registry=history)
             console.print(f"[green]restored[/] {rec['model']} from {rec['restored_from']}")
             return
-        for rec in d.deploy(cfg, export_dir, host=host, gate=gate):
-            console.print(f"[green]deployed[/] {rec['model']} (FROM {rec['from']}; previous kept as {rec['previous'] or '-'})")
+        try:
+            records = d.deploy(cfg, export_dir, host=host, gate=gate, registry=history, smoke=smoke_check)
+        except d.DeployFailed as err:
+            for rec in err.records:
+                if rec.get("smoke", {}).get("status") == "failed":
+                    console.print(f"  Ollama answered: {rec['smoke']['answer']!r}", highlight=False, markup=False)
+                    console.print(f"  llama.cpp with the adapter: {rec['smoke']['expected']!r}", highlight=False, markup=False)
+            raise
+        for rec in records:
+            console.print(f"[green]deployed[/] {rec['model']} (FROM {rec['from']}, {rec['route']} route; "
+                          f"previous kept as {rec['previous'] or '-'}); smoke check: {rec['smoke']['status']}", highlight=False)
+        console.print(f"recorded in {history}", highlight=False)

@@ -1,13 +1,15 @@
 """Pieces shared by the adapter and model GGUF writers: tensor names, Q/K layout, atomic writes.
 
 Written here rather than imported from llama.cpp's converters because those scripts are not an
-installable library (USERS.md #6: "llama.cpp build or converter not found"); the `gguf` package
+installable library (unsloth#341, #3504: "llama.cpp build or converter not found"); the `gguf` package
 gives the file format, and this module gives the few model-specific rules on top of it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +69,30 @@ def tensor_shapes(reader) -> dict[str, tuple[int, ...]]:
 def field_value(reader, key: str, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
+
+
+_FACT_KEYS = ("general.architecture", "general.type", "general.file_type", "adapter.type", "adapter.lora.alpha")
+
+
+@dataclass(frozen=True)
+class GGUFFacts:
+    fields: dict  # the few metadata keys the checks read (_FACT_KEYS), absent ones left out
+    shapes: dict[str, tuple[int, ...]]  # as tensor_shapes
+    tensor_types: frozenset[str]  # GGML type names of the tensors ("F16", "Q8_0", ...)
+
+
+def gguf_facts(path: str | os.PathLike) -> GGUFFacts:
+    """Metadata and tensor shapes of a GGUF, cached per file version: `gguf.GGUFReader` parses
+    every tokenizer string in Python, which takes seconds on a 49k vocabulary, and a deploy or an
+    export reads the same base several times."""
+    st = os.stat(path)
+    return _gguf_facts(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_facts(path: str, size: int, mtime_ns: int) -> GGUFFacts:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    fields = {k: field_value(reader, k) for k in _FACT_KEYS if k in reader.fields}
+    return GGUFFacts(fields=fields, shapes=tensor_shapes(reader), tensor_types=frozenset(t.tensor_type.name for t in reader.tensors))

@@ -1,7 +1,7 @@
 """A minimal Go `text/template` renderer: just enough to render Ollama chat templates in Python.
 
 Why hand-written: Ollama builds prompts with Go templates, and there is no Go runtime here nor a
-Python package that renders them. Template parity (USERS.md #1) needs the exact string Ollama
+Python package that renders them. Template parity (ollama#6823) needs the exact string Ollama
 would feed the model, so this implements the subset the ChatML templates use: text with `{{-`/`-}}`
 trimming, `{{ .Field }}` / `$.Field` / `$var` lookups, `if`/`else if`/`else`, `range` (with
 `$i, $x :=`), `$var :=`, parenthesised calls and the functions eq, ne, and, or, not, len, slice.

@@ -1,10 +1,10 @@
 """HF causal LM (optionally with a LoRA merged in) -> a complete GGUF model file, from Python.
 
-This is the fallback route (USERS.md #6: no llama.cpp checkout, converter or build needed) and
+This is the fallback route (unsloth#341: no llama.cpp checkout, converter or build needed) and
 also how edentune makes a GGUF of a base that has none (the Qwen2 twin in tests). It writes the
 hyperparameters llama.cpp reads for `llama` and `qwen2`, the BPE tokenizer with its pre-tokenizer
 name and special-token flags, the chat template, and the weights (F32 norms, f16/q8_0 matrices);
-Q4_K_M goes through llama.cpp's own quantizer because the gguf package has no K-quants (FACTS).
+Q4_K_M goes through llama.cpp's own quantizer because the gguf package has no K-quants.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _hparams(w, cfg, arch: str) -> None:
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(theta))  # qwen2 must set it: llama.cpp defaults to 10,000 (FACTS)
+    w.add_rope_freq_base(float(theta))  # qwen2 must set it: llama.cpp silently defaults to 10,000
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
@@ -184,7 +184,7 @@ def _quantize_q4_k_m(model, tok, path: Path, name: str) -> Path:
 
 
 def refuse_quantized(model) -> None:
-    """Never merge into or export 4-bit weights: the LoRA update is rounded away (USERS.md #7)."""
+    """Never merge into or export 4-bit weights: the LoRA update is rounded away (peft#2321)."""
     quant = getattr(model.config, "quantization_config", None) or getattr(model, "hf_quantizer", None)
     if quant is not None or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         raise EdentuneError(

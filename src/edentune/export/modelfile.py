@@ -1,6 +1,6 @@
 """Ollama Modelfiles: generate, parse back, validate.
 
-The Modelfile is where serving silently diverges from training (USERS.md #1, #2, #10, #11):
+The Modelfile is where serving silently diverges from training (ollama#6823, #7166, #6873, #10980):
 another chat template, a missing stop token, Qwen's default system prompt, Ollama's small default
 context. So every generated Modelfile is parsed back with the small parser below (Modelfile
 syntax has no Python library) and checked against the training settings before it is written.

@@ -1,4 +1,4 @@
-"""Does the exported model behave like the trained one? Numbers instead of hope (USERS.md #8).
+"""Does the exported model behave like the trained one? Numbers instead of hope (llama.cpp#7062).
 
 Three checks, each reported with its numbers and threshold:
 - logits: llama.cpp (base GGUF + adapter GGUF, or merged GGUF) against the HF/PEFT model on the
@@ -75,18 +75,16 @@ class TemplateReport:
 
 def tolerance_for(*gguf_paths: str | os.PathLike) -> Tolerance:
     """The loosest tolerance any of the files needs: exact for f32/f16/bf16, Q8 for 8-bit, else QUANTIZED."""
-    import gguf
-
-    from .gguf_common import field_value
+    from .gguf_common import gguf_facts
 
     needed = [EXACT]
     for p in gguf_paths:
-        r = gguf.GGUFReader(p)
-        if field_value(r, "general.type") == "adapter":
-            kinds = {t.tensor_type.name for t in r.tensors} - {"F32", "F16", "BF16"}
+        facts = gguf_facts(p)
+        if facts.fields.get("general.type") == "adapter":
+            kinds = facts.tensor_types - {"F32", "F16", "BF16"}
             needed.append(EXACT if not kinds else Q8 if kinds == {"Q8_0"} else QUANTIZED)
         else:
-            file_type = field_value(r, "general.file_type", 0)
+            file_type = facts.fields.get("general.file_type", 0)
             needed.append(EXACT if file_type in _EXACT_TYPES else Q8 if file_type == _Q8_0_TYPE else QUANTIZED)
     return max(needed, key=lambda t: t.max_rel)
 
@@ -102,11 +100,23 @@ def training_ids(tok, system: str | None, messages: list[dict]) -> list[int]:
     return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
-def _llama(path, lora: str | None = None, n_ctx: int = 512, vocab_only: bool = False):
+def llama_model(path, lora: str | os.PathLike | None = None, n_ctx: int = 512, vocab_only: bool = False,
+                n_threads: int | None = None):
+    """llama.cpp on a GGUF (+ a GGUF LoRA at scale 1, as Ollama passes it). Validate the adapter
+    first (adapter_gguf.validate_adapter_against_base): a bad one segfaults llama-cpp-python."""
     from llama_cpp import Llama
 
+    n_threads = n_threads or max(1, min(2, os.cpu_count() or 1))
     return Llama(str(path), lora_path=str(lora) if lora else None, lora_scale=1.0, logits_all=True, n_ctx=n_ctx,
-                 n_threads=max(1, min(2, os.cpu_count() or 1)), vocab_only=vocab_only, verbose=False)
+                 n_threads=n_threads, n_threads_batch=n_threads, vocab_only=vocab_only, verbose=False)
+
+
+def greedy_answer(llm, prompt: str, n_predict: int, stop: list[str]) -> str:
+    """The greedy continuation of a rendered prompt (special tokens parsed, as Ollama's runner does)."""
+    ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    llm.reset()  # no reuse of a cached prefix: evaluated in other batches, the logits (and a greedy answer) can differ
+    out = llm.create_completion(ids, max_tokens=n_predict, temperature=0.0, top_k=1, seed=0, stop=stop or None)
+    return out["choices"][0]["text"]
 
 
 def _llama_logits(llm, sequences: list[list[int]]) -> list[np.ndarray]:
@@ -163,9 +173,10 @@ def compare_logits(hf: list[np.ndarray], ll: list[np.ndarray], prompt_lens: list
 
 
 def adapter_parity(base_dir: str, adapter_dir: str | Path, adapter_gguf: str | Path, base_ggufs: list[Path],
-                   system: str | None, n_new: int = 8) -> list[LogitReport]:
+                   system: str | None, n_new: int = 8, label: str | None = None) -> list[LogitReport]:
     """llama.cpp base GGUF + adapter GGUF against HF base + PEFT adapter, with and without the
-    adapter, once per base GGUF (the HF side is computed once)."""
+    adapter, once per base GGUF (the HF side is computed once). `label` names the adapter in
+    errors (the GGUF may sit in a temporary folder that is gone when the error is read)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -173,7 +184,7 @@ def adapter_parity(base_dir: str, adapter_dir: str | Path, adapter_gguf: str | P
     from .adapter_gguf import validate_adapter_against_base
 
     for ref in base_ggufs:
-        validate_adapter_against_base(adapter_gguf, ref)  # before llama.cpp touches it: no segfault
+        validate_adapter_against_base(adapter_gguf, ref, label=label)  # before llama.cpp touches it: no segfault
     tok = load_tokenizer(base_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32"), str(adapter_dir))
     model.eval()
@@ -185,8 +196,8 @@ def adapter_parity(base_dir: str, adapter_dir: str | Path, adapter_gguf: str | P
     n_ctx = max(len(s) for s in seqs) + 16
     reports = []
     for ref in base_ggufs:
-        ll = _llama_logits(_llama(ref, adapter_gguf, n_ctx), seqs)
-        ll_base = _llama_logits(_llama(ref, None, n_ctx), seqs)
+        ll = _llama_logits(llama_model(ref, adapter_gguf, n_ctx), seqs)
+        ll_base = _llama_logits(llama_model(ref, None, n_ctx), seqs)
         reports.append(compare_logits(hf, ll, [len(p) for p in prompts], tolerance_for(ref, adapter_gguf), hf_base, ll_base))
     return reports
 
@@ -196,7 +207,7 @@ def model_parity(model, tok, model_gguf: str | Path, system: str | None, n_new: 
     prompts = probe_token_ids(tok, system)
     seqs = _greedy_sequences(model, prompts, tok, n_new)
     hf = _hf_logits(model, seqs)
-    ll = _llama_logits(_llama(model_gguf, None, max(len(s) for s in seqs) + 16), seqs)
+    ll = _llama_logits(llama_model(model_gguf, None, max(len(s) for s in seqs) + 16), seqs)
     return compare_logits(hf, ll, [len(p) for p in prompts], tolerance_for(model_gguf))
 
 
@@ -228,7 +239,7 @@ def template_parity(template: str, system: str | None, tok, vocab_gguf: str | Pa
                     conversations: list | None = None) -> TemplateReport:
     """Every prompt prefix (ending at a user turn) must give the same ids through Ollama's path
     (Go template, then llama.cpp's tokenizer) as through training's `apply_chat_template`."""
-    llm = _llama(vocab_gguf, vocab_only=True)
+    llm = llama_model(vocab_gguf, vocab_only=True)
     mismatches, count = [], 0
     for conv in conversations or PROBE_CONVERSATIONS:
         for end in (i + 1 for i, m in enumerate(conv) if m["role"] == "user"):

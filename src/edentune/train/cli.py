@@ -13,7 +13,10 @@ console = Console(stderr=True)
 
 def train_command(
     config: Path = typer.Argument(..., help="run config YAML"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint in training.output_dir"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint in training.output_dir "
+                                "(a damaged newer one is skipped with a warning)"),
+    fresh_optimizer: bool = typer.Option(False, "--fresh-optimizer", help="with --resume: accept a checkpoint without "
+                                         "optimizer.pt/scheduler.pt; the optimizer and LR schedule then start from zero"),
 ) -> None:
     """Fine-tune the base model with LoRA/QLoRA on the assistant turns of the config's data."""
     from edentune.config import load_config
@@ -23,7 +26,9 @@ def train_command(
     cfg = load_config(config)
     for w in cfg.range_warnings():
         console.print(f"[yellow]warning:[/] {w}")
-    train(cfg, resume=resume, console=console)
+    if fresh_optimizer and not resume:
+        raise typer.BadParameter("only meaningful with --resume", param_hint="--fresh-optimizer")
+    train(cfg, resume=resume, console=console, fresh_optimizer=fresh_optimizer)
 
 
 def train_feedback_command(
@@ -82,9 +87,7 @@ def inspect_command(
 
 
 def register(app: typer.Typer) -> None:
-    from edentune.data.cli import app as data_app
-
+    # `edentune data inspect` is the same command: the data stage's register adds it from here.
     app.command("train")(train_command)
     app.command("train-feedback")(train_feedback_command)
     app.command("inspect")(inspect_command)
-    data_app.command("inspect")(inspect_command)  # `edentune data inspect CONFIG`: same command

@@ -45,6 +45,7 @@ class EncodeStats:
     dropped_overlong: int = 0
     trained_tokens: int = 0
     tokens: int = 0
+    longest: int = 0  # tokens of the longest conversation before length handling
     dropped_sources: list[str] = field(default_factory=list)
 
 
@@ -122,6 +123,7 @@ def encode_all(tokenizer, convs: list[Conversation], max_len: int, overlong: str
     stats, out = EncodeStats(), []
     for conv in convs:
         ex = encode_conversation(tokenizer, conv, system_prompt)
+        stats.longest = max(stats.longest, len(ex.input_ids))
         fitted = fit_length(ex, max_len, overlong)
         if fitted is None:
             stats.dropped_overlong += 1

@@ -528,7 +528,31 @@ class MlxRun:
                 self.control.should_training_stop = True
 
 
-def train_mlx(cfg, resume: bool = False, callbacks: list | tuple = (), console=None):
+def open_run_dir(run_dir: Path, resume: bool, console) -> str | None:
+    """The MLX checkpoint to resume from (None: start fresh). The torch path's checks, with the
+    completeness test of an MLX checkpoint (its files differ from Trainer's)."""
+    import shutil
+
+    from edentune.errors import ConfigError
+
+    from .recipe import last_checkpoint
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"training.output_dir {run_dir} is a file, not a folder",
+                          hint="set training.output_dir to a new folder; the run writes checkpoints and the adapter there")
+    existing = last_checkpoint(run_dir)
+    if existing and not resume:
+        raise EdentuneError(f"{run_dir} already has checkpoints ({Path(existing).name})",
+                            hint="continue it with `edentune train CONFIG --resume`, or set training.output_dir to a new directory")
+    if resume and existing is None:
+        console.print(f"no checkpoint in {run_dir}: starting from the beginning")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".checkpoint-*"):  # temporaries of a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    return existing if resume else None
+
+
+def train_mlx(cfg, resume: bool = False, callbacks: list | tuple = (), console=None, fresh_optimizer: bool = False):
     """`recipe.train` for `training.backend: mlx`: same inputs, same outputs (see the module docstring)."""
     import mlx.core as mx
     from rich.console import Console
@@ -538,7 +562,7 @@ def train_mlx(cfg, resume: bool = False, callbacks: list | tuple = (), console=N
     from edentune.models import load_tokenizer, resolve_model_dir
 
     from .monitor import MetricsLog, MonitorCallback, RichProgressCallback
-    from .recipe import TrainResult, last_checkpoint, open_run_dir, prepare_data, write_manifest
+    from .recipe import TrainResult, last_checkpoint, prepare_data, write_manifest
 
     console = console or Console(stderr=True)
     t = cfg.training
@@ -546,6 +570,8 @@ def train_mlx(cfg, resume: bool = False, callbacks: list | tuple = (), console=N
     check_supported(cfg, model_dir)  # before touching the run directory
     run_dir = Path(t.output_dir)
     checkpoint = open_run_dir(run_dir, resume, console)
+    if fresh_optimizer:
+        console.print("note: --fresh-optimizer is not needed on the MLX backend: every MLX checkpoint holds the optimizer state")
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     train_set, val_set, data_stats = prepare_data(cfg, tokenizer, console)
     if t.batching == "packed":

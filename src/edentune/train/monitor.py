@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
+from edentune.io import check_outputs
+
 from .health import HealthMonitor
 
 
@@ -34,6 +36,7 @@ class MetricsLog:
     """Append-only JSONL event log."""
 
     def __init__(self, path: str | Path):
+        check_outputs((), [path])  # appended to: a directory, fifo or device there is refused, not written
         self.fh = open(path, "a", encoding="utf-8")
 
     def write(self, event: str, **fields) -> None:

@@ -1,6 +1,6 @@
-"""Memory planner: will this run fit, and which setting to change if not (USERS.md #12).
+"""Memory planner: will this run fit, and which setting to change if not.
 
-Peak training memory is estimated term by term (bytes), following shared/FACTS.md:
+Peak training memory is estimated term by term (bytes):
 
 - base weights: 4-bit NF4 + double quantization ~= 4.127 bits per quantized parameter; the
   embedding and an untied head stay in 16 bits and become fp32 after
@@ -39,8 +39,8 @@ KNOWN_ARCHITECTURES: dict[str, dict] = {
     "meta-llama/Llama-3.1-8B-Instruct": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
 
-LOGITS_BYTES_PER_TOKEN_VOCAB = 13.6  # fp32 logits, upcast, softmax/log-softmax, gradient (FACTS)
-NF4_BITS = 4.127  # 4-bit NF4 with double-quantized absmax (FACTS)
+LOGITS_BYTES_PER_TOKEN_VOCAB = 13.6  # fp32 logits, upcast, softmax/log-softmax, gradient (measured, docs/benchmarks.md)
+NF4_BITS = 4.127  # 4 bits + absmax per 64 weights, double-quantized to 8 bits per 256 blocks (QLoRA paper, arXiv:2305.14314)
 CUDA_OVERHEAD_GB = 0.8  # context + allocator slack, measured order of magnitude on H100
 CPU_OVERHEAD_GB = 1.0  # interpreter, torch, tokenizer and data in the process's RSS
 
@@ -108,10 +108,17 @@ def lora_param_count(arch: Arch, r: int, targets: list[str]) -> int:
 
 
 def estimate(cfg, model_config, device_gb: float, device: str = "cuda", loss: str = "edentune") -> Plan:
-    """Estimate peak memory of `cfg` for a model with `model_config` (a dict or HF config).
+    """Estimate peak memory of `cfg` for a model with `model_config` (a dict or HF config), with
+    advice when it does not fit.
 
     `loss`: "edentune" (chunked loss on trained positions, what `edentune train` runs) or "hf"
     (transformers' default loss over every position)."""
+    plan = _estimate_terms(cfg, model_config, device_gb, device, loss)
+    plan.advice = _advice(plan, cfg, lambda c: _estimate_terms(c, model_config, device_gb, device, loss))
+    return plan
+
+
+def _estimate_terms(cfg, model_config, device_gb: float, device: str, loss: str) -> Plan:
     arch = Arch.from_config(model_config)
     t, q = cfg.training, cfg.quantization
     T = t.per_device_batch_size * cfg.model.max_seq_len
@@ -154,30 +161,57 @@ def estimate(cfg, model_config, device_gb: float, device: str = "cuda", loss: st
         scores = t.per_device_batch_size * arch.heads * s * s * 4
         terms["attention scores"] = scores * (1 if t.gradient_checkpointing else arch.layers) / GB
     terms["runtime overhead"] = CUDA_OVERHEAD_GB if device == "cuda" else CPU_OVERHEAD_GB
-    plan = Plan(terms=terms, device_gb=device_gb, tokens_per_micro_batch=T, lora_params=n_lora)
-    plan.advice = _advice(plan, cfg)
-    return plan
+    return Plan(terms=terms, device_gb=device_gb, tokens_per_micro_batch=T, lora_params=n_lora)
 
 
-def _advice(plan: Plan, cfg) -> list[str]:
+MIN_ADVISED_SEQ_LEN = 256  # shorter than this cuts most real conversations
+
+
+def _advice(plan: Plan, cfg, estimate_for) -> list[str]:
+    """What to change, the change that frees most memory first, each re-estimated with the same
+    formula (`estimate_for(changed_cfg) -> Plan`) so the advice is what the numbers say."""
+    from ..errors import ConfigError
+
     if plan.fits:
         return []
-    t, out = cfg.training, []
-    biggest = max(plan.terms, key=plan.terms.get)
-    if "weights" not in biggest and t.per_device_batch_size > 1:
-        b = t.per_device_batch_size // 2
-        out.append(f"training.per_device_batch_size: {b} with gradient_accumulation_steps: {t.gradient_accumulation_steps * 2} "
-                   "(same effective batch, half the tokens per micro-batch)")
-    if "logits" in biggest or "checkpoints" in biggest:
-        out.append(f"model.max_seq_len: {cfg.model.max_seq_len // 2} if your conversations allow (check `edentune data stats`)")
-    if not t.gradient_checkpointing:
-        out.append("training.gradient_checkpointing: true")
-    if "8bit" not in t.optimizer:
-        out.append("training.optimizer: paged_adamw_8bit")
+    t, m = cfg.training, cfg.model
+    options: list[tuple[dict, str]] = []
     if not cfg.quantization.load_in_4bit:
-        out.append("quantization.load_in_4bit: true (QLoRA)")
-    if not out:
-        out.append("the base weights alone do not fit: pick a smaller model preset")
+        options.append(({"quantization.load_in_4bit": True}, "quantization.load_in_4bit: true (QLoRA: 4-bit NF4 base)"))
+    if t.per_device_batch_size > 1:
+        b = t.per_device_batch_size // 2
+        acc = -(-t.per_device_batch_size * t.gradient_accumulation_steps // b)  # ceil: at least the same effective batch
+        options.append(({"training.per_device_batch_size": b, "training.gradient_accumulation_steps": acc},
+                        f"training.per_device_batch_size: {b} with gradient_accumulation_steps: {acc} "
+                        "(same effective batch, half the tokens per micro-batch)"))
+    if m.max_seq_len // 2 >= MIN_ADVISED_SEQ_LEN:
+        options.append(({"model.max_seq_len": m.max_seq_len // 2},
+                        f"model.max_seq_len: {m.max_seq_len // 2} if your conversations allow (check `edentune data stats`)"))
+    if not t.gradient_checkpointing:
+        options.append(({"training.gradient_checkpointing": True}, "training.gradient_checkpointing: true"))
+    if "8bit" not in t.optimizer:
+        options.append(({"training.optimizer": "paged_adamw_8bit"}, "training.optimizer: paged_adamw_8bit"))
+    scored, combined = [], {}
+    for changes, text in options:
+        try:
+            freed = plan.total_gb - estimate_for(cfg.updated(changes)).total_gb
+        except ConfigError:  # a change this config cannot take (e.g. against another setting): not advice
+            continue
+        if freed >= 0.05:
+            scored.append((freed, text))
+            combined.update(changes)
+    scored.sort(key=lambda x: -x[0])
+    weights = plan.terms["base weights"]
+    if weights > plan.device_gb and cfg.quantization.load_in_4bit:
+        # Nothing else helps: batch, sequence length and optimizer do not shrink the weights.
+        return [f"the base weights alone ({weights:.1f} GB in 4-bit) do not fit in {plan.device_gb:g} GB: "
+                "pick a smaller model preset or a larger device"]
+    out = [f"{text} (frees ~{freed:.1f} GB)" for freed, text in scored]
+    after = estimate_for(cfg.updated(combined)).total_gb if combined else plan.total_gb
+    if after > plan.device_gb * 0.95:
+        out.append(f"even with {'all of these at once' if len(scored) > 1 else 'this' if scored else 'these settings'} "
+                   f"the run needs ~{after:.1f} GB of {plan.device_gb:g} GB: halve again, pick a smaller model preset "
+                   "or a larger device")
     return out
 
 

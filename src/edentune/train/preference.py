@@ -12,7 +12,6 @@ chat template the export writes, metrics.jsonl + progress with ETA, and an atomi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from transformers import TrainerCallback
 
 from edentune.config import RunConfig
 from edentune.data.feedback import kto_weights
+from edentune.data.records import read_lines
 from edentune.errors import DataError, EdentuneError
-from edentune.io import atomic_dir, write_json_atomic
+from edentune.io import atomic_dir, ensure_dir, write_json_atomic
 from edentune.models import load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 
 from .monitor import MetricsLog, RichProgressCallback
@@ -46,16 +46,17 @@ def read_preferences(path: str | Path, method: str) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: no such preference file", hint="write it with `edentune data feedback FEEDBACK.jsonl -o DIR`")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    # The data stage's reader: encodings, gzip, deep nesting, huge numbers and lone surrogates
+    # become one line's reason here too, never a traceback.
+    for item in read_lines(path):
+        if item.blank:
             continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise DataError(f"{path}:{n}: not JSON ({err})", hint="regenerate it with `edentune data feedback`") from None
+        if item.error is not None:
+            raise DataError(f"{item.source}: not JSON ({item.error})", hint="regenerate it with `edentune data feedback`")
+        row = item.record
         missing = [k for k in keys if k not in row]
         if missing:
-            raise DataError(f"{path}:{n}: missing {', '.join(missing)} for {method.upper()}",
+            raise DataError(f"{item.source}: missing {', '.join(missing)} for {method.upper()}",
                             hint=f"{method} needs {'kto.jsonl' if method == 'kto' else 'dpo.jsonl'} from `edentune data feedback`")
         rows.append({k: row[k] for k in keys})
     if not rows:
@@ -95,7 +96,7 @@ def train_preferences(cfg: RunConfig, data_file: str | Path, *, adapter: str | P
     run_dir = Path(p.output_dir or f"{cfg.training.output_dir}-{p.method}")
     if (run_dir / "adapter").exists():
         raise EdentuneError(f"{run_dir} already holds a trained adapter", hint="set preference.output_dir to a new directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)
 
     device = pick_device()
     dtype = pick_dtype(cfg.training.precision, device)

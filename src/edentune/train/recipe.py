@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
+import re
 import shutil
 import subprocess
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from edentune.config import RunConfig
-from edentune.errors import EdentuneError
-from edentune.io import atomic_dir, file_sha256, write_json_atomic
-from edentune.models import load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+from edentune.errors import ConfigError, DataError, EdentuneError
+from edentune.io import atomic_dir, ensure_dir, file_sha256, write_json_atomic
+from edentune.models import check_adapter_dir, load_adapter, load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 
 from .data import encode_all, load_splits, to_dataset
 from .dropout import use_cheap_lora_dropout
@@ -47,12 +51,11 @@ class TrainResult:
 def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype, adapter: str | Path | None = None):
     """Base model (4-bit NF4 for QLoRA, else plain) wrapped with a fresh LoRA adapter, or with
     `adapter` (a saved PEFT adapter, made trainable: e.g. the SFT adapter for preference tuning)."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
-        raise EdentuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)",
-                            hint="pass a run's adapter folder, e.g. runs/eden/adapter")
+    if adapter is not None:
+        check_adapter_dir(adapter)  # before the base is loaded: a broken adapter fails in a second, not minutes
     q, gc = cfg.quantization, cfg.training.gradient_checkpointing
     model = load_base_model(model_dir, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type, double_quant=q.double_quant,
                             compute_dtype=q.compute_dtype, dtype=dtype, device=device,
@@ -64,7 +67,7 @@ def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torc
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     if adapter is not None:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        return load_adapter(model, adapter, trainable=True)
     lora = cfg.lora
     set_seed(cfg.training.seed)  # LoRA A is initialised from the global RNG: same seed, same adapter
     return get_peft_model(model, LoraConfig(
@@ -82,7 +85,8 @@ def engine_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype
 
 
 def packing_supported(device: str) -> bool:
-    # Packing is only leak-free with flash-attention's varlen kernels (FACTS: sdpa/eager leak).
+    # Packing is only leak-free with flash-attention's varlen kernels: under sdpa/eager the packed
+    # sequences attend to each other (transformers' DataCollatorWithFlattening documentation).
     return device == "cuda" and importlib.util.find_spec("flash_attn") is not None
 
 
@@ -113,6 +117,86 @@ def last_checkpoint(run_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+
+
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR naming
+OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")  # Trainer restores both or neither
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    # torch.save writes a zip archive: its central directory and CRCs reveal truncation and garbage
+    # without unpickling anything (Trainer itself later loads these with weights_only=True).
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"{path.name} is truncated or not a torch file ({err})"
+    return f"{path.name} is damaged (bad checksum in {bad})" if bad else None
+
+
+def checkpoint_problem(ckpt: Path, need_optimizer: bool = True) -> str | None:
+    """Why `--resume` cannot continue from `ckpt` exactly (None: it can)."""
+    state = ckpt / "trainer_state.json"
+    try:
+        data = json.loads(state.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        return f"trainer_state.json is unreadable ({err})"
+    if not isinstance(data, dict) or not isinstance(data.get("global_step"), int) or not isinstance(data.get("log_history", []), list):
+        return "trainer_state.json has no valid global_step / log_history"
+    try:
+        check_adapter_dir(ckpt)
+    except EdentuneError as err:
+        return str(err.args[0]).removeprefix(f"{ckpt}/").removeprefix(f"{ckpt}: ")
+    for name in OPTIMIZER_FILES:
+        f = ckpt / name
+        if not f.exists():
+            if need_optimizer:
+                return f"no {name}: resuming would restart the optimizer (Adam moments, learning-rate schedule) from zero"
+            continue
+        if problem := _torch_file_problem(f):
+            return problem
+    rng = ckpt / "rng_state.pth"
+    return _torch_file_problem(rng) if rng.exists() else None
+
+
+def resume_checkpoint(run_dir: Path, console: Console, fresh_optimizer: bool = False) -> str | None:
+    """The newest checkpoint of `run_dir` that `--resume` can continue from exactly.
+
+    A damaged or incomplete newer checkpoint (truncated weights or optimizer, bad
+    trainer_state.json, no optimizer.pt) is skipped with a warning naming it and why, and the
+    previous complete one is used; it stays on disk and is replaced when training reaches its step
+    again. When none is usable the error lists each. `fresh_optimizer` accepts a checkpoint without
+    optimizer/scheduler state (explicitly: the optimizer then starts from zero).
+    """
+    if not run_dir.is_dir():
+        return None
+    found = sorted((int(m.group(1)), d) for d in run_dir.iterdir() if d.is_dir() and (m := _CHECKPOINT_DIR.match(d.name)))
+    broken: list[tuple[Path, str]] = []
+    for _, ckpt in reversed(found):
+        problem = checkpoint_problem(ckpt, need_optimizer=not fresh_optimizer)
+        if problem is None:
+            break
+        broken.append((ckpt, problem))
+    else:
+        ckpt = None
+    if broken:
+        listed = "\n".join(f"  {c.name}: {why}" for c, why in broken)
+        no_optimizer = any(why.startswith("no optimizer.pt") or why.startswith("no scheduler.pt") for _, why in broken)
+        fresh_hint = (" or `--fresh-optimizer` to continue the newest weights with a new optimizer state"
+                      if no_optimizer else "")
+        if ckpt is None:
+            raise EdentuneError(f"no checkpoint in {run_dir} can be resumed from:\n{listed}",
+                                hint=f"start again with a new training.output_dir (or remove these checkpoints){fresh_hint}")
+        console.print(f"[yellow]warning:[/] cannot resume from {len(broken)} newer checkpoint(s):\n{escape(listed)}\n"
+                      f"resuming from {ckpt.name}, the newest complete one (the others stay on disk and are replaced "
+                      f"when training reaches their step again{'; use --fresh-optimizer to keep their weights' if no_optimizer else ''})",
+                      highlight=False, markup=True)
+    if ckpt is not None and fresh_optimizer and any(not (ckpt / f).exists() for f in OPTIMIZER_FILES):
+        console.print(f"[yellow]warning:[/] --fresh-optimizer: {ckpt.name} has no optimizer/scheduler state; the weights "
+                      "continue, the optimizer and the learning-rate schedule start again from zero", highlight=False)
+    return str(ckpt) if ckpt is not None else None
 
 
 def git_commit() -> str | None:
@@ -175,10 +259,20 @@ def prepare_data(cfg: RunConfig, tokenizer, console: Console):
     """Encoded train and validation examples, with overlong handling reported (never silent)."""
     m = cfg.model
     train_convs, val_convs = load_splits(cfg.data)
+    files = ", ".join(cfg.data.train_files)
+    if not train_convs and val_convs:
+        raise DataError(f"no training conversations left: the validation split took all {len(val_convs)} of {files}",
+                        hint="add more conversations, or list data.validation_files so every training file is trained on")
+    if not train_convs:
+        raise DataError(f"no training conversations in {files}: the data is empty",
+                        hint="point data.train_files at ChatML JSONL with conversations (check it with `edentune data validate`)")
     train_set, train_stats = encode_all(tokenizer, train_convs, m.max_seq_len, m.overlong, m.system_prompt)
     val_set, val_stats = encode_all(tokenizer, val_convs, m.max_seq_len, m.overlong, m.system_prompt)
     if not train_set:
-        raise EdentuneError("no training conversation fits model.max_seq_len", hint="raise model.max_seq_len or use overlong: truncate")
+        raise DataError(f"none of the {len(train_convs)} training conversation(s) fits model.max_seq_len={m.max_seq_len} "
+                        f"(the longest has {train_stats.longest} tokens; {train_stats.dropped_overlong} dropped, "
+                        f"model.overlong={m.overlong})",
+                        hint="raise model.max_seq_len or use overlong: truncate")
     for name, s in (("train", train_stats), ("validation", val_stats)):
         if s.dropped_overlong or s.truncated:
             console.print(f"{name}: {s.dropped_overlong} conversation(s) longer than max_seq_len={m.max_seq_len} dropped, "
@@ -190,23 +284,10 @@ def prepare_data(cfg: RunConfig, tokenizer, console: Console):
     return train_set, val_set, stats
 
 
-def open_run_dir(run_dir: Path, resume: bool, console: Console) -> str | None:
-    """The checkpoint to resume from (None: start fresh); refuses to train over a run without --resume."""
-    existing = last_checkpoint(run_dir)
-    if existing and not resume:
-        raise EdentuneError(f"{run_dir} already has checkpoints ({Path(existing).name})",
-                            hint="continue it with `edentune train CONFIG --resume`, or set training.output_dir to a new directory")
-    checkpoint = existing if resume else None
-    if resume and checkpoint is None:
-        console.print(f"no complete checkpoint in {run_dir}: starting from the beginning")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".checkpoint-*"):  # temporaries of a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    return checkpoint
-
-
 # -- the recipe ---------------------------------------------------------------------------------
-def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), console: Console | None = None) -> TrainResult:
+def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), console: Console | None = None,
+          fresh_optimizer: bool = False) -> TrainResult:
+    """Train `cfg`; `resume` continues from the newest complete checkpoint (see `resume_checkpoint`)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
     from transformers.integrations import TensorBoardCallback
@@ -217,10 +298,22 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     if select_backend(cfg.training.backend) == "mlx":
         from .mlx_backend import train_mlx
 
-        return train_mlx(cfg, resume=resume, callbacks=callbacks, console=console)
+        return train_mlx(cfg, resume=resume, callbacks=callbacks, console=console, fresh_optimizer=fresh_optimizer)
     t = cfg.training
     run_dir = Path(t.output_dir)
-    checkpoint = open_run_dir(run_dir, resume, console)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"training.output_dir {run_dir} is a file, not a folder",
+                          hint="set training.output_dir to a new folder; the run writes checkpoints and the adapter there")
+    existing = last_checkpoint(run_dir)
+    if existing and not resume:
+        raise EdentuneError(f"{run_dir} already has checkpoints ({Path(existing).name})",
+                            hint="continue it with `edentune train CONFIG --resume`, or set training.output_dir to a new directory")
+    checkpoint = resume_checkpoint(run_dir, console, fresh_optimizer) if resume else None
+    if resume and checkpoint is None:
+        console.print(f"no checkpoint in {run_dir}: starting from the beginning")
+    ensure_dir(run_dir)
+    for stale in run_dir.glob(".checkpoint-*"):  # temporaries of a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
 
     device = pick_device()
     dtype = pick_dtype(t.precision, device)
@@ -277,7 +370,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
                                     hint="lower training.learning_rate, raise warmup_steps, check the data for extreme examples")
             rollbacks += 1
             rollback_lr = trainer.lr_scheduler.base_lrs[0] / 2
-            checkpoint = last_checkpoint(run_dir)
+            checkpoint = resume_checkpoint(run_dir, console)
             console.print(f"[red]non-finite {trainer.non_finite}[/]: rolling back to {Path(checkpoint).name if checkpoint else 'the start'} "
                           f"with learning rate {rollback_lr:.2e} (retry {rollbacks}/{t.nan_max_retries})")
             metrics_log.write("nan_rollback", reason=trainer.non_finite, checkpoint=checkpoint, learning_rate=rollback_lr, retry=rollbacks)

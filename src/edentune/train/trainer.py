@@ -38,7 +38,7 @@ def trained_token_loss(model, inputs: dict) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over trained positions, with logits computed for those positions only.
 
     HF's default loss materialises fp32 logits for every position (~13.6 bytes x tokens x vocab:
-    17 GB for Qwen2.5 at 4 x 2048, FACTS) although system/user/padding positions are never
+    17 GB for Qwen2.5 at 4 x 2048, see train/plan.py) although system/user/padding positions are never
     trained. Here the decoder's hidden states are gathered at the trained positions first, and the
     output projection + cross-entropy run in chunks that are recomputed in backward
     (checkpointed), so the logits never exceed LOGITS_CHUNK_ELEMENTS at a time.
