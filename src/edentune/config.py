@@ -102,6 +102,9 @@ class TrainingConfig(_Section):
     )
     nan_max_retries: int = Field(2, ge=0, description="NaN/Inf: roll back, halve the LR, retry this many times")
     seed: int = 42
+    backend: Literal["auto", "torch", "mlx"] = Field(
+        "auto", description="auto: MLX on Apple Silicon when edentune[mlx] is installed, else torch (docs/apple-silicon.md)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:

@@ -226,3 +226,91 @@ def model_config_for(cfg):
 
     return AutoConfig.from_pretrained(resolve_model_dir(name, cfg.model.gguf_file, cfg.model.architecture),
                                       trust_remote_code=cfg.model.trust_remote_code)
+
+
+# -- Apple unified memory (training.backend: mlx) ---------------------------------------------------
+# On a Mac the GPU shares the RAM, but macOS lets Metal keep only part of it resident: the
+# device's recommendedMaxWorkingSetSize, which mlx-lm wires for training
+# (`mx.device_info()["max_recommended_working_set_size"]`, raised with `sudo sysctl
+# iogpu.wired_limit_mb=N`). Reported values: 10.67 GB on a 16 GB M4 (exo-explore/exo#1672), about
+# 3/4 on 64-96 GB machines (gpustack/gpustack#1375, ml-explore/mlx-lm#883).
+MLX_4BIT_BITS = 4.5  # MLX affine 4-bit, group size 64: 4 bits + an fp16 scale and bias per 64 weights
+APPLE_OVERHEAD_GB = 1.0  # Python, MLX, tokenizer and data
+
+
+def apple_gpu_budget_gb(ram_gb: float) -> float:
+    """What macOS leaves to the GPU by default: about 2/3 of RAM up to 36 GB, 3/4 above."""
+    return ram_gb * (2 / 3 if ram_gb <= 36 else 3 / 4)
+
+
+def estimate_apple(cfg, model_config, ram_gb: float, working_set_gb: float | None = None) -> Plan:
+    """Peak memory of `cfg` on the MLX backend of a Mac with `ram_gb` of unified memory.
+
+    Terms as in `estimate`, for MLX: the 4-bit base quantizes every linear layer and the
+    embeddings (mlx-lm's quantize_model), the frozen rest is bf16, LoRA weights and AdamW moments
+    are fp32 (no 8-bit optimizer on MLX), logits are computed at trained positions in chunks
+    (`mlx_backend.make_loss`), and the attention backward keeps batch x heads x s x s scores.
+    `working_set_gb` (the Mac's own recommended working set) replaces the 2/3 / 3/4 rule."""
+    from .trainer import LOGITS_CHUNK_ELEMENTS
+
+    arch = Arch.from_config(model_config)
+    t = cfg.training
+    T = t.per_device_batch_size * cfg.model.max_seq_len
+    w = 2  # bf16 activations
+    base = arch.params * (MLX_4BIT_BITS / 8 if cfg.quantization.load_in_4bit else w)
+    n_lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
+    layer_ws = T * (8 * arch.hidden + 2 * arch.kv_dim + 5 * arch.intermediate) * w + T * 7 * arch.hidden * w
+    chunk_tokens = max(1, LOGITS_CHUNK_ELEMENTS // arch.vocab)
+    logits = LOGITS_BYTES_PER_TOKEN_VOCAB * min(T, chunk_tokens) * arch.vocab + T * arch.hidden * 4
+    scores = t.per_device_batch_size * arch.heads * cfg.model.max_seq_len ** 2 * w * 2  # probabilities + their gradient
+    terms = {"base weights (MLX 4-bit)" if cfg.quantization.load_in_4bit else "base weights (bf16)": base / GB,
+             "LoRA weights+grads+AdamW (fp32)": n_lora * 16 / GB}
+    if t.gradient_checkpointing:
+        terms["saved layer inputs (checkpoints)"] = w * T * arch.hidden * arch.layers / GB
+        terms["largest transient: " + ("logits+loss" if logits >= layer_ws + scores else "layer recompute")] = max(logits, layer_ws + scores) / GB
+    else:
+        terms["activations (all layers)"] = (layer_ws + scores) * arch.layers / GB
+        terms["logits+loss"] = logits / GB
+    terms["runtime overhead"] = APPLE_OVERHEAD_GB
+    budget = working_set_gb if working_set_gb is not None else apple_gpu_budget_gb(ram_gb)
+    plan = Plan(terms=terms, device_gb=budget, tokens_per_micro_batch=T, lora_params=n_lora)
+    plan.advice = _apple_advice(plan, cfg, ram_gb)
+    return plan
+
+
+def _apple_advice(plan: Plan, cfg, ram_gb: float) -> list[str]:
+    if plan.fits:
+        return []
+    t, out = cfg.training, []
+    if t.per_device_batch_size > 1:
+        out.append(f"training.per_device_batch_size: {t.per_device_batch_size // 2} with gradient_accumulation_steps: "
+                   f"{t.gradient_accumulation_steps * 2} (same effective batch)")
+    if not t.gradient_checkpointing:
+        out.append("training.gradient_checkpointing: true")
+    if not cfg.quantization.load_in_4bit:
+        out.append("quantization.load_in_4bit: true (QLoRA on an MLX 4-bit base)")
+    out.append(f"model.max_seq_len: {cfg.model.max_seq_len // 2} if your conversations allow (check `edentune data stats`)")
+    if plan.total_gb <= ram_gb - 4:
+        out.append(f"or let the GPU wire more of the {ram_gb:g} GB: sudo sysctl iogpu.wired_limit_mb={int((ram_gb - 4) * 1024)} "
+                   "(until reboot; leave the OS at least 4 GB)")
+    if plan.terms.get("base weights (MLX 4-bit)", 0) > plan.device_gb * 0.8:
+        out.append("the 4-bit base alone nearly fills the GPU budget: pick a smaller model preset")
+    return out
+
+
+def apple_plan(cfg, model_config, ram_gb: float | None) -> tuple[Plan, str]:
+    """`edentune plan --device apple`: this Mac's own numbers when run on one with MLX, else `ram_gb` (default 24)."""
+    import importlib.util
+    import platform
+
+    working_set = None
+    if ram_gb is None and platform.system() == "Darwin" and importlib.util.find_spec("mlx") is not None:
+        import mlx.core as mx
+
+        info = mx.device_info()
+        ram_gb, working_set = info["memory_size"] / GB, info.get("max_recommended_working_set_size")
+        working_set = working_set / GB if working_set else None
+    ram_gb = ram_gb or 24.0
+    plan = estimate_apple(cfg, model_config, ram_gb, working_set)
+    source = "this Mac's recommended working set" if working_set else "about 2/3 of RAM up to 36 GB, 3/4 above"
+    return plan, f"GPU budget on a {ram_gb:g} GB Mac: {plan.device_gb:.1f} GB ({source})"

@@ -32,10 +32,11 @@ from edentune.models import check_adapter_dir, load_adapter, load_base_model, lo
 
 from .data import encode_all, load_splits, to_dataset
 from .dropout import use_cheap_lora_dropout
+from .mlx_backend import select_backend
 from .monitor import MetricsLog, MonitorCallback, RichProgressCallback
 
 log = logging.getLogger(__name__)
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl", "edentune")
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl", "mlx", "mlx-lm", "edentune")
 
 
 @dataclass
@@ -294,6 +295,10 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     from .trainer import EdenTrainer
 
     console = console or Console(stderr=True)
+    if select_backend(cfg.training.backend) == "mlx":
+        from .mlx_backend import train_mlx
+
+        return train_mlx(cfg, resume=resume, callbacks=callbacks, console=console, fresh_optimizer=fresh_optimizer)
     t = cfg.training
     run_dir = Path(t.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
