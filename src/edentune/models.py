@@ -160,8 +160,9 @@ def pick_dtype(precision: str, device: str) -> torch.dtype:
 
 def load_base_model(model_dir: str, *, load_in_4bit: bool, quant_type: str = "nf4", double_quant: bool = True,
                     compute_dtype: str = "bf16", dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    trust_remote_code: bool = False):
-    """Load the base for training or evaluation: 4-bit NF4 (QLoRA) through bitsandbytes, or plain."""
+                    trust_remote_code: bool = False, quant_storage: torch.dtype = torch.uint8):
+    """Load the base for training or evaluation: 4-bit NF4 (QLoRA) through bitsandbytes, or plain.
+    `quant_storage`: the dtype the packed 4-bit weights are stored in (FSDP needs the model's dtype)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
@@ -174,7 +175,7 @@ def load_base_model(model_dir: str, *, load_in_4bit: bool, quant_type: str = "nf
         cd = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute_dtype]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=cd, bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_compute_dtype=cd, bnb_4bit_quant_storage=quant_storage,
         )
         kwargs["device_map"] = {"": 0} if device == "cuda" else {"": device}
     try:

@@ -14,6 +14,9 @@ console = Console(stderr=True)
 def train_command(
     config: Path = typer.Argument(..., help="run config YAML"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint in training.output_dir"),
+    num_processes: int = typer.Option(None, "--num-processes", min=2,
+                                      help="train in N processes (one per GPU; on CPU, gloo) through accelerate's launcher; "
+                                           "see docs/multi-gpu.md"),
 ) -> None:
     """Fine-tune the base model with LoRA/QLoRA on the assistant turns of the config's data."""
     from edentune.config import load_config
@@ -21,9 +24,27 @@ def train_command(
     from .recipe import train
 
     cfg = load_config(config)
+    if num_processes is not None:
+        _relaunch(config, resume, num_processes)
+        return
     for w in cfg.range_warnings():
         console.print(f"[yellow]warning:[/] {w}")
     train(cfg, resume=resume, console=console)
+
+
+def _relaunch(config: Path, resume: bool, num_processes: int) -> None:
+    """`accelerate launch --num_processes N -m edentune train CONFIG`, with its exit status."""
+    import subprocess
+
+    from edentune.models import pick_device
+
+    from .distributed import launcher_command
+
+    cmd = launcher_command(["train", str(config), *(["--resume"] if resume else [])], num_processes, pick_device())
+    console.print("launching: " + " ".join(cmd[1:]), highlight=False, markup=False)
+    code = subprocess.run(cmd).returncode
+    if code:
+        raise typer.Exit(code)
 
 
 def train_feedback_command(

@@ -1,0 +1,118 @@
+"""Several processes (`accelerate launch`): who writes, where the model goes, what is refused.
+
+`edentune train` runs unchanged in every process started by `accelerate launch -m edentune train
+CONFIG` (or `edentune train CONFIG --num-processes N`, which starts that launcher): accelerate sets
+up DDP or FSDP from its config, `EdenTrainer` keeps the loss, data order, NaN verdict and
+checkpoints consistent across processes, and this module decides the per-process parts: only the
+main process writes run files (manifest, metrics, TensorBoard, adapter, result.json), each process
+loads the base onto its own GPU, and combinations known to fail in the pinned versions are refused
+before anything is loaded. See docs/multi-gpu.md.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from edentune.errors import EdentuneError
+
+
+@dataclass(frozen=True)
+class Processes:
+    num: int
+    index: int
+    local_index: int
+    fsdp: bool
+
+    @property
+    def main(self) -> bool:
+        return self.index == 0
+
+
+def current_processes(device: str) -> Processes:
+    """This process's place in the launch (one process, index 0, when not launched)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # cpu= as TrainingArguments(use_cpu=...) will pass it: PartialState is initialised once per
+    # process, and only with cpu=True does a CPU launch get the gloo process group.
+    state = PartialState(cpu=device == "cpu")
+    return Processes(state.num_processes, state.process_index, state.local_process_index,
+                     fsdp=parse_flag_from_env("ACCELERATE_USE_FSDP"))
+
+
+def load_device(device: str, procs: Processes) -> str:
+    """Where this process loads the base: its own GPU under a launch (not all on cuda:0)."""
+    if device != "cuda" or procs.num == 1:
+        return device
+    if procs.local_index >= torch.cuda.device_count():
+        raise EdentuneError(
+            f"{procs.num} processes per machine but only {torch.cuda.device_count()} GPU(s) visible",
+            hint="launch one process per GPU (--num-processes / accelerate's num_processes)")
+    return f"cuda:{procs.local_index}"
+
+
+def check_supported(cfg, device: str, procs: Processes) -> None:
+    """Refuse, before loading anything, what the pinned torch/accelerate/bitsandbytes cannot run."""
+    if procs.num == 1:
+        return
+    if device == "mps":
+        raise EdentuneError("several processes on Apple MPS: torch has no distributed backend for MPS",
+                            hint="train with one process on a Mac")
+    q = cfg.quantization
+    if procs.fsdp and q.load_in_4bit and device != "cuda":
+        raise EdentuneError(
+            "FSDP with a 4-bit base needs CUDA: bitsandbytes' 4-bit weights are not shardable on CPU",
+            hint="on CPU, shard a plain model (quantization.load_in_4bit: false) or use DDP without FSDP")
+    if procs.fsdp and q.load_in_4bit and q.compute_dtype != _precision_name(cfg, device):
+        raise EdentuneError(
+            f"FSDP with a 4-bit base needs quantization.compute_dtype equal to the training precision "
+            f"({_precision_name(cfg, device)}): FSDP shards the 4-bit weights stored in that dtype "
+            "next to the other parameters, which must all share one dtype",
+            hint="set quantization.compute_dtype to the training precision (bf16 on recent GPUs)")
+    if procs.fsdp and "8bit" in cfg.training.optimizer:
+        # bitsandbytes' 8-bit optimizers keep quantized state and statistics FSDP does not know how
+        # to gather: saving a checkpoint fails (bitsandbytes#89, #1403, #1732, open in 0.50).
+        raise EdentuneError(
+            f"FSDP with training.optimizer {cfg.training.optimizer}: checkpoints of bitsandbytes' 8-bit "
+            "optimizer state cannot be gathered by FSDP",
+            hint="use training.optimizer: adamw_torch under FSDP (its state is sharded across the GPUs anyway)")
+
+
+def _precision_name(cfg, device: str) -> str:
+    from edentune.models import pick_dtype
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[pick_dtype(cfg.training.precision, device)]
+
+
+def launcher_command(argv: list[str], num_processes: int, device: str) -> list[str]:
+    """`python -m accelerate.commands.launch ... -m edentune train ...` for `--num-processes N`.
+
+    accelerate's torchrun launcher (`--multi_gpu`) also serves CPU processes: in them edentune
+    trains with `use_cpu`, which makes accelerate create a gloo process group (its `--cpu` flag
+    would start one process, or N through mpirun). An accelerate config file (FSDP) is honoured
+    when ACCELERATE_CONFIG_FILE or `accelerate config` provides one.
+    """
+    if num_processes < 2:
+        raise EdentuneError("--num-processes must be at least 2", hint="omit it to train in one process")
+    if device == "cuda" and num_processes > torch.cuda.device_count():
+        raise EdentuneError(f"--num-processes {num_processes} but {torch.cuda.device_count()} GPU(s) visible",
+                            hint="one process per GPU")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    config_file = os.environ.get("ACCELERATE_CONFIG_FILE")
+    if config_file:
+        cmd += ["--config_file", config_file]
+    else:
+        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--num_processes", str(num_processes), "--main_process_port", str(free_port()), "-m", "edentune", *argv]
+    return cmd
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
