@@ -41,8 +41,29 @@ def current_processes(device: str) -> Processes:
     # cpu= as TrainingArguments(use_cpu=...) will pass it: PartialState is initialised once per
     # process, and only with cpu=True does a CPU launch get the gloo process group.
     state = PartialState(cpu=device == "cpu")
+    if state.num_processes > 1:
+        die_with_launcher()
     return Processes(state.num_processes, state.process_index, state.local_process_index,
                      fsdp=parse_flag_from_env("ACCELERATE_USE_FSDP"))
+
+
+def die_with_launcher() -> None:
+    """End this worker when the launcher that started it dies (Linux).
+
+    torchrun, which accelerate's launcher runs, starts its workers in sessions of their own: after
+    a SIGKILL of the launcher (`kill -9`, the OOM killer, a scheduler) they would train on,
+    unsupervised, and keep writing checkpoints into the run folder while a `--resume` starts.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_device(device: str, procs: Processes) -> str:

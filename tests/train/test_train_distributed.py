@@ -1,0 +1,209 @@
+"""`edentune train` in two CPU processes (accelerate's launcher, gloo) equals one process with the
+same global batch: adapter, logged losses and gradient norms, evaluation loss, trained tokens; also
+after a NaN verdict seen by one rank only, and after SIGKILL of the launcher and `--resume`.
+
+The data gives the two ranks very different numbers of trained tokens in every optimizer step
+(long and short replies alternate in the length-sorted order), which is what exposes a wrong loss
+normalisation. Measured on this data (6 steps, Adam, lr 1e-3; adapter values up to 0.13):
+  correct (global token count, x num_processes):       max |adapter difference| 1.3e-7
+  global count without x num_processes (old trainer):  3.5e-4, and logged loss / grad norm halved
+  per-rank token mean (Trainer without token averaging): 8.1e-3
+so the tolerance below (1e-5) separates them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from train_helpers import conversation, make_config, write_jsonl
+
+from edentune.train import train
+from edentune.train.distributed import free_port
+from edentune.train.trainer import EDENTUNE_STATE, EdenTrainer
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+HERE = str(Path(__file__).resolve().parent)
+# Reply lengths (words): sorted by length, each global batch of 4 is [long, short, shorter, shortest]
+# in rank order 0, 1, 0, 1 (one example per micro-batch, 2 accumulation steps).
+REPLY_WORDS = [120, 60, 58, 56, 55, 30, 29, 28, 27, 15, 14, 13, 12, 6, 5, 4]
+TOL = 1e-5
+
+
+def patch_non_finite_grad_norm(at: int, rank: int | None = None) -> None:
+    """Make the gradient norm of optimizer step `at` read NaN, once, on `rank` only (None: any).
+    Only that process then sees a non-finite value: the others must learn it from the trainer's
+    cross-process verdict, or they would run on alone and the launch would hang."""
+    original = EdenTrainer._clip_grad_norm
+    fired = []
+
+    def clip(self, model):
+        norm = original(self, model)
+        mine = rank is None or int(os.environ.get("RANK", "0")) == rank
+        if mine and not fired and self.state.global_step + 1 == at:
+            fired.append(at)
+            norm = torch.tensor(float("nan"))
+            if self.non_finite is None:
+                self.non_finite = f"gradient norm nan at step {at}"
+        return norm
+
+    EdenTrainer._clip_grad_norm = clip
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {here!r})
+    import yaml
+    from transformers import TrainerCallback
+    from edentune.config import parse_config
+    from edentune.train import train
+    from test_train_distributed import patch_non_finite_grad_norm
+
+    cfg_file, nan_step, nan_rank, sleep_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    if nan_step:
+        patch_non_finite_grad_norm(nan_step, nan_rank)
+
+    class Slow(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            time.sleep(sleep_s)
+
+    train(parse_config(yaml.safe_load(open(cfg_file))), callbacks=[Slow()])
+""")
+
+
+def launch(script: Path, cfg_file: Path, nan_step: int = 0, nan_rank: int = 0, sleep_s: float = 0.0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2",
+           "--main_process_port", str(free_port()), str(script), str(cfg_file), str(nan_step), str(nan_rank), str(sleep_s)]
+    return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def max_diff(a: Path, b: Path) -> float:
+    x, y = adapter(a), adapter(b)
+    assert x.keys() == y.keys()
+    return max((x[k] - y[k]).abs().max().item() for k in x)
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
+
+
+def result(run: Path) -> dict:
+    return json.loads((run / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_llama_dir):
+    """Data, configs (one process: 2 x 2 accumulation; two processes: 1 x 2 accumulation, both a
+    global batch of 4) and the one-process reference run."""
+    root = tmp_path_factory.mktemp("ddp")
+    rng = random.Random(0)
+    words = REPLY_WORDS[:]
+    rng.shuffle(words)
+    train_f = write_jsonl(root / "train.jsonl", [conversation(rng, n) for n in words])
+    val_f = write_jsonl(root / "val.jsonl", [conversation(rng, n) for n in (9, 40, 17)])  # 3: the last eval batch is evened out
+
+    def config(name: str, processes: int) -> tuple:
+        # 4 steps per epoch: max_steps 6 crosses an epoch (per-epoch seeding), checkpoints at 3 and 6.
+        cfg = make_config(tiny_llama_dir, train_f, val_f, root / name, max_steps=6, per_device_batch_size=4 // (2 * processes),
+                          gradient_accumulation_steps=2, eval_steps=3, save_steps=3)
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        return cfg, path
+
+    reference = train(config("reference", 1)[0]).run_dir
+    script = root / "run.py"
+    script.write_text(SCRIPT.format(here=HERE))
+    return root, config, reference, script
+
+
+def test_nan_rollback_keeps_trained_tokens(setup):
+    root, config, reference, _ = setup
+    original = EdenTrainer._clip_grad_norm
+    try:
+        patch_non_finite_grad_norm(at=5)
+        run = train(config("rollback", 1)[0]).run_dir
+    finally:
+        EdenTrainer._clip_grad_norm = original
+    assert result(run)["nan_rollbacks"] == 1 and events(run, "nan_rollback")[0]["checkpoint"].endswith("checkpoint-3")
+    # Steps 1-3 restored from checkpoint-3, steps 4-6 trained again: the same tokens as the clean run
+    # (before the fix: only the steps after the rollback, 4-6, were counted).
+    assert result(run)["trained_tokens"] == result(reference)["trained_tokens"] > 0
+    saved = json.loads((run / "checkpoint-3" / EDENTUNE_STATE).read_text())["trained_tokens"]
+    assert 0 < saved < result(run)["trained_tokens"]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch_and_agree_on_nan(setup):
+    root, config, reference, script = setup
+    # The one-process twin: the same fake NaN at step 5, rolled back to checkpoint-3 with half the LR.
+    original = EdenTrainer._clip_grad_norm
+    try:
+        patch_non_finite_grad_norm(at=5)
+        single = train(config("single-nan", 1)[0]).run_dir
+    finally:
+        EdenTrainer._clip_grad_norm = original
+    _, cfg_file = config("ddp-nan", 2)
+    proc = launch(script, cfg_file, nan_step=5, nan_rank=1)  # only rank 1 sees the NaN
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    ddp = root / "ddp-nan"
+
+    assert max_diff(single, ddp) <= TOL
+    assert result(ddp)["nan_rollbacks"] == 1 and result(ddp)["trained_tokens"] == result(single)["trained_tokens"]
+    for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "eval_loss")):
+        a, b = events(single, kind), events(ddp, kind)
+        assert [e["step"] for e in a] == [e["step"] for e in b]  # logged once per step, by one process
+        assert [e[key] for e in b] == pytest.approx([e[key] for e in a], rel=1e-5)
+    assert len(events(ddp, "start")) == 1 and events(ddp, "start")[0]["processes"] == 2
+    assert json.loads((ddp / "manifest.json").read_text())["processes"] == 2
+    # Each rank's RNG state went into the one atomic checkpoint; no temporary folder is left.
+    assert {p.name for p in (ddp / "checkpoint-6").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert not list(ddp.glob(".checkpoint-*"))
+
+
+def test_sigkill_of_the_launcher_then_resume_matches(setup):
+    root, config, reference, script = setup
+    _, cfg_file = config("killed", 2)
+    killed = root / "killed"
+    proc = launch(script, cfg_file, sleep_s=1.0)
+    try:
+        deadline = time.time() + 300
+        while not (killed / "checkpoint-3").exists():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint-3 in time"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only: torchrun's workers run in sessions of their own
+    finally:
+        proc.wait()
+    logged = (killed / "metrics.jsonl").read_text()
+    time.sleep(5)  # workers that outlived their launcher would log and save on (a step takes ~1 s here)
+    assert (killed / "metrics.jsonl").read_text() == logged
+    assert not (killed / "adapter").exists() and not (killed / "checkpoint-6").exists()
+
+    # Resume through the CLI shortcut, which starts accelerate's launcher itself.
+    out = subprocess.run([sys.executable, "-m", "edentune", "train", str(cfg_file), "--resume", "--num-processes", "2"],
+                         env=env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "accelerate.commands.launch" in out.stderr
+    assert max_diff(reference, killed) <= TOL
+    assert result(killed)["trained_tokens"] == result(reference)["trained_tokens"]  # restored from checkpoint-3
+    assert [e["resume_from"] for e in events(killed, "start")] == [None, str(killed / "checkpoint-3")]
