@@ -75,16 +75,38 @@ SCRIPT = textwrap.dedent("""
         patch_non_finite_grad_norm(nan_step, nan_rank)
 
     class Slow(TrainerCallback):
-        def on_step_end(self, *a, **k):
+        def on_step_end(self, args, state, control, model=None, **k):
             time.sleep(sleep_s)
+            if state.global_step == 1:  # how the trained model is laid out in this process
+                import json, os
+                rank = os.environ["RANK"]
+                params = {n: {"type": type(p).__name__, "local": p.to_local().numel() if hasattr(p, "to_local") else p.numel(),
+                              "full": p.numel()} for n, p in model.named_parameters()}
+                open(f"{args.output_dir}/params-{rank}.json", "w").write(json.dumps(params))
 
     train(parse_config(yaml.safe_load(open(cfg_file))), callbacks=[Slow()])
 """)
 
 
-def launch(script: Path, cfg_file: Path, nan_step: int = 0, nan_rank: int = 0, sleep_s: float = 0.0) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2",
+FSDP2_CONFIG = """\
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_reshard_after_forward: true
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+"""
+
+
+def launch(script: Path, cfg_file: Path, nan_step: int = 0, nan_rank: int = 0, sleep_s: float = 0.0,
+           accelerate_config: Path | None = None) -> subprocess.Popen:
+    how = (["--config_file", str(accelerate_config)] if accelerate_config else
+           ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2",
            "--main_process_port", str(free_port()), str(script), str(cfg_file), str(nan_step), str(nan_rank), str(sleep_s)]
     return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -136,14 +158,20 @@ def setup(tmp_path_factory, tiny_llama_dir):
     return root, config, reference, script
 
 
-def test_nan_rollback_keeps_trained_tokens(setup):
-    root, config, reference, _ = setup
+@pytest.fixture(scope="module")
+def single_nan(setup) -> Path:
+    """One process, gradient norm NaN at step 5: rolled back to checkpoint-3 with half the LR."""
+    _, config, _, _ = setup
     original = EdenTrainer._clip_grad_norm
     try:
         patch_non_finite_grad_norm(at=5)
-        run = train(config("rollback", 1)[0]).run_dir
+        return train(config("single-nan", 1)[0]).run_dir
     finally:
         EdenTrainer._clip_grad_norm = original
+
+
+def test_nan_rollback_keeps_trained_tokens(setup, single_nan):
+    reference, run = setup[2], single_nan
     assert result(run)["nan_rollbacks"] == 1 and events(run, "nan_rollback")[0]["checkpoint"].endswith("checkpoint-3")
     # Steps 1-3 restored from checkpoint-3, steps 4-6 trained again: the same tokens as the clean run
     # (before the fix: only the steps after the rollback, 4-6, were counted).
@@ -152,15 +180,9 @@ def test_nan_rollback_keeps_trained_tokens(setup):
     assert 0 < saved < result(run)["trained_tokens"]
 
 
-def test_two_processes_equal_one_with_the_same_global_batch_and_agree_on_nan(setup):
+def test_two_processes_equal_one_with_the_same_global_batch_and_agree_on_nan(setup, single_nan):
     root, config, reference, script = setup
-    # The one-process twin: the same fake NaN at step 5, rolled back to checkpoint-3 with half the LR.
-    original = EdenTrainer._clip_grad_norm
-    try:
-        patch_non_finite_grad_norm(at=5)
-        single = train(config("single-nan", 1)[0]).run_dir
-    finally:
-        EdenTrainer._clip_grad_norm = original
+    single = single_nan  # the one-process twin: the same NaN at step 5
     _, cfg_file = config("ddp-nan", 2)
     proc = launch(script, cfg_file, nan_step=5, nan_rank=1)  # only rank 1 sees the NaN
     out, _ = proc.communicate(timeout=600)
@@ -180,11 +202,47 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_agree_on_nan(set
     assert not list(ddp.glob(".checkpoint-*"))
 
 
+def test_fsdp2_shards_on_cpu_and_equals_one_process(setup):
+    """FSDP2 (torch fully_shard) over gloo on CPU, a plain fp32 base: each rank holds half of every
+    sharded weight, and the result is the one-process run's. (A 4-bit base under FSDP needs CUDA:
+    refused on CPU, see test_fsdp_with_4bit_on_cpu_is_refused.)"""
+    root, config, reference, script = setup
+    _, cfg_file = config("fsdp", 2)
+    accelerate_config = root / "fsdp2.yaml"
+    accelerate_config.write_text(FSDP2_CONFIG)
+    proc = launch(script, cfg_file, accelerate_config=accelerate_config)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    run = root / "fsdp"
+    layouts = [json.loads((run / f"params-{rank}.json").read_text()) for rank in (0, 1)]
+    for name in ("layers.0.self_attn.q_proj.base_layer.weight", "layers.0.self_attn.q_proj.lora_A.default.weight"):
+        key = next(k for k in layouts[0] if k.endswith(name))
+        assert all(layout[key]["type"] == "DTensor" for layout in layouts), key
+        assert [layout[key]["local"] for layout in layouts] == [layouts[0][key]["full"] // 2] * 2, key
+    assert max_diff(reference, run) <= TOL
+    assert result(run)["trained_tokens"] == result(reference)["trained_tokens"]
+    assert json.loads((run / "manifest.json").read_text())["fsdp"] is True
+
+
+def test_fsdp_with_4bit_on_cpu_is_refused(tiny_llama_dir, tmp_path):
+    from edentune.errors import EdentuneError
+    from edentune.train.distributed import Processes, check_supported
+
+    cfg = make_config(tiny_llama_dir, "unused.jsonl", None, tmp_path / "run", optimizer="adamw_torch")
+    cfg.quantization.load_in_4bit = True
+    with pytest.raises(EdentuneError, match="needs CUDA"):
+        check_supported(cfg, "cpu", Processes(num=2, index=0, local_index=0, fsdp=True))
+    cfg.quantization.load_in_4bit = False
+    check_supported(cfg, "cpu", Processes(num=2, index=0, local_index=0, fsdp=True))  # plain fp32: supported
+    with pytest.raises(EdentuneError, match="8-bit"):
+        check_supported(cfg.updated({"training.optimizer": "paged_adamw_8bit"}), "cpu", Processes(2, 0, 0, fsdp=True))
+
+
 def test_sigkill_of_the_launcher_then_resume_matches(setup):
     root, config, reference, script = setup
     _, cfg_file = config("killed", 2)
     killed = root / "killed"
-    proc = launch(script, cfg_file, sleep_s=1.0)
+    proc = launch(script, cfg_file, sleep_s=0.7)
     try:
         deadline = time.time() + 300
         while not (killed / "checkpoint-3").exists():
@@ -195,7 +253,7 @@ def test_sigkill_of_the_launcher_then_resume_matches(setup):
     finally:
         proc.wait()
     logged = (killed / "metrics.jsonl").read_text()
-    time.sleep(5)  # workers that outlived their launcher would log and save on (a step takes ~1 s here)
+    time.sleep(4)  # workers that outlived their launcher would log and save on (a step takes ~1 s here)
     assert (killed / "metrics.jsonl").read_text() == logged
     assert not (killed / "adapter").exists() and not (killed / "checkpoint-6").exists()
 
@@ -207,3 +265,18 @@ def test_sigkill_of_the_launcher_then_resume_matches(setup):
     assert max_diff(reference, killed) <= TOL
     assert result(killed)["trained_tokens"] == result(reference)["trained_tokens"]  # restored from checkpoint-3
     assert [e["resume_from"] for e in events(killed, "start")] == [None, str(killed / "checkpoint-3")]
+
+
+def test_planner_gives_per_process_memory():
+    from edentune.config import config_for_model
+    from edentune.train.plan import estimate, estimate_per_process, model_config_for
+
+    cfg = config_for_model("qwen2.5-14b").updated({"training.optimizer": "adamw_torch"})
+    arch = model_config_for(cfg)
+    one = estimate(cfg, arch, 16)
+    ddp = estimate_per_process(cfg, arch, 16, 2, fsdp=False)
+    fsdp = estimate_per_process(cfg, arch, 16, 2, fsdp=True)
+    assert ddp.terms["base weights"] == one.terms["base weights"] and ddp.total_gb > one.total_gb  # a full copy each
+    assert fsdp.terms["base weights"] < one.terms["base weights"] / 2 + 0.1  # sharded (and no fp32 embeddings)
+    assert fsdp.total_gb < 16 * 0.95 < one.total_gb and fsdp.fits and not ddp.fits
+    assert "FSDP" in ddp.advice[0]

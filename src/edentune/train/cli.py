@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -17,22 +18,28 @@ def train_command(
     num_processes: int = typer.Option(None, "--num-processes", min=2,
                                       help="train in N processes (one per GPU; on CPU, gloo) through accelerate's launcher; "
                                            "see docs/multi-gpu.md"),
+    accelerate_config: Path = typer.Option(None, "--accelerate-config", exists=True, dir_okay=False,
+                                           help="with --num-processes: an accelerate config file (e.g. FSDP) for the launcher"),
 ) -> None:
     """Fine-tune the base model with LoRA/QLoRA on the assistant turns of the config's data."""
     from edentune.config import load_config
+    from edentune.errors import EdentuneError
 
     from .recipe import train
 
     cfg = load_config(config)
+    if accelerate_config is not None and num_processes is None:
+        raise EdentuneError("--accelerate-config needs --num-processes", hint="e.g. --num-processes 2 --accelerate-config fsdp.yaml")
     if num_processes is not None:
-        _relaunch(config, resume, num_processes)
+        _relaunch(config, resume, num_processes, accelerate_config)
         return
-    for w in cfg.range_warnings():
-        console.print(f"[yellow]warning:[/] {w}")
+    if os.environ.get("RANK", "0") == "0":  # under a launch, the first process warns for all
+        for w in cfg.range_warnings():
+            console.print(f"[yellow]warning:[/] {w}")
     train(cfg, resume=resume, console=console)
 
 
-def _relaunch(config: Path, resume: bool, num_processes: int) -> None:
+def _relaunch(config: Path, resume: bool, num_processes: int, accelerate_config: Path | None) -> None:
     """`accelerate launch --num_processes N -m edentune train CONFIG`, with its exit status."""
     import subprocess
 
@@ -40,7 +47,8 @@ def _relaunch(config: Path, resume: bool, num_processes: int) -> None:
 
     from .distributed import launcher_command
 
-    cmd = launcher_command(["train", str(config), *(["--resume"] if resume else [])], num_processes, pick_device())
+    cmd = launcher_command(["train", str(config), *(["--resume"] if resume else [])], num_processes, pick_device(),
+                           accelerate_config)
     console.print("launching: " + " ".join(cmd[1:]), highlight=False, markup=False)
     code = subprocess.run(cmd).returncode
     if code:

@@ -110,13 +110,13 @@ def _precision_name(cfg, device: str) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[pick_dtype(cfg.training.precision, device)]
 
 
-def launcher_command(argv: list[str], num_processes: int, device: str) -> list[str]:
+def launcher_command(argv: list[str], num_processes: int, device: str, accelerate_config: str | None = None) -> list[str]:
     """`python -m accelerate.commands.launch ... -m edentune train ...` for `--num-processes N`.
 
     accelerate's torchrun launcher (`--multi_gpu`) also serves CPU processes: in them edentune
     trains with `use_cpu`, which makes accelerate create a gloo process group (its `--cpu` flag
-    would start one process, or N through mpirun). An accelerate config file (FSDP) is honoured
-    when ACCELERATE_CONFIG_FILE or `accelerate config` provides one.
+    would start one process, or N through mpirun). `accelerate_config`: an accelerate config file
+    (e.g. FSDP) used instead of `--multi_gpu`.
     """
     if num_processes < 2:
         raise EdentuneError("--num-processes must be at least 2", hint="omit it to train in one process")
@@ -124,9 +124,8 @@ def launcher_command(argv: list[str], num_processes: int, device: str) -> list[s
         raise EdentuneError(f"--num-processes {num_processes} but {torch.cuda.device_count()} GPU(s) visible",
                             hint="one process per GPU")
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    config_file = os.environ.get("ACCELERATE_CONFIG_FILE")
-    if config_file:
-        cmd += ["--config_file", config_file]
+    if accelerate_config:
+        cmd += ["--config_file", str(accelerate_config)]
     else:
         cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += ["--num_processes", str(num_processes), "--main_process_port", str(free_port()), "-m", "edentune", *argv]
