@@ -63,7 +63,7 @@ def patch_non_finite_grad_norm(at: int, rank: int | None = None) -> None:
 
 SCRIPT = textwrap.dedent("""
     import sys, time
-    sys.path.insert(0, {here!r})
+    sys.path.insert(0, TESTS_DIR)
     import yaml
     from transformers import TrainerCallback
     from edentune.config import parse_config
@@ -75,38 +75,16 @@ SCRIPT = textwrap.dedent("""
         patch_non_finite_grad_norm(nan_step, nan_rank)
 
     class Slow(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **k):
+        def on_step_end(self, *a, **k):
             time.sleep(sleep_s)
-            if state.global_step == 1:  # how the trained model is laid out in this process
-                import json, os
-                rank = os.environ["RANK"]
-                params = {n: {"type": type(p).__name__, "local": p.to_local().numel() if hasattr(p, "to_local") else p.numel(),
-                              "full": p.numel()} for n, p in model.named_parameters()}
-                open(f"{args.output_dir}/params-{rank}.json", "w").write(json.dumps(params))
 
     train(parse_config(yaml.safe_load(open(cfg_file))), callbacks=[Slow()])
 """)
 
 
-FSDP2_CONFIG = """\
-distributed_type: FSDP
-fsdp_config:
-  fsdp_version: 2
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
-  fsdp_state_dict_type: FULL_STATE_DICT
-  fsdp_reshard_after_forward: true
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 2
-"""
-
-
-def launch(script: Path, cfg_file: Path, nan_step: int = 0, nan_rank: int = 0, sleep_s: float = 0.0,
-           accelerate_config: Path | None = None) -> subprocess.Popen:
-    how = (["--config_file", str(accelerate_config)] if accelerate_config else
-           ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2",
+def launch(script: Path, cfg_file: Path, nan_step: int = 0, nan_rank: int = 0, sleep_s: float = 0.0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2",
            "--main_process_port", str(free_port()), str(script), str(cfg_file), str(nan_step), str(nan_rank), str(sleep_s)]
     return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -154,7 +132,7 @@ def setup(tmp_path_factory, tiny_llama_dir):
 
     reference = train(config("reference", 1)[0]).run_dir
     script = root / "run.py"
-    script.write_text(SCRIPT.format(here=HERE))
+    script.write_text(SCRIPT.replace("TESTS_DIR", repr(HERE)))
     return root, config, reference, script
 
 
@@ -202,40 +180,86 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_agree_on_nan(set
     assert not list(ddp.glob(".checkpoint-*"))
 
 
-def test_fsdp2_shards_on_cpu_and_equals_one_process(setup):
-    """FSDP2 (torch fully_shard) over gloo on CPU, a plain fp32 base: each rank holds half of every
-    sharded weight, and the result is the one-process run's. (A 4-bit base under FSDP needs CUDA:
-    refused on CPU, see test_fsdp_with_4bit_on_cpu_is_refused.)"""
-    root, config, reference, script = setup
-    _, cfg_file = config("fsdp", 2)
-    accelerate_config = root / "fsdp2.yaml"
-    accelerate_config.write_text(FSDP2_CONFIG)
-    proc = launch(script, cfg_file, accelerate_config=accelerate_config)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    run = root / "fsdp"
-    layouts = [json.loads((run / f"params-{rank}.json").read_text()) for rank in (0, 1)]
-    for name in ("layers.0.self_attn.q_proj.base_layer.weight", "layers.0.self_attn.q_proj.lora_A.default.weight"):
-        key = next(k for k in layouts[0] if k.endswith(name))
-        assert all(layout[key]["type"] == "DTensor" for layout in layouts), key
-        assert [layout[key]["local"] for layout in layouts] == [layouts[0][key]["full"] // 2] * 2, key
-    assert max_diff(reference, run) <= TOL
-    assert result(run)["trained_tokens"] == result(reference)["trained_tokens"]
-    assert json.loads((run / "manifest.json").read_text())["fsdp"] is True
+FSDP2_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, TESTS_DIR)
+    import torch
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+    from edentune.train import trainer
+    from test_train_loss import _batch
+
+    model_dir, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    trainer.LOGITS_CHUNK_ELEMENTS = 3 * 49152  # several chunks, recomputed in backward with the head weight
+
+    def lora_model():
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                               init_lora_weights=False))  # random A and B: every LoRA weight gets a gradient
+
+    batch = _batch(model_dir)
+    plain = lora_model()
+    loss, n = trainer.trained_token_loss(plain, batch)
+    (loss / n).backward()
+    sharded = lora_model()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in sharded.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(sharded, mesh=mesh, reshard_after_forward=True)  # embeddings and the (tied) head: the root unit
+    s_loss, s_n = trainer.trained_token_loss(sharded, batch)
+    (s_loss / s_n).backward()
+    grads = dict(plain.named_parameters())
+    diff = max((p.grad.full_tensor() - grads[name].grad).abs().max().item()
+               for name, p in sharded.named_parameters() if p.requires_grad)
+    q = next(p for name, p in sharded.named_parameters() if name.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
+    if dist.get_rank() == 0:
+        json.dump({"loss": [loss.item(), s_loss.item()], "tokens": [n, s_n], "max_grad_diff": diff,
+                   "trainable": sum(p.requires_grad for p in sharded.parameters()),
+                   "q_type": type(q).__name__, "q_local": q.to_local().numel(), "q_full": q.numel()}, open(out, "w"))
+    dist.destroy_process_group()
+""")
 
 
-def test_fsdp_with_4bit_on_cpu_is_refused(tiny_llama_dir, tmp_path):
+def test_trained_token_loss_under_fsdp2_sharding_on_cpu(tiny_llama_dir, tmp_path):
+    """torch's FSDP2 (`fully_shard`) over gloo on CPU: the loss, computed inside the sharded
+    model's forward (hooks) with the head's logits chunked and recomputed in backward, and every
+    LoRA gradient equal the unsharded model's. accelerate 1.15 enables FSDP only for GPU process
+    groups (a CPU launch with an FSDP config runs DDP: refused, see below), so the Trainer-level
+    FSDP-QLoRA run is benchmarks/gpu_fsdp_check.py, for a machine with 2 GPUs."""
+    script, out = tmp_path / "fsdp2.py", tmp_path / "fsdp2.json"
+    script.write_text(FSDP2_SCRIPT.replace("TESTS_DIR", repr(HERE)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), tiny_llama_dir, str(out)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["q_type"] == "DTensor" and r["q_local"] * 2 == r["q_full"]  # each rank holds half the rows
+    assert r["tokens"][0] == r["tokens"][1] > 0 and r["trainable"] == 2 * 3 * 2
+    assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-6)
+    assert r["max_grad_diff"] <= 1e-6
+
+
+def test_known_broken_combinations_are_refused(tiny_llama_dir, tmp_path):
     from edentune.errors import EdentuneError
     from edentune.train.distributed import Processes, check_supported
 
     cfg = make_config(tiny_llama_dir, "unused.jsonl", None, tmp_path / "run", optimizer="adamw_torch")
     cfg.quantization.load_in_4bit = True
-    with pytest.raises(EdentuneError, match="needs CUDA"):
+    with pytest.raises(EdentuneError, match="FSDP needs CUDA"):
         check_supported(cfg, "cpu", Processes(num=2, index=0, local_index=0, fsdp=True))
-    cfg.quantization.load_in_4bit = False
-    check_supported(cfg, "cpu", Processes(num=2, index=0, local_index=0, fsdp=True))  # plain fp32: supported
+    check_supported(cfg, "cpu", Processes(num=2, index=0, local_index=0, fsdp=False))  # DDP on CPU: supported
+    check_supported(cfg, "cpu", Processes(num=1, index=0, local_index=0, fsdp=True))  # one process: nothing to shard
+    bf16 = cfg.updated({"training.precision": "bf16", "quantization.compute_dtype": "bf16"})
+    check_supported(bf16, "cuda", Processes(2, 0, 0, fsdp=True))  # FSDP-QLoRA as docs/multi-gpu.md configures it
     with pytest.raises(EdentuneError, match="8-bit"):
-        check_supported(cfg.updated({"training.optimizer": "paged_adamw_8bit"}), "cpu", Processes(2, 0, 0, fsdp=True))
+        check_supported(bf16.updated({"training.optimizer": "paged_adamw_8bit"}), "cuda", Processes(2, 0, 0, fsdp=True))
+    with pytest.raises(EdentuneError, match="compute_dtype"):
+        check_supported(bf16.updated({"quantization.compute_dtype": "fp16"}), "cuda", Processes(2, 0, 0, fsdp=True))
 
 
 def test_sigkill_of_the_launcher_then_resume_matches(setup):

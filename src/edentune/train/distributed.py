@@ -85,10 +85,13 @@ def check_supported(cfg, device: str, procs: Processes) -> None:
         raise EdentuneError("several processes on Apple MPS: torch has no distributed backend for MPS",
                             hint="train with one process on a Mac")
     q = cfg.quantization
-    if procs.fsdp and q.load_in_4bit and device != "cuda":
+    if procs.fsdp and device != "cuda":
+        # accelerate 1.15 turns FSDP on only for GPU-type process groups: a CPU launch with an FSDP
+        # config silently runs DDP (a full copy per process). Also, 4-bit bitsandbytes weights
+        # cannot be sharded off CUDA.
         raise EdentuneError(
-            "FSDP with a 4-bit base needs CUDA: bitsandbytes' 4-bit weights are not shardable on CPU",
-            hint="on CPU, shard a plain model (quantization.load_in_4bit: false) or use DDP without FSDP")
+            f"FSDP needs CUDA GPUs: on {device}, accelerate would silently run DDP instead (a full model copy per process)",
+            hint="launch without the FSDP config (DDP), or train on GPUs")
     if procs.fsdp and q.load_in_4bit and q.compute_dtype != _precision_name(cfg, device):
         raise EdentuneError(
             f"FSDP with a 4-bit base needs quantization.compute_dtype equal to the training precision "
