@@ -299,8 +299,9 @@ def pick_dtype(precision: str, device: str) -> torch.dtype:
 
 def load_base_model(model_dir: str, *, load_in_4bit: bool, quant_type: str = "nf4", double_quant: bool = True,
                     compute_dtype: str = "bf16", dtype: torch.dtype | None = None, device: str = "cpu",
-                    trust_remote_code: bool = False):
-    """Load the base for training or evaluation: 4-bit NF4 (QLoRA) through bitsandbytes, or plain (fp32 by default)."""
+                    trust_remote_code: bool = False, quant_storage: torch.dtype | None = None):
+    """Load the base for training or evaluation: 4-bit NF4 (QLoRA) through bitsandbytes, or plain (fp32 by default).
+    `quant_storage`: the dtype the packed 4-bit weights are stored in (default uint8; FSDP needs the model's dtype)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -314,7 +315,7 @@ def load_base_model(model_dir: str, *, load_in_4bit: bool, quant_type: str = "nf
         cd = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute_dtype]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=cd, bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_compute_dtype=cd, bnb_4bit_quant_storage=quant_storage or torch.uint8,
         )
         kwargs["device_map"] = {"": 0} if device == "cuda" else {"": device}
     try:

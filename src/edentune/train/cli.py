@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -17,18 +18,47 @@ def train_command(
                                 "(a damaged newer one is skipped with a warning)"),
     fresh_optimizer: bool = typer.Option(False, "--fresh-optimizer", help="with --resume: accept a checkpoint without "
                                          "optimizer.pt/scheduler.pt; the optimizer and LR schedule then start from zero"),
+    num_processes: int = typer.Option(None, "--num-processes", min=2,
+                                      help="train in N processes (one per GPU; on CPU, gloo) through accelerate's launcher; "
+                                           "see docs/multi-gpu.md"),
+    accelerate_config: Path = typer.Option(None, "--accelerate-config", exists=True, dir_okay=False,
+                                           help="with --num-processes: an accelerate config file (e.g. FSDP) for the launcher"),
 ) -> None:
     """Fine-tune the base model with LoRA/QLoRA on the assistant turns of the config's data."""
     from edentune.config import load_config
+    from edentune.errors import EdentuneError
 
     from .recipe import train
 
     cfg = load_config(config)
-    for w in cfg.range_warnings():
-        console.print(f"[yellow]warning:[/] {w}")
     if fresh_optimizer and not resume:
         raise typer.BadParameter("only meaningful with --resume", param_hint="--fresh-optimizer")
+    if accelerate_config is not None and num_processes is None:
+        raise EdentuneError("--accelerate-config needs --num-processes", hint="e.g. --num-processes 2 --accelerate-config fsdp.yaml")
+    if num_processes is not None:
+        _relaunch(config, resume, fresh_optimizer, num_processes, accelerate_config)
+        return
+    if os.environ.get("RANK", "0") == "0":  # under a launch, the first process warns for all
+        for w in cfg.range_warnings():
+            console.print(f"[yellow]warning:[/] {w}")
     train(cfg, resume=resume, console=console, fresh_optimizer=fresh_optimizer)
+
+
+def _relaunch(config: Path, resume: bool, fresh_optimizer: bool, num_processes: int, accelerate_config: Path | None) -> None:
+    """`accelerate launch --num_processes N -m edentune train CONFIG`, with its exit status."""
+    import subprocess
+
+    from edentune.models import pick_device
+
+    from .distributed import launcher_command
+
+    args = ["train", str(config), *(["--resume"] if resume else []), *(["--fresh-optimizer"] if fresh_optimizer else [])]
+    cmd = launcher_command(args, num_processes, pick_device(),
+                           accelerate_config)
+    console.print("launching: " + " ".join(cmd[1:]), highlight=False, markup=False)
+    code = subprocess.run(cmd).returncode
+    if code:
+        raise typer.Exit(code)
 
 
 def train_feedback_command(

@@ -35,16 +35,22 @@ def peak_memory_gb() -> float:
 class MetricsLog:
     """Append-only JSONL event log."""
 
-    def __init__(self, path: str | Path):
-        check_outputs((), [path])  # appended to: a directory, fifo or device there is refused, not written
-        self.fh = open(path, "a", encoding="utf-8")
+    def __init__(self, path: str | Path, enabled: bool = True):
+        """`enabled=False`: writes nothing (the other processes of a multi-process run)."""
+        self.fh = None
+        if enabled:
+            check_outputs((), [path])  # appended to: a directory, fifo or device there is refused, not written
+            self.fh = open(path, "a", encoding="utf-8")
 
     def write(self, event: str, **fields) -> None:
+        if self.fh is None:
+            return
         self.fh.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}, ensure_ascii=False) + "\n")
         self.fh.flush()
 
     def close(self) -> None:
-        self.fh.close()
+        if self.fh is not None:
+            self.fh.close()
 
 
 class MonitorCallback(TrainerCallback):
@@ -58,13 +64,17 @@ class MonitorCallback(TrainerCallback):
         self.window_tokens = 0
         self.finished = False  # after train end, an evaluation scores the loaded best checkpoint
 
+    def on_train_begin(self, args, state, control, **kw):
+        self.tokens_counted = self.trained_tokens()  # restored from the checkpoint when resuming
+
     def on_step_begin(self, args, state, control, **kw):
         self.step_started = time.perf_counter()
-        self.tokens_at_start = self.trained_tokens()
 
     def on_step_end(self, args, state, control, **kw):
+        # The trainer counts a step's tokens when it fetches its batches, before on_step_begin.
         self.window_time += time.perf_counter() - self.step_started
-        self.window_tokens += self.trained_tokens() - self.tokens_at_start
+        self.window_tokens += self.trained_tokens() - self.tokens_counted
+        self.tokens_counted = self.trained_tokens()
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = dict(logs or {})

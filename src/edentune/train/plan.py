@@ -228,6 +228,41 @@ def model_config_for(cfg):
                                       trust_remote_code=cfg.model.trust_remote_code)
 
 
+def estimate_per_process(cfg, model_config, device_gb: float, num_processes: int, fsdp: bool,
+                         device: str = "cuda", loss: str = "edentune") -> Plan:
+    """Peak memory of one process of an `accelerate launch` run (one process per GPU).
+
+    DDP: every process holds a full copy of the model, plus DDP's gradient buckets (a copy of the
+    trainable, i.e. LoRA, gradients). FSDP: base weights, LoRA weights, gradients and optimizer
+    state are split across the processes; each process additionally holds the layer being
+    computed and the next one, all-gathered. Under FSDP a 4-bit base keeps its embeddings and
+    residual stream in the training dtype (no fp32 upcast: see `recipe.load_training_model`).
+    Activations and logits are per process and unchanged: they depend on the per-device batch.
+    """
+    plan = estimate(cfg, model_config, device_gb, device, loss)
+    if num_processes < 2:
+        return plan
+    arch, q = Arch.from_config(model_config), cfg.quantization
+    w16 = 2 if cfg.training.precision in ("auto", "bf16", "fp16") and device != "cpu" else 4
+    terms = dict(plan.terms)
+    if not fsdp:
+        terms["DDP gradient buckets"] = plan.lora_params * 4 / GB
+    else:
+        block_bytes = NF4_BITS / 8 if q.load_in_4bit else w16
+        base = arch.block_params * block_bytes + arch.embedding_params * w16
+        terms["base weights"] = base / num_processes / GB
+        terms["FSDP all-gathered layers (current + next)"] = 2 * arch.block_params / arch.layers * block_bytes / GB
+        terms["LoRA weights+grads+optimizer"] /= num_processes
+        key = "saved layer inputs (checkpoints)"
+        if q.load_in_4bit and key in terms:
+            terms[key] *= w16 / 4
+    out = Plan(terms=terms, device_gb=device_gb, tokens_per_micro_batch=plan.tokens_per_micro_batch, lora_params=plan.lora_params)
+    out.advice = _advice(out, cfg)
+    if not out.fits and not fsdp:
+        out.advice.insert(0, "shard the base across the GPUs with FSDP (docs/multi-gpu.md)")
+    return out
+
+
 # -- Apple unified memory (training.backend: mlx) ---------------------------------------------------
 # On a Mac the GPU shares the RAM, but macOS lets Metal keep only part of it resident: the
 # device's recommendedMaxWorkingSetSize, which mlx-lm wires for training

@@ -5,7 +5,8 @@
          -> best checkpoint loaded -> <run>/adapter
 
 Everything the run needs to be reproduced or audited goes to `<run>/manifest.json`; every logged
-event to `<run>/metrics.jsonl` and TensorBoard (`<run>/tensorboard`).
+event to `<run>/metrics.jsonl` and TensorBoard (`<run>/tensorboard`). Under `accelerate launch`
+every process runs this recipe and only the main one writes those files (`distributed.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from edentune.io import atomic_dir, ensure_dir, file_sha256, write_json_atomic
 from edentune.models import check_adapter_dir, load_adapter, load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 
 from .data import encode_all, load_splits, to_dataset
+from .distributed import Processes, check_supported, current_processes, load_device
 from .dropout import use_cheap_lora_dropout
 from .mlx_backend import select_backend
 from .monitor import MetricsLog, MonitorCallback, RichProgressCallback
@@ -48,9 +50,14 @@ class TrainResult:
 
 
 # -- components ---------------------------------------------------------------------------------
-def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype, adapter: str | Path | None = None):
+def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype, adapter: str | Path | None = None,
+                        fsdp: bool = False):
     """Base model (4-bit NF4 for QLoRA, else plain) wrapped with a fresh LoRA adapter, or with
-    `adapter` (a saved PEFT adapter, made trainable: e.g. the SFT adapter for preference tuning)."""
+    `adapter` (a saved PEFT adapter, made trainable: e.g. the SFT adapter for preference tuning).
+
+    `fsdp`: the model will be sharded by FSDP, which needs one dtype for all parameters: the 4-bit
+    weights are stored in `dtype` and the fp32 upcast of `prepare_model_for_kbit_training` is
+    skipped, as TRL does for sharded QLoRA (trl/experimental/utils.py)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
@@ -59,10 +66,15 @@ def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torc
     q, gc = cfg.quantization, cfg.training.gradient_checkpointing
     model = load_base_model(model_dir, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type, double_quant=q.double_quant,
                             compute_dtype=q.compute_dtype, dtype=dtype, device=device,
-                            trust_remote_code=cfg.model.trust_remote_code)
+                            trust_remote_code=cfg.model.trust_remote_code,
+                            # FSDP shards the packed 4-bit weights only as floating-point tensors of the
+                            # model's dtype: with the uint8 default accelerate leaves them out of FSDP2
+                            # sharding (a full copy per GPU) and FSDP can train with loss 0 / NaN
+                            # gradients (accelerate#3983).
+                            quant_storage=dtype if fsdp else torch.uint8)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     ckpt_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs, no input-grad hack
-    if q.load_in_4bit:
+    if q.load_in_4bit and not fsdp:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=ckpt_kwargs)
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
@@ -73,12 +85,13 @@ def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torc
     return get_peft_model(model, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM",
-    ))
+    ), autocast_adapter_dtype=not fsdp)
 
 
-def engine_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype, adapter: str | Path | None = None):
+def engine_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype, adapter: str | Path | None = None,
+                 fsdp: bool = False):
     """The training model as edentune's engine runs it: on CPU, LoRA inputs use `CheapDropout`."""
-    model = load_training_model(cfg, model_dir, device, dtype, adapter)
+    model = load_training_model(cfg, model_dir, device, dtype, adapter, fsdp=fsdp)
     if device == "cpu":
         use_cheap_lora_dropout(model)
     return model
@@ -110,6 +123,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, device: str, dtype: torch.
         metric_for_best_model="eval_loss", greater_is_better=False,
         restore_callback_states_from_checkpoint=True,  # early-stopping patience survives --resume
         remove_unused_columns=False, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step: skip DDP's graph scan
     ), **overrides})
 
 
@@ -212,7 +226,8 @@ def git_commit() -> str | None:
     return head + ("-dirty" if dirty else "")
 
 
-def write_manifest(run_dir: Path, cfg: RunConfig, tokenizer, device: str, dtype: torch.dtype, data_stats: dict, resumed: bool) -> None:
+def write_manifest(run_dir: Path, cfg: RunConfig, tokenizer, device: str, dtype: torch.dtype, data_stats: dict, resumed: bool,
+                   procs: Processes | None = None) -> None:
     def version(pkg: str) -> str | None:
         try:
             return importlib.metadata.version(pkg)
@@ -231,6 +246,8 @@ def write_manifest(run_dir: Path, cfg: RunConfig, tokenizer, device: str, dtype:
         "dtype": str(dtype).removeprefix("torch."),
         "git_commit": git_commit(),
         "resumed": resumed,
+        "processes": procs.num if procs else 1,
+        "fsdp": bool(procs and procs.fsdp),
     })
 
 
@@ -304,6 +321,11 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"training.output_dir {run_dir} is a file, not a folder",
                           hint="set training.output_dir to a new folder; the run writes checkpoints and the adapter there")
+    device = pick_device()
+    procs = current_processes(device)
+    check_supported(cfg, device, procs)
+    if not procs.main:
+        console = Console(stderr=True, quiet=True)  # the main process speaks for all
     existing = last_checkpoint(run_dir)
     if existing and not resume:
         raise EdentuneError(f"{run_dir} already has checkpoints ({Path(existing).name})",
@@ -312,10 +334,10 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     if resume and checkpoint is None:
         console.print(f"no checkpoint in {run_dir}: starting from the beginning")
     ensure_dir(run_dir)
-    for stale in run_dir.glob(".checkpoint-*"):  # temporaries of a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    if procs.main:
+        for stale in run_dir.glob(".checkpoint-*"):  # temporaries of a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
 
-    device = pick_device()
     dtype = pick_dtype(t.precision, device)
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.architecture)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
@@ -337,12 +359,14 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     if device == "cpu" and t.optimizer.startswith("paged"):
         console.print("note: paged optimizers need CUDA; bitsandbytes uses the non-paged 8-bit AdamW on CPU")
 
-    write_manifest(run_dir, cfg, tokenizer, device, dtype, data_stats, resumed=checkpoint is not None)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-    metrics_log.write("start", resume_from=checkpoint, data=data_stats, device=device)
-    tb_writer = SummaryWriter(str(run_dir / "tensorboard"))
+    if procs.main:
+        write_manifest(run_dir, cfg, tokenizer, device, dtype, data_stats, resumed=checkpoint is not None, procs=procs)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=procs.main)
+    metrics_log.write("start", resume_from=checkpoint, data=data_stats, device=device, processes=procs.num)
+    tb_writer = SummaryWriter(str(run_dir / "tensorboard")) if procs.main else None
 
-    model = engine_model(cfg, model_dir, device, dtype)
+    model_device = load_device(device, procs)
+    model = engine_model(cfg, model_dir, model_device, dtype, fsdp=procs.fsdp)
     if batching == "packed":
         model.set_attn_implementation("flash_attention_2")
     rollback_lr, rollbacks = None, 0
@@ -355,13 +379,14 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
                 length_grouped=batching == "length_grouped", rollback_lr=rollback_lr,
             )
             _install_callbacks(trainer, cfg, has_eval, metrics_log, tb_writer, console, callbacks)
-            progress = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RichProgressCallback))
+            progress = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RichProgressCallback)]
             try:
                 trainer.train(resume_from_checkpoint=checkpoint)
             except torch.OutOfMemoryError:
                 raise oom_error(cfg) from None
             finally:
-                progress.close()
+                for bar in progress:
+                    bar.close()
             if not trainer.non_finite:
                 break
             # NaN/Inf: roll back to the last complete checkpoint, halve the LR, continue.
@@ -375,14 +400,17 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
                           f"with learning rate {rollback_lr:.2e} (retry {rollbacks}/{t.nan_max_retries})")
             metrics_log.write("nan_rollback", reason=trainer.non_finite, checkpoint=checkpoint, learning_rate=rollback_lr, retry=rollbacks)
             if checkpoint is None:
-                model = engine_model(cfg, model_dir, device, dtype)  # nothing to roll back to: fresh adapter
+                model = engine_model(cfg, model_dir, model_device, dtype, fsdp=procs.fsdp)  # nothing to roll back to: fresh adapter
 
         trainer.remove_callback(TensorBoardCallback)  # it closed its writer at train end; metrics.jsonl gets this one
         final_eval = trainer.evaluate() if has_eval else {}
         adapter_dir = run_dir / "adapter"
-        with atomic_dir(adapter_dir) as tmp:
-            trainer.model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        # FSDP: every process takes part in gathering the sharded weights; the main one writes them.
+        weights = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+        if procs.main:
+            with atomic_dir(adapter_dir) as tmp:
+                trainer.model.save_pretrained(tmp, state_dict=weights)
+                tokenizer.save_pretrained(tmp)
         state = trainer.state
         best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
         metrics = {
@@ -392,11 +420,14 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
             "final_eval_perplexity": final_eval.get("eval_perplexity"), "nan_rollbacks": rollbacks,
             "trained_tokens": trainer.trained_tokens, "data": data_stats,
         }
-        write_json_atomic(run_dir / "result.json", metrics)
+        if procs.main:
+            write_json_atomic(run_dir / "result.json", metrics)
         metrics_log.write("end", **{k: v for k, v in metrics.items() if k != "data"})
+        trainer.accelerator.wait_for_everyone()  # the adapter is in place when any process returns
     finally:
         metrics_log.close()
-        tb_writer.close()
+        if tb_writer is not None:
+            tb_writer.close()
     console.print(f"[green]done[/]: adapter at {adapter_dir}" + (f" (best checkpoint {best.name}, val loss {state.best_metric:.4f})" if best else ""))
     return TrainResult(run_dir, adapter_dir, best, metrics)
 
@@ -408,9 +439,10 @@ def _install_callbacks(trainer, cfg: RunConfig, has_eval: bool, metrics_log, tb_
     for default in (PrinterCallback, ProgressCallback):  # replaced by the Rich bar and metrics.jsonl
         trainer.remove_callback(default)
     t = cfg.training
-    trainer.add_callback(TensorBoardCallback(tb_writer=tb_writer))
-    trainer.add_callback(MonitorCallback(metrics_log, lambda: trainer.trained_tokens, t.max_grad_norm, console))
-    trainer.add_callback(RichProgressCallback(console))
+    if tb_writer is not None:  # the main process: it alone logs, draws progress and reports health
+        trainer.add_callback(TensorBoardCallback(tb_writer=tb_writer))
+        trainer.add_callback(MonitorCallback(metrics_log, lambda: trainer.trained_tokens, t.max_grad_norm, console))
+        trainer.add_callback(RichProgressCallback(console))
     if has_eval and t.early_stopping_patience and t.load_best_model_at_end:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     for cb in extra:
