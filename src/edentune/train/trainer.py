@@ -53,11 +53,19 @@ def trained_token_loss(model, inputs: dict) -> tuple[torch.Tensor, int]:
         # it, SDPA takes its fused causal kernel instead of materialising batch x heads x s x s
         # scores (measured on 2 CPU cores: less memory and faster; see docs/benchmarks.md).
         body_inputs.pop("attention_mask")
-    hidden = causal_lm.get_decoder()(**body_inputs).last_hidden_state
+    # No cache: with one, transformers stops detecting packed sequences from position_ids and the
+    # sequences of a packed batch would attend to each other (tests/train/test_train_packing.py).
+    hidden = causal_lm.get_decoder()(**body_inputs, use_cache=False).last_hidden_state
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE
     h, t = hidden[:, :-1][keep], targets[keep]
     n = int(t.numel())
+    if getattr(causal_lm, "edentune_liger", False) and h.is_cuda:
+        # Liger's fused linear cross-entropy: projection and loss in one chunked kernel that writes the
+        # input gradient during the forward, so no logits chunk is kept for backward.
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h.to(head.weight.dtype), t, head.bias), n
     chunk = max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
     if n <= chunk:
         return _ce_sum(h, t, head.weight, head.bias), n
