@@ -142,10 +142,11 @@ def resolve_batching(batching: str, device: str) -> str:
     position_ids restart per sequence, no attention mask, no cache) is exact under SDPA and eager
     attention too: transformers >= 5 turns restarting position_ids into a block-diagonal causal
     mask (tests/train/test_train_packing.py), and flash-attention's varlen kernel does the same
-    without a mask. `auto` packs only where it is also the faster choice: with flash-attention on
-    CUDA. Under SDPA the packed batch needs that explicit mask, so SDPA loses its fused causal kernel
-    and computes scores over the whole packed row; on CPU length-grouped batches (little padding,
-    fused causal kernel) measured faster (docs/benchmarks.md)."""
+    without a mask. `auto` packs only where it is sure to be the faster choice: with flash-attention
+    on CUDA. Under SDPA the packed batch needs that explicit mask, so SDPA loses its fused causal
+    kernel and computes scores over the whole packed row, quadratic in batch x length; on CPU the
+    measurement was not conclusive (packed faster for short conversations, slower from ~375 tokens,
+    docs/benchmarks.md), so CPU keeps length-grouped batches until a quiet-machine run decides."""
     if batching == "auto":
         return "packed" if flash_attention_available(device) else "length_grouped"
     return batching
