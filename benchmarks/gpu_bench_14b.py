@@ -7,7 +7,7 @@ on the seven projections, gradient checkpointing (non-reentrant), paged 8-bit Ad
 batch 4, the same synthetic conversations (lengths 512-2048, the first quarter of each is the
 prompt with label -100, the rest the assistant reply):
 
-- `edentune`: the recipe's model path (bf16 residual stream: no fp32 upcast; Liger RMSNorm/RoPE/
+- `edentune` (packed) and `edentune-padded` (length-grouped): the recipe's model path (bf16 residual stream: no fp32 upcast; Liger RMSNorm/RoPE/
   SwiGLU via `training.kernels`; trained-position loss through Liger's fused linear
   cross-entropy), `EdenTrainer`, padding-free packed batches (flash-attn varlen when installed,
   else SDPA with the block-diagonal mask transformers builds from restarting position_ids).
@@ -47,7 +47,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-ENGINES = ("edentune", "trl", "trainer", "unsloth")
+# edentune-padded: the same recipe with length-grouped padded batches, in case packing under SDPA
+# (no flash-attn wheel on the GPU machine) costs more than the padding it saves.
+ENGINES = ("edentune", "edentune-padded", "trl", "trainer", "unsloth")
 NEEDED = {"bitsandbytes": "bitsandbytes==0.50.2", "trl": "trl==1.16.0", "peft": "peft", "datasets": "datasets"}
 NEEDED_GPU = {"liger_kernel": "liger-kernel==0.8.5", "triton": "triton"}
 SPEC_PEAK = 989e12  # H100/H200 SXM bf16 dense
@@ -155,7 +157,7 @@ def run_engine(engine: str, a) -> dict:
     counts: list[int] = []
     clock = StepClock()
     info: dict = {"attn": config._attn_implementation}
-    if engine == "edentune":
+    if engine.startswith("edentune"):
         from edentune.train.recipe import apply_kernels, training_arguments
         from edentune.train.trainer import EdenTrainer
 
@@ -166,8 +168,11 @@ def run_engine(engine: str, a) -> dict:
         model = get_peft_model(model, LoraConfig(**lora))
         args = training_arguments(cfg, Path(common["output_dir"]), device, torch.bfloat16 if not a.tiny else torch.float32,
                                   has_eval=False, lr=2e-5, optim=common["optim"], gradient_checkpointing=False)
-        trainer = EdenTrainer(model=model, args=args, train_dataset=to_dataset_from(data), length_grouped=False,
-                              data_collator=counting(DataCollatorWithFlattening(return_position_ids=True), counts))
+        packed = engine == "edentune"
+        collate = (DataCollatorWithFlattening(return_position_ids=True) if packed
+                   else DataCollatorForSeq2Seq(pad_tokenizer(), padding="longest", label_pad_token_id=-100))
+        trainer = EdenTrainer(model=model, args=args, train_dataset=to_dataset_from(data), length_grouped=not packed,
+                              data_collator=counting(collate, counts))
     elif engine == "trl":
         from trl import SFTConfig, SFTTrainer
 
