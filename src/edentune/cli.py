@@ -137,7 +137,7 @@ def plan(
     else:
         p = estimate(cfg, model_config_for(cfg), device_gb, device.value)
     if as_json:
-        print(json.dumps({"terms_gb": p.terms, "total_gb": p.total_gb, "device_gb": device_gb, "fits": p.fits,
+        print(json.dumps({"terms_gb": p.terms, "total_gb": p.total_gb, "device_gb": device_gb, "fits": p.fits, "margin_gb": p.margin_gb,
                           "tokens_per_micro_batch": p.tokens_per_micro_batch, "advice": p.advice}, indent=2))
         return
     table = Table(title=f"Peak memory estimate: {cfg.model.name_or_path} ({p.tokens_per_micro_batch} tokens per micro-batch)")
@@ -148,7 +148,8 @@ def plan(
     table.add_row("[bold]total[/]", f"[bold]{p.total_gb:.2f}[/]")
     Console().print(table)
     verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
-    Console().print(f"{verdict} in {device_gb:.0f} GB")
+    room = "the whole card (the allocator reserve is a term)" if "allocator reserve" in p.terms else "95% of it"
+    Console().print(f"{verdict} in {device_gb:g} GB: {abs(p.margin_gb):.1f} GB {'to spare' if p.fits else 'over'}, using {room}")
     for a in p.advice:
         Console().print(f"  change: {a}")
 

@@ -97,8 +97,17 @@ class TrainingConfig(_Section):
     early_stopping_patience: int | None = Field(3, gt=0)
     gradient_checkpointing: bool = True
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    batching: Literal["length_grouped", "padded", "packed"] = Field(
-        "length_grouped", description="packed needs flash-attention varlen (isolated attention); see docs"
+    batching: Literal["auto", "length_grouped", "padded", "packed"] = Field(
+        "auto", description="auto: packed (padding-free) with flash-attention on CUDA, else length_grouped; "
+        "packed is exact with sdpa/eager too, see docs/benchmarks.md"
+    )
+    residual_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="QLoRA residual stream, embeddings, head and checkpoints: auto = bf16 on CUDA with bf16 "
+        "compute (norms still compute in fp32 inside), fp32 elsewhere; fp32 is PEFT's prepare_model_for_kbit_training upcast"
+    )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="fused CUDA kernels (pip install edentune[cuda]): auto = Liger's RMSNorm/RoPE/SwiGLU when "
+        "installed and on CUDA; liger = required (an error without it); none = plain transformers. CPU: always plain"
     )
     nan_max_retries: int = Field(2, ge=0, description="NaN/Inf: roll back, halve the LR, retry this many times")
     seed: int = 42

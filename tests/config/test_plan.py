@@ -57,17 +57,19 @@ def test_plan_cli_json(tmp_path):
     assert out["tokens_per_micro_batch"] == 4 * 2048
 
 
-def test_planner_within_ten_percent_of_h100_measurements():
-    """docs/results/gpu_train_h100_autocast.json: Qwen2.5-14B shapes, QLoRA r=32, batch 4, bf16 autocast."""
+def test_planner_within_ten_percent_of_h100_reserved_memory():
+    """docs/results/gpu_train_h100_autocast.json: Qwen2.5-14B shapes, QLoRA r=32, batch 4, bf16 autocast,
+    measured with PEFT's fp32 upcast (residual_dtype fp32). Against peak *reserved* memory (what
+    the card must hold) + the 0.8 GB CUDA context outside the allocator; measured errors -6%..+0.4%."""
     import json
     from pathlib import Path
 
     runs = json.loads((Path(__file__).resolve().parents[2] / "docs/results/gpu_train_h100_autocast.json").read_text())["runs"]
-    cfg = config_for_model("qwen2.5-14b")
+    cfg = config_for_model("qwen2.5-14b").updated({"training.residual_dtype": "fp32"})
     for r in runs:
         c = cfg.updated({"model.max_seq_len": r["seq"]})
         p = estimate(c, KNOWN_ARCHITECTURES[c.model.name_or_path], 80, loss=r["loss"])
-        measured = r["peak_memory_gb"] + 0.8  # allocator peak + the CUDA context the planner counts
+        measured = r["peak_reserved_gb"] + 0.8
         assert abs(p.total_gb - measured) / measured < 0.10, (r["loss"], r["seq"], p.total_gb, measured)
 
 
@@ -95,8 +97,8 @@ def _frees(advice: str) -> float:
 def test_weights_being_the_biggest_term_is_not_weights_alone_not_fitting():
     cfg = config_for_model("qwen2.5-14b")
     arch = KNOWN_ARCHITECTURES[cfg.model.name_or_path]
-    p = estimate(cfg, arch, device_gb=24)
-    assert max(p.terms, key=p.terms.get) == "base weights" and 11 < p.terms["base weights"] < 24
+    p = estimate(cfg, arch, device_gb=18)
+    assert max(p.terms, key=p.terms.get) == "base weights" and 9 < p.terms["base weights"] < 18
     assert not p.fits and p.advice
     assert not any("alone" in a for a in p.advice)
     assert "per_device_batch_size: 2 with gradient_accumulation_steps: 16" in p.advice[0]
@@ -104,8 +106,15 @@ def test_weights_being_the_biggest_term_is_not_weights_alone_not_fitting():
     assert freed == sorted(freed, reverse=True) and all(f > 0 for f in freed)
     # the number is what the estimate says for the changed config
     halved = cfg.updated({"training.per_device_batch_size": 2, "training.gradient_accumulation_steps": 16})
-    assert abs(p.total_gb - estimate(halved, arch, device_gb=24).total_gb - freed[0]) < 0.05
-    assert estimate(halved, arch, device_gb=24).fits
+    assert abs(p.total_gb - estimate(halved, arch, device_gb=18).total_gb - freed[0]) < 0.05
+    assert estimate(halved, arch, device_gb=18).fits
+
+
+def test_the_fp32_stream_is_told_to_use_the_bf16_stream_first():
+    cfg = config_for_model("qwen2.5-14b").updated({"training.residual_dtype": "fp32"})
+    p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=24)
+    assert not p.fits and p.terms["base weights"] > 12  # fp32 embedding and head
+    assert p.advice[0].startswith("training.residual_dtype: auto") and _frees(p.advice[0]) > 7
 
 
 def test_weights_alone_not_fitting_is_said_alone():
@@ -127,9 +136,9 @@ def test_unquantized_base_is_told_to_quantize_first():
 
 def test_when_no_single_change_is_enough_the_advice_says_so():
     cfg = config_for_model("qwen2.5-14b")
-    p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=16)
-    assert p.terms["base weights"] < 16 and not p.fits
-    assert p.advice[-1].startswith("even with all of these at once the run needs ~") and "16 GB" in p.advice[-1]
+    p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=12)
+    assert p.terms["base weights"] < 12 and not p.fits
+    assert p.advice[-1].startswith("even with all of these at once the run needs ~") and "12 GB" in p.advice[-1]
 
 
 def test_a_fitting_plan_has_no_advice():
@@ -160,3 +169,58 @@ def test_plan_accepts_each_device(tmp_path, device):
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert ("attention scores" in out["terms_gb"]) == (device != "cuda")
+
+
+# -- the guide's promise: 14B at 4 x 2048 on a 24 GB card, its 2 x 8 fallback on 16 GB -----------
+
+def test_qwen14b_guide_settings_fit_24gb_with_margin(tmp_path):
+    """Batch 4 x 2048, gradient checkpointing, bf16 residual stream, chunked loss, paged 8-bit AdamW.
+    A prediction until the GPU benchmark measures it (benchmarks/gpu_bench_14b.py): ~19.7 GB
+    with the allocator reserve, ~17.9 GB allocated + context."""
+    cfg = config_for_model("qwen2.5-14b")
+    assert (cfg.training.per_device_batch_size, cfg.model.max_seq_len, cfg.training.gradient_checkpointing) == (4, 2048, True)
+    p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=24)
+    assert p.fits and p.margin_gb > 3 and p.advice == []
+    assert abs(p.terms["saved layer inputs (checkpoints)"] - 2 * 4 * 2048 * 5120 * 48 / GB) < 1e-6  # bf16 checkpoints
+    assert 0.09 < p.terms["allocator reserve"] / (p.total_gb - p.terms["allocator reserve"] - 0.8) < 0.11
+    path = tmp_path / "q.yaml"
+    path.write_text(render_config_yaml(cfg))
+    res = CliRunner().invoke(app, ["plan", str(path), "--device-gb", "24"])
+    assert res.exit_code == 0 and "fits in 24 GB" in res.output and "to spare" in res.output, res.output
+
+
+def test_qwen14b_16gb_with_the_guides_fallback():
+    """Batch 2 x accumulation 8 at 2048 on a 16 GB card: fits by ~0.1 GB with PEFT's LoRA dropout
+    (0.05) and plain kernels, ~0.5 GB without dropout. A prediction until measured on a GPU."""
+    cfg = config_for_model("qwen2.5-14b").updated({"training.per_device_batch_size": 2, "training.gradient_accumulation_steps": 8,
+                                                   "training.kernels": "none"})
+    arch = KNOWN_ARCHITECTURES[cfg.model.name_or_path]
+    p = estimate(cfg, arch, device_gb=16)
+    assert p.fits and 0 < p.margin_gb < 0.5 and p.advice == []
+    assert not estimate(cfg, arch, device_gb=15.5).fits  # the margin is real, not rounding: half a GB less does not fit
+    no_dropout = estimate(cfg.updated({"lora.dropout": 0.0}), arch, device_gb=16)
+    assert no_dropout.margin_gb > p.margin_gb + 0.3
+    assert estimate(cfg.updated({"training.kernels": "liger"}), arch, device_gb=16).margin_gb > p.margin_gb
+
+
+def test_qwen32b_on_24gb_advice_halves_then_says_what_is_left():
+    cfg = config_for_model("qwen2.5-32b")
+    p = estimate(cfg, KNOWN_ARCHITECTURES[cfg.model.name_or_path], device_gb=24)
+    assert 16 < p.terms["base weights"] < 24 and not p.fits
+    assert p.advice[0].startswith("training.per_device_batch_size: 2")
+    assert p.advice[-1].startswith("even with all of these at once") and not any("alone" in a for a in p.advice)
+
+
+def test_packed_cpu_batch_counts_the_whole_row_of_scores():
+    cfg = config_for_model("embedded").updated({"model.max_seq_len": 512})
+    import json as _json
+    from pathlib import Path
+
+    from edentune.models import resolve_model_dir
+
+    mc = _json.loads((Path(resolve_model_dir("embedded")) / "config.json").read_text())
+    padded = estimate(cfg.updated({"training.batching": "length_grouped"}), mc, 24, device="cpu")
+    packed = estimate(cfg.updated({"training.batching": "packed"}), mc, 24, device="cpu")
+    b = cfg.training.per_device_batch_size
+    ratio = packed.terms["attention scores (packed row)"] / padded.terms["attention scores"]
+    assert abs(ratio - b) < 1e-9  # (b*s)^2 vs b*s^2

@@ -3,19 +3,30 @@
 Peak training memory is estimated term by term (bytes):
 
 - base weights: 4-bit NF4 + double quantization ~= 4.127 bits per quantized parameter; the
-  embedding and an untied head stay in 16 bits and become fp32 after
-  `prepare_model_for_kbit_training`. Without quantization every weight is `dtype` sized.
+  embedding and an untied head stay in the residual-stream dtype: bf16 with the bf16 stream
+  (`training.residual_dtype`, default on CUDA), fp32 after PEFT's `prepare_model_for_kbit_training`
+  upcast. Without quantization every weight is `dtype` sized.
 - LoRA: parameters x (4 weight + 4 gradient + optimizer state: 2 for 8-bit Adam, 8 for fp32 Adam).
-- activations: with gradient checkpointing, one hidden state per layer boundary (fp32 under
-  QLoRA: 4 bytes x T x hidden x layers) plus the larger of two transients that never coexist,
-  the logits/loss after the forward and one layer's recomputed working set in backward; without
-  checkpointing, every layer's working set plus the logits.
+- activations: with gradient checkpointing, one hidden state per layer boundary in the stream
+  dtype (2 or 4 bytes x T x hidden x layers) plus the larger of two transients that never
+  coexist, the logits/loss after the forward and one layer's recomputed working set in backward;
+  without checkpointing, every layer's working set plus the logits. A layer's working set counts
+  the LoRA-dropout copy of each projection input (6 x hidden + intermediate per token, stream
+  dtype) when lora.dropout > 0, and fewer MLP/norm intermediates under Liger's
+  fused SwiGLU and RMSNorm (`training.kernels`).
 - logits and loss: ~13.6 bytes x T x V with the default HF loss (fp32 upcast, softmax, grad).
   For Qwen's 152k vocabulary this dominates: 14B at 4 x 2048 tokens is ~17 GB on its own.
   edentune's engine computes logits for trained positions only, in checkpointed chunks of
   LOGITS_CHUNK_ELEMENTS (`train.trainer.trained_token_loss`), so the term is bounded by one
-  chunk (~0.9 GB) whatever T is; `loss="hf"` estimates the default loss for comparison.
-- runtime overhead: CUDA context, allocator fragmentation, dequantization buffers.
+  chunk (~0.9 GB) whatever T is; Liger's fused linear cross-entropy is bounded the same way.
+  `loss="hf"` estimates the default loss for comparison.
+- attention: none stored on CUDA (flash / memory-efficient kernels); off CUDA SDPA keeps the
+  batch x heads x s x s fp32 scores, and a packed batch is one row of batch x s tokens, so its
+  scores are (batch x s)^2 per head.
+- allocator reserve (CUDA): PyTorch's caching allocator holds more than it hands out; peak
+  reserved was 10-14% above peak allocated on the H100 runs (docs/results/gpu_train_h100*.json),
+  so 10% of the allocated terms is counted and the plan fits when the total fits the card.
+- runtime overhead: CUDA context, dequantization buffers; on CPU the interpreter, torch and data.
 
 T = tokens per micro-batch = per_device_batch_size x max_seq_len (worst case: a full batch).
 Checked against measured peaks on CPU (tests) and on a lent H100/H200 (benchmarks/gpu_train.py,
@@ -41,7 +52,9 @@ KNOWN_ARCHITECTURES: dict[str, dict] = {
 
 LOGITS_BYTES_PER_TOKEN_VOCAB = 13.6  # fp32 logits, upcast, softmax/log-softmax, gradient (measured, docs/benchmarks.md)
 NF4_BITS = 4.127  # 4 bits + absmax per 64 weights, double-quantized to 8 bits per 256 blocks (QLoRA paper, arXiv:2305.14314)
-CUDA_OVERHEAD_GB = 0.8  # context + allocator slack, measured order of magnitude on H100
+CUDA_OVERHEAD_GB = 0.8  # CUDA context and library workspaces, outside the allocator (H100 calibration)
+RESERVED_OVER_ALLOCATED = 0.10  # peak reserved / peak allocated - 1: 10-14% on the H100 runs
+CPU_HEADROOM = 0.05  # off CUDA: keep 5% free (RSS has no allocator reserve to count)
 CPU_OVERHEAD_GB = 1.0  # interpreter, torch, tokenizer and data in the process's RSS
 
 
@@ -98,8 +111,17 @@ class Plan:
         return sum(self.terms.values())
 
     @property
+    def limit_gb(self) -> float:
+        """What the plan may use: the whole card on CUDA (the allocator reserve is a term), else 95%."""
+        return self.device_gb * (1.0 if "allocator reserve" in self.terms else 1 - CPU_HEADROOM)
+
+    @property
     def fits(self) -> bool:
-        return self.total_gb <= self.device_gb * 0.95  # keep 5% headroom for fragmentation
+        return self.total_gb <= self.limit_gb
+
+    @property
+    def margin_gb(self) -> float:
+        return self.limit_gb - self.total_gb
 
 
 def lora_param_count(arch: Arch, r: int, targets: list[str]) -> int:
@@ -118,26 +140,53 @@ def estimate(cfg, model_config, device_gb: float, device: str = "cuda", loss: st
     return plan
 
 
+def stream_bytes(cfg, device: str) -> int:
+    """Bytes per element of the residual stream (mirrors `train.recipe.residual_dtype` without torch)."""
+    t, q = cfg.training, cfg.quantization
+    bf16_compute = q.compute_dtype == "bf16" and (t.precision == "bf16" or (t.precision == "auto" and device == "cuda"))
+    if not q.load_in_4bit:
+        return 2 if t.precision in ("auto", "bf16", "fp16") and device != "cpu" else 4
+    bf16 = t.residual_dtype == "bf16" or (t.residual_dtype == "auto" and device == "cuda" and bf16_compute)
+    return 2 if bf16 and bf16_compute else 4
+
+
+def liger_kernels(cfg, device: str) -> bool:
+    """Whether the run uses Liger's fused kernels (`training.kernels`; only ever on CUDA)."""
+    if device != "cuda" or cfg.training.kernels == "none":
+        return False
+    if cfg.training.kernels == "liger":
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def _estimate_terms(cfg, model_config, device_gb: float, device: str, loss: str) -> Plan:
     arch = Arch.from_config(model_config)
     t, q = cfg.training, cfg.quantization
     T = t.per_device_batch_size * cfg.model.max_seq_len
     w16 = 2 if t.precision in ("auto", "bf16", "fp16") and device != "cpu" else 4
+    resid = stream_bytes(cfg, device)
     if q.load_in_4bit:
-        base = arch.block_params * NF4_BITS / 8 + arch.embedding_params * 4  # fp32 after kbit prep
+        base = arch.block_params * NF4_BITS / 8 + arch.embedding_params * resid
     else:
         base = arch.params * w16
     n_lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
     optim_bytes = 2 if "8bit" in t.optimizer else 8
     lora = n_lora * (4 + 4 + optim_bytes)
-    # One block's working set under autograd: attention projections and MLP intermediates in
-    # 16-bit, LoRA dropout copies of each projection input, plus the block's dequantized weights.
-    layer_ws = T * (8 * arch.hidden + 2 * arch.kv_dim + 5 * arch.intermediate) * w16 + T * 7 * arch.hidden * w16
+    # One block's working set under autograd: attention projections, norms and MLP intermediates
+    # in 16-bit (Liger's fused RMSNorm and SwiGLU keep fewer: the norm input and rstd, gate and up
+    # but not silu(gate)), plus the block's dequantized weights.
+    fused = liger_kernels(cfg, device)
+    layer_ws = T * ((6 if fused else 8) * arch.hidden + 2 * arch.kv_dim + (4 if fused else 5) * arch.intermediate) * w16
+    if cfg.lora.dropout > 0:
+        # PEFT applies a separate dropout to each LoRA module's input: q, k, v, gate, up see the
+        # normed hidden state, o the attention output, down the MLP intermediate; each copy, in the
+        # stream dtype, is saved by lora_A for backward. (The 1-byte masks are left out: with them
+        # the CPU estimate overshoots the measured RSS by 13%, without them it is within +8%.)
+        layer_ws += T * (6 * arch.hidden + arch.intermediate) * resid
     if q.load_in_4bit:
         layer_ws += max(a * b for a, b in arch.module_shapes().values()) * 2
-    # The residual stream is fp32 after prepare_model_for_kbit_training (fp32 embeddings and
-    # norms), so each checkpointed layer input costs 4 bytes per element, not 2 (measured on H100).
-    resid = 4 if q.load_in_4bit else w16
     if loss == "hf":
         logits = LOGITS_BYTES_PER_TOKEN_VOCAB * T * arch.vocab
     else:
@@ -156,10 +205,14 @@ def _estimate_terms(cfg, model_config, device_gb: float, device: str, loss: str)
         terms["logits+loss"] = logits / GB
     if device != "cuda":
         # No fused attention for training off CUDA: SDPA keeps batch x heads x s x s fp32 scores
-        # per layer for backward (measured: the embedded model at 4 x 1024 on 2 CPU cores).
+        # per layer for backward (measured: the embedded model at 4 x 1024 on 2 CPU cores); a
+        # packed batch is one row of all its tokens with a block-diagonal mask.
         s = cfg.model.max_seq_len
-        scores = t.per_device_batch_size * arch.heads * s * s * 4
-        terms["attention scores"] = scores * (1 if t.gradient_checkpointing else arch.layers) / GB
+        packed = t.batching == "packed"
+        scores = arch.heads * (T * T if packed else t.per_device_batch_size * s * s) * 4
+        terms["attention scores" + (" (packed row)" if packed else "")] = scores * (1 if t.gradient_checkpointing else arch.layers) / GB
+    else:
+        terms["allocator reserve"] = RESERVED_OVER_ALLOCATED * sum(terms.values())
     terms["runtime overhead"] = CUDA_OVERHEAD_GB if device == "cuda" else CPU_OVERHEAD_GB
     return Plan(terms=terms, device_gb=device_gb, tokens_per_micro_batch=T, lora_params=n_lora)
 
@@ -189,6 +242,10 @@ def _advice(plan: Plan, cfg, estimate_for) -> list[str]:
                         f"model.max_seq_len: {m.max_seq_len // 2} if your conversations allow (check `edentune data stats`)"))
     if not t.gradient_checkpointing:
         options.append(({"training.gradient_checkpointing": True}, "training.gradient_checkpointing: true"))
+    if cfg.quantization.load_in_4bit and t.residual_dtype == "fp32":
+        options.append(({"training.residual_dtype": "auto"}, "training.residual_dtype: auto (bf16 residual stream and checkpoints)"))
+    if cfg.lora.dropout > 0:
+        options.append(({"lora.dropout": 0.0}, "lora.dropout: 0 (no dropout copy of each projection input; less regularisation)"))
     if "8bit" not in t.optimizer:
         options.append(({"training.optimizer": "paged_adamw_8bit"}, "training.optimizer: paged_adamw_8bit"))
     scored, combined = [], {}
@@ -208,7 +265,7 @@ def _advice(plan: Plan, cfg, estimate_for) -> list[str]:
                 "pick a smaller model preset or a larger device"]
     out = [f"{text} (frees ~{freed:.1f} GB)" for freed, text in scored]
     after = estimate_for(cfg.updated(combined)).total_gb if combined else plan.total_gb
-    if after > plan.device_gb * 0.95:
+    if after > plan.limit_gb:
         out.append(f"even with {'all of these at once' if len(scored) > 1 else 'this' if scored else 'these settings'} "
                    f"the run needs ~{after:.1f} GB of {plan.device_gb:g} GB: halve again, pick a smaller model preset "
                    "or a larger device")

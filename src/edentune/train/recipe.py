@@ -73,11 +73,20 @@ def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torc
                             # gradients (accelerate#3983).
                             quant_storage=dtype if fsdp else torch.uint8)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    model.edentune_liger = apply_kernels(model, cfg, device)  # read by trained_token_loss
     ckpt_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs, no input-grad hack
-    if q.load_in_4bit and not fsdp:
+    if q.load_in_4bit and not fsdp and residual_dtype(cfg, device, dtype) == torch.float32:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=ckpt_kwargs)
-    elif gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    else:
+        # bf16 stream: what prepare_model_for_kbit_training does minus its fp32 upcast of embeddings,
+        # head and norms (TRL's SFT path does not call it either). The upcast makes the whole residual
+        # stream and every checkpoint fp32, since bitsandbytes returns its input's dtype: 5.8 GB of
+        # embedding/head and 7.5 GB of checkpoints for 14B at 4 x 2048. Llama/Qwen2 RMSNorm still
+        # compute in fp32 inside (they upcast the input, then cast back), and the chunked loss
+        # upcasts its logits.
+        model.requires_grad_(False)
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     if adapter is not None:
         return load_adapter(model, adapter, trainable=True)
     lora = cfg.lora
@@ -86,6 +95,47 @@ def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torc
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM",
     ), autocast_adapter_dtype=not fsdp)
+
+
+def residual_dtype(cfg: RunConfig, device: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a QLoRA run's residual stream (see `training.residual_dtype`)."""
+    want = cfg.training.residual_dtype
+    bf16_compute = dtype == torch.bfloat16 and cfg.quantization.compute_dtype == "bf16"
+    if want == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and bf16_compute else torch.float32  # cuda or cuda:N
+    if want == "bf16" and not bf16_compute:
+        raise ConfigError(f"training.residual_dtype: bf16 needs bf16 compute (this run computes in "
+                          f"{str(dtype).removeprefix('torch.')}, quantization.compute_dtype {cfg.quantization.compute_dtype})",
+                          hint="set training.precision: bf16 and quantization.compute_dtype: bf16, or residual_dtype: auto")
+    return torch.bfloat16 if want == "bf16" else torch.float32
+
+
+def use_liger(cfg: RunConfig, device: str) -> bool:
+    """`training.kernels`: whether this run uses Liger's fused kernels (CUDA only; the CPU path is plain)."""
+    want = cfg.training.kernels
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if want == "liger":
+        if not device.startswith("cuda"):
+            raise ConfigError(f"training.kernels: liger needs CUDA (this run trains on {device})",
+                              hint="set training.kernels: auto (plain kernels off CUDA) or none")
+        if not installed:
+            raise ConfigError("training.kernels: liger, but liger-kernel is not installed",
+                              hint="pip install 'edentune[cuda]' (liger-kernel, flash-attn), or set training.kernels: auto")
+    return want != "none" and device.startswith("cuda") and installed
+
+
+def apply_kernels(model, cfg: RunConfig, device: str) -> bool:
+    """Liger's RMSNorm, RoPE and SwiGLU on the base model's modules (before LoRA wraps the
+    projections: the fused SwiGLU calls gate/up/down, so LoRA still applies). The loss is not
+    patched here: edentune's trained-position loss calls Liger's fused linear cross-entropy itself
+    (`train.trainer.trained_token_loss`)."""
+    if not use_liger(cfg, device):
+        return False
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    return True
 
 
 def engine_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype, adapter: str | Path | None = None,
@@ -97,10 +147,23 @@ def engine_model(cfg: RunConfig, model_dir: str, device: str, dtype: torch.dtype
     return model
 
 
-def packing_supported(device: str) -> bool:
-    # Packing is only leak-free with flash-attention's varlen kernels: under sdpa/eager the packed
-    # sequences attend to each other (transformers' DataCollatorWithFlattening documentation).
+def flash_attention_available(device: str) -> bool:
     return device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_batching(batching: str, device: str) -> str:
+    """`training.batching` for this device. Padding-free packing (DataCollatorWithFlattening:
+    position_ids restart per sequence, no attention mask, no cache) is exact under SDPA and eager
+    attention too: transformers >= 5 turns restarting position_ids into a block-diagonal causal
+    mask (tests/train/test_train_packing.py), and flash-attention's varlen kernel does the same
+    without a mask. `auto` packs only where it is sure to be the faster choice: with flash-attention
+    on CUDA. Under SDPA the packed batch needs that explicit mask, so SDPA loses its fused causal
+    kernel and computes scores over the whole packed row, quadratic in batch x length; on CPU the
+    measurement was not conclusive (packed faster for short conversations, slower from ~375 tokens,
+    docs/benchmarks.md), so CPU keeps length-grouped batches until a quiet-machine run decides."""
+    if batching == "auto":
+        return "packed" if flash_attention_available(device) else "length_grouped"
+    return batching
 
 
 def training_arguments(cfg: RunConfig, run_dir: Path, device: str, dtype: torch.dtype, has_eval: bool, lr: float,
@@ -348,12 +411,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     train_set, val_set, data_stats = prepare_data(cfg, tokenizer, console)
     has_eval = bool(val_set)
 
-    # Batching: length-grouped (default) or random order, padded to the longest in the batch.
-    batching = t.batching
-    if batching == "packed" and not packing_supported(device):
-        console.print("packing needs flash-attention varlen on CUDA (otherwise sequences attend to each other): "
-                      "using length-grouped batches instead")
-        batching = "length_grouped"
+    # Batching: packed (padding-free) or length-grouped / random order padded to the longest in the batch.
+    batching = resolve_batching(t.batching, device)
     collator = (DataCollatorWithFlattening() if batching == "packed"
                 else DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
     if device == "cpu" and t.optimizer.startswith("paged"):
@@ -367,8 +426,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
 
     model_device = load_device(device, procs)
     model = engine_model(cfg, model_dir, model_device, dtype, fsdp=procs.fsdp)
-    if batching == "packed":
-        model.set_attn_implementation("flash_attention_2")
+    if batching == "packed" and flash_attention_available(device):
+        model.set_attn_implementation("flash_attention_2")  # varlen kernel: no block-diagonal mask to build
     rollback_lr, rollbacks = None, 0
     try:
         while True:

@@ -52,7 +52,15 @@ def trained_token_loss(model, inputs: dict) -> tuple[torch.Tensor, int]:
     output projection + cross-entropy run in chunks that are recomputed in backward
     (checkpointed), so the logits never exceed LOGITS_CHUNK_ELEMENTS at a time.
     """
+    liger = getattr(_causal_lm(model), "edentune_liger", False)
+
     def summed(h, t, rows, head):
+        if liger and h.is_cuda:
+            # Liger's fused linear cross-entropy: projection and loss in one chunked kernel that writes
+            # the input gradient during the forward, so no logits chunk is kept for backward.
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h.to(head.weight.dtype), t, head.bias)
         chunk = max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
         if t.numel() <= chunk:
             return _ce_sum(h, t, head.weight, head.bias)
@@ -81,6 +89,12 @@ def per_row_trained_token_loss(model, inputs: dict) -> torch.Tensor:
     return _on_trained_positions(model, inputs, per_row)
 
 
+def _causal_lm(model):
+    """The transformers model inside DDP's wrapper (`.module`; FSDP2 shards in place) and PEFT's."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def _on_trained_positions(model, inputs: dict, fn):
     """`fn(hidden, targets, rows, lm_head)` at the trained positions, computed inside the model's forward.
 
@@ -91,8 +105,7 @@ def _on_trained_positions(model, inputs: dict, fn):
     available; the result is returned as the forward's `loss`, so that FSDP's backward hooks,
     which watch the forward's outputs, also cover the chunks recomputed in backward.
     """
-    inner = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 shards it in place
-    causal_lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    causal_lm = _causal_lm(model)
     body_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     mask = body_inputs.get("attention_mask")
     if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
@@ -115,7 +128,9 @@ def _on_trained_positions(model, inputs: dict, fn):
 
     hooks = [causal_lm.get_decoder().register_forward_hook(take_hidden), causal_lm.register_forward_hook(compute)]
     try:
-        return model(**body_inputs, logits_to_keep=1).loss
+        # No cache: with one, transformers stops detecting packed sequences from position_ids and the
+        # sequences of a packed batch would attend to each other (tests/train/test_train_packing.py).
+        return model(**body_inputs, logits_to_keep=1, use_cache=False).loss
     finally:
         for hook in hooks:
             hook.remove()
