@@ -190,7 +190,10 @@ def prepare_data(cfg: RunConfig, tokenizer, console: Console):
 
 
 # -- the recipe ---------------------------------------------------------------------------------
-def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), console: Console | None = None) -> TrainResult:
+def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), console: Console | None = None,
+          init_adapter: str | Path | None = None) -> TrainResult:
+    """Train `cfg`'s LoRA from scratch, or continue `init_adapter` (a saved PEFT adapter, e.g. the
+    live round's in `edentune cycle`) on this data; `resume` continues this run's last checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
     from transformers.integrations import TensorBoardCallback
@@ -235,10 +238,11 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
 
     write_manifest(run_dir, cfg, tokenizer, device, dtype, data_stats, resumed=checkpoint is not None)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-    metrics_log.write("start", resume_from=checkpoint, data=data_stats, device=device)
+    metrics_log.write("start", resume_from=checkpoint, data=data_stats, device=device,
+                      init_adapter=str(init_adapter) if init_adapter else None)
     tb_writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-    model = engine_model(cfg, model_dir, device, dtype)
+    model = engine_model(cfg, model_dir, device, dtype, adapter=init_adapter)
     if batching == "packed":
         model.set_attn_implementation("flash_attention_2")
     rollback_lr, rollbacks = None, 0
@@ -271,7 +275,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
                           f"with learning rate {rollback_lr:.2e} (retry {rollbacks}/{t.nan_max_retries})")
             metrics_log.write("nan_rollback", reason=trainer.non_finite, checkpoint=checkpoint, learning_rate=rollback_lr, retry=rollbacks)
             if checkpoint is None:
-                model = engine_model(cfg, model_dir, device, dtype)  # nothing to roll back to: fresh adapter
+                model = engine_model(cfg, model_dir, device, dtype, adapter=init_adapter)  # nothing to roll back to: start again
 
         trainer.remove_callback(TensorBoardCallback)  # it closed its writer at train end; metrics.jsonl gets this one
         final_eval = trainer.evaluate() if has_eval else {}
