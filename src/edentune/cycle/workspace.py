@@ -246,6 +246,13 @@ class Workspace:
         """Configured forgetting files, else the bundled general sample."""
         return [self.resolve(f) for f in self.config.forgetting_files] or [BUNDLED_FORGETTING]
 
+    def suite_ref(self) -> str:
+        """The evaluation suite: a bundled name as is, a path resolved against the workspace."""
+        from ..evaluate.suite import SUITES_DIR
+
+        name = self.config.run.evaluation.suite
+        return name if (SUITES_DIR / f"{name}.yaml").is_file() else str(self.resolve(name))
+
     def open_registry(self, *, readonly: bool = False) -> Registry:
         return Registry(self.registry_path, readonly=readonly)
 
@@ -258,6 +265,7 @@ class Workspace:
         data["data"].update(train_files=[str(self.train_data_path(round_id, persona))],
                             validation_files=[str(self.validation_path)], replay_files=[str(self.forgetting_path)],
                             mix=c.replay.model_dump())
+        data["evaluation"]["suite"] = self.suite_ref()
         exp = data["export"]
         exp["ollama_base"] = c.ollama.base or exp["ollama_base"]
         exp["ollama_host"] = c.ollama.host or exp["ollama_host"]
