@@ -115,7 +115,7 @@ def plan(
 # Stage command modules: `register(app)` adds top-level commands; a module-level Typer `app`
 # becomes a command group named after the stage (`edentune data …`). Import errors are not
 # swallowed: a broken stage module is a packaging bug.
-for _stage in ("data", "train", "evaluate", "export"):  # data first: train adds `data inspect`
+for _stage in ("data", "train", "evaluate", "export", "cycle"):  # data first: train adds `data inspect`
     if importlib.util.find_spec(f"edentune.{_stage}.cli") is None:
         continue
     _mod = importlib.import_module(f"edentune.{_stage}.cli")

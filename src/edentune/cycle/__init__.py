@@ -20,8 +20,12 @@ def __getattr__(name: str) -> Any:
         from .round import run_round
 
         return run_round
-    if name in ("status", "rollback"):
-        from . import report
+    if name == "status":
+        from .report import status
 
-        return getattr(report, name)
+        return status
+    if name == "rollback":
+        from .rollback import rollback
+
+        return rollback
     raise AttributeError(f"module 'edentune.cycle' has no attribute {name!r}")
