@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
 
         return status
     if name == "rollback":
-        from .rollback import rollback
+        from .live import rollback
 
         return rollback
     raise AttributeError(f"module 'edentune.cycle' has no attribute {name!r}")

@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
         host: Optional[str] = typer.Option(None, "--host", help="Ollama URL (default: the workspace's ollama.host, then $OLLAMA_HOST)"),
     ) -> None:
         """Make an earlier accepted round live again in Ollama; recorded in the registry."""
-        from .rollback import rollback
+        from .live import rollback
 
         for rec in rollback(directory, to_round=to, persona=persona, host=host):
             Console().print(f"{rec['persona']}: {rec['model']} is round {rec['round_id']} again (was {rec['from_round'] or '-'})",
