@@ -28,22 +28,47 @@ def _personas(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def status_table(table, title: str | None = None) -> Table:
-    """The history as a Rich table (text cells are not markup: reasons may hold brackets)."""
+# Short headers so the table fits 80 columns; the legend under the table spells them out.
+SHORT = {"val_loss": "val loss", "korean_consistency": "KO", "persona_adherence": "rules", "forgetting": "forget"}
+LEGEND = ("data: new+replay training records · KO: Korean consistency · rules: persona adherence · "
+          "forget: forgetting (perplexity increase on general data)")
+
+
+def _data_cell(metrics: dict) -> str:
+    from .report import format_metric
+
+    new, replay = metrics.get("new_records"), metrics.get("replay_records")
+    if new is not None and replay is not None:
+        return f"{format_metric('new_records', new)}+{format_metric('replay_records', replay)}"
+    return format_metric("train_records", metrics.get("train_records"))
+
+
+def print_status(table, out: Console, title: str | None = None) -> None:
+    """The history as a Rich table, then the reasons of refused/failed runs (cells are plain text,
+    never markup: reasons may hold brackets)."""
+    from rich import box
     from rich.text import Text
 
-    from .report import METRICS, format_metric, live_text, verdict_text
+    from .report import format_metric, live_text, verdict_text
 
-    shown = ("train_records", "new_records", "replay_records", "val_loss", "korean_consistency", "persona_adherence", "forgetting")
-    t = Table(title=title or f"edentune cycle: {table.workspace}")
-    for col in ("round", "persona", *(METRICS[k][0] for k in shown), "verdict", "live"):
-        t.add_column(col, justify="left" if col in ("round", "persona", "verdict", "live") else "right",
-                     overflow="fold", max_width=60 if col == "verdict" else None)
+    t = Table(title=title or f"edentune cycle: {table.workspace}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t.add_column("round", no_wrap=True)
+    t.add_column("persona", no_wrap=True)
+    t.add_column("data", justify="right", no_wrap=True)
+    for label in SHORT.values():
+        t.add_column(label, justify="right", no_wrap=True)
+    t.add_column("verdict", no_wrap=True)
+    t.add_column("live", no_wrap=True)
     for row in table.rows:
         style = "bold green" if row.live_for else "red" if row.status in ("refused", "failed") else None
-        t.add_row(Text(row.round_id), Text(row.persona), *(Text(format_metric(k, row.metrics.get(k))) for k in shown),
-                  Text(verdict_text(row)), Text(live_text(row)), style=style)
-    return t
+        t.add_row(Text(row.round_id), Text(row.persona), Text(_data_cell(row.metrics)),
+                  *(Text(format_metric(k, row.metrics.get(k))) for k in SHORT),
+                  Text(verdict_text(row, reasons=False)), Text(live_text(row)), style=style)
+    out.print(t)
+    out.print(Text(LEGEND, style="dim"))
+    for row in table.rows:
+        if row.reasons:
+            out.print(Text(f"{row.round_id} {row.persona}: {verdict_text(row)}"))
 
 
 def register(app: typer.Typer) -> None:
@@ -83,7 +108,7 @@ def register(app: typer.Typer) -> None:
         result = run_round(directory, new, feedback=feedback or None, round_id=round_id, console=err_console)
         table = status(directory)
         table.rows = [r for r in table.rows if r.round_id == result.round_id]
-        Console().print(status_table(table, title=f"round {result.round_id}: {result.status}"))
+        print_status(table, Console(), title=f"round {result.round_id}: {result.status}")
 
     @group.command("status")
     def status_cmd(
@@ -102,7 +127,7 @@ def register(app: typer.Typer) -> None:
         else:
             out = Console()
             if table.rows:
-                out.print(status_table(table))
+                print_status(table, out)
             else:
                 out.print(f"no rounds yet: edentune cycle run {directory} --new NEW.jsonl", highlight=False)
             for persona, lv in table.live.items():

@@ -100,14 +100,12 @@ def format_metric(key: str, value) -> str:
     return f"{value:.4f}"
 
 
-def verdict_text(row: StatusRow) -> str:
+def verdict_text(row: StatusRow, reasons: bool = True) -> str:
     if row.status == "accepted":
         return "deployed"
-    if row.status == "refused":
-        return "refused: " + "; ".join(row.reasons) if row.reasons else "refused"
     if row.status == "running":
         return f"running ({row.last_step})" if row.last_step else "running"
-    return row.status + (": " + "; ".join(row.reasons) if row.reasons else "")
+    return row.status + (": " + "; ".join(row.reasons) if reasons and row.reasons else "")
 
 
 def live_text(row: StatusRow) -> str:

@@ -358,15 +358,13 @@ def render_workspace_yaml(cfg: WorkspaceConfig, dir_label: str = "DIR") -> str:
     return "\n".join(out)
 
 
-def _personas_from(personas: Mapping[str, str] | list | None) -> list[WorkspacePersona]:
+def _persona_items(personas: Mapping[str, str] | list | None) -> list:
+    """`{name: ollama_model or ""}` or a list of mappings/WorkspacePersona, as items to validate."""
     if not personas:
         return _default_personas()
     if isinstance(personas, Mapping):
-        personas = [{"name": n, "ollama_model": m or None} for n, m in personas.items()]
-    out = []
-    for p in personas:
-        out.append(p if isinstance(p, WorkspacePersona) else WorkspacePersona.model_validate(p))
-    return out
+        return [{"name": n, "ollama_model": m or None} for n, m in personas.items()]
+    return list(personas)
 
 
 def init_workspace(path: str | Path, model: str = "qwen2.5-14b", personas: Mapping[str, str] | list | None = None,
@@ -394,7 +392,7 @@ def init_workspace(path: str | Path, model: str = "qwen2.5-14b", personas: Mappi
                                 hint="use --force to write a fresh cycle.yaml (the old one is kept as a .bak)")
     run = config_for_model(model)
     try:
-        cfg = WorkspaceConfig(run=run, personas=_personas_from(personas))
+        cfg = WorkspaceConfig.model_validate({"run": run, "personas": _persona_items(personas)})
     except ValidationError as err:
         raise ConfigError(_format_errors(err, "cycle init")) from None
     cfg_path = path / CONFIG_NAME
