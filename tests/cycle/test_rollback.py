@@ -4,6 +4,7 @@ stopped Ollama are clear errors that change neither Ollama nor the registry."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import shutil
 import sys
@@ -13,9 +14,11 @@ import pytest
 
 from edentune.config import render_config_yaml
 from edentune.cycle import rollback
-from edentune.cycle.workspace import init_workspace
+from edentune.cycle.registry import SHARED
+from edentune.cycle.workspace import init_workspace, load_workspace
 from edentune.errors import EdentuneError
 from edentune.export import export_adapter
+from edentune.io import write_json_atomic
 
 EXPORT_TESTS = Path(__file__).resolve().parents[1] / "export"
 sys.path.insert(0, str(EXPORT_TESTS))  # ollama_standin
@@ -50,6 +53,8 @@ def months(tiny_qwen2_dir, tmp_path_factory):
                 export = export_adapter(cfg, make_adapter(tiny_qwen2_dir, tmp / f"adapter-{round_id}", seed=seed),
                                         ws.export_dir(round_id, "default"), verify=False)
                 digests[round_id] = export.report["adapter_sha256"]
+                write_json_atomic(ws.eval_dir(round_id, "default") / "comparison.json",
+                                  {"ship": True, "reasons": [], "candidate_adapter_sha256": digests[round_id]})
                 reg.set_run(round_id, "default", status="accepted", export_dir=str(export.out_dir))
                 reg.set_live("default", round_id, "eden:latest")
             else:
@@ -59,8 +64,6 @@ def months(tiny_qwen2_dir, tmp_path_factory):
 
 
 def _adapter_blob(ws, round_id: str) -> str:
-    import hashlib
-
     return "sha256:" + hashlib.sha256((ws.export_dir(round_id, "default") / "adapter.gguf").read_bytes()).hexdigest()
 
 
@@ -97,6 +100,26 @@ def test_refused_or_unknown_round_changes_nothing(months, to_round, message):
     assert _live(ws) == before
 
 
+def test_gate_is_rechecked_against_the_export(months, tmp_path):
+    ws, digests = months
+    before = _live(ws)
+    comparison = ws.eval_dir("2026-01", "default") / "comparison.json"
+    original = comparison.read_bytes()
+    try:
+        # The export folder now holds another adapter than the one the comparison scored.
+        write_json_atomic(comparison, {"ship": True, "candidate_adapter_sha256": digests["2026-02"]})
+        with OllamaStandIn(BASE) as server:
+            with pytest.raises(EdentuneError, match="scored adapter"):
+                rollback(ws.dir, to_round="2026-01", host=server.host)
+            comparison.unlink()
+            with pytest.raises(EdentuneError, match="deploy gate cannot be re-checked"):
+                rollback(ws.dir, to_round="2026-01", host=server.host)
+            assert server.requests == []
+    finally:
+        comparison.write_bytes(original)
+    assert _live(ws) == before
+
+
 def test_vanished_export_and_stopped_ollama_change_nothing(months, tmp_path):
     ws, _ = months
     before = _live(ws)
@@ -114,3 +137,30 @@ def test_vanished_export_and_stopped_ollama_change_nothing(months, tmp_path):
     with pytest.raises(EdentuneError, match="cannot reach Ollama"):
         rollback(ws.dir, to_round="2026-01", host=host)
     assert _live(ws) == before
+
+
+def test_shared_adapter_mode_rolls_back_every_persona_with_one_export(tiny_qwen2_dir, tmp_path):
+    make_adapter = _make_adapter()
+    ws = init_workspace(tmp_path / "ws", model=tiny_qwen2_dir, personas={"professional": "", "friendly": ""})
+    ws.config_path.write_text(ws.config_path.read_text().replace("adapter_mode: per_persona", "adapter_mode: shared"))
+    ws = load_workspace(ws.dir)
+    with ws.open_registry() as reg:
+        for seed, round_id in enumerate(["2026-01", "2026-02"]):
+            reg.begin_round(round_id, {})
+            export = export_adapter(ws.round_config(round_id, SHARED), make_adapter(tiny_qwen2_dir, tmp_path / f"a{seed}", seed=seed),
+                                    ws.export_dir(round_id, SHARED), verify=False)
+            write_json_atomic(ws.eval_dir(round_id, SHARED) / "comparison.json",
+                              {"ship": True, "candidate_adapter_sha256": export.report["adapter_sha256"]})
+            reg.set_run(round_id, SHARED, status="accepted", export_dir=str(export.out_dir))
+            for p in ws.persona_names:
+                reg.set_live(p, round_id, ws.ollama_model(p))
+            reg.finish_round(round_id, "accepted")
+    with OllamaStandIn(BASE) as server:
+        recs = rollback(ws.dir, host=server.host)
+        assert sorted((r["persona"], r["round_id"]) for r in recs) == [("friendly", "2026-01"), ("professional", "2026-01")]
+        assert sum(path == "/api/create" for _, path in server.requests) == 2  # one export deployed once: a model per persona
+        blob = "sha256:" + hashlib.sha256((ws.export_dir("2026-01", SHARED) / "adapter.gguf").read_bytes()).hexdigest()
+        for p in ws.persona_names:
+            assert server.models[f"eden-{p}:latest"]["adapters"] == {"adapter.gguf": blob}
+    with ws.open_registry(readonly=True) as reg:
+        assert {lv.persona: lv.round_id for lv in reg.live_rows()} == {"friendly": "2026-01", "professional": "2026-01"}

@@ -2,9 +2,10 @@
 
 Unlike `edentune deploy --rollback` (which only knows `<model>:previous`), this re-deploys the
 chosen round's own export with its frozen config, so every accepted month stays one command away.
-Everything is checked before Ollama is touched (the round was accepted, its export is still on
-disk); the registry records the new live round and a "rollback" event only after the deploy
-succeeded, in one transaction per persona.
+Everything is checked before Ollama is touched: the round was accepted, its export is still on
+disk, and the round's comparison.json still says ship for the very adapter in that export (the
+deploy gate, re-checked: only a model that once passed can come back). The registry records the
+new live round and a "rollback" event only after the deploy succeeded, one transaction per persona.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from ..config import RunConfig, load_config
 from ..errors import EdentuneError
-from ..export.api import REPORT_NAME
+from ..export.api import REPORT_NAME, load_export
+from ..export.deploy import check_gate, deploy, full_name
 from .registry import SHARED, Registry, RunRow
 from .workspace import Workspace, load_workspace
 
@@ -44,6 +46,11 @@ def _check(ws: Workspace, reg: Registry, round_id: str, persona: str) -> RunRow:
     if not run.export_dir or not (Path(run.export_dir) / REPORT_NAME).is_file():
         raise EdentuneError(f"the export of round {round_id} ({run.export_dir or 'none recorded'}) is gone",
                             hint="an accepted round can only be made live again while its export folder exists")
+    comparison = ws.eval_dir(round_id, run.persona) / "comparison.json"
+    if not comparison.is_file():
+        raise EdentuneError(f"the comparison of round {round_id} ({comparison}) is gone: its deploy gate cannot be re-checked",
+                            hint="an accepted round can only be made live again while its eval folder exists")
+    check_gate(comparison, load_export(run.export_dir))
     return run
 
 
@@ -70,8 +77,6 @@ def rollback(ws_dir: str | Path, to_round: str | None = None, persona: str | Non
     """Make `to_round` (default: the accepted round before the live one) live again for `persona`
     (default: every persona that has a live round, or every persona of `to_round`). Returns the
     deploy records, each with the persona and the round."""
-    from ..export.deploy import deploy, full_name
-
     ws = load_workspace(ws_dir)
     personas = [ws.persona(persona).name] if persona else ws.persona_names
     with ws.open_registry() as reg:
@@ -94,8 +99,8 @@ def rollback(ws_dir: str | Path, to_round: str | None = None, persona: str | Non
             if key not in deployed:
                 cfg = _frozen_config(ws, t.round_id, unit)
                 deployed[key] = deploy(cfg, t.run.export_dir, host=host or ws.config.ollama.host, client=client)
-            model = full_name(ws.ollama_model(t.persona))
-            recs = [r for r in deployed[key] if r.get("model") == model]
+            model = ws.ollama_model(t.persona)
+            recs = [r for r in deployed[key] if r.get("model") == full_name(model)]
             if not recs:
                 raise EdentuneError(f"the export of round {t.round_id} has no Ollama model {model} for persona {t.persona}",
                                     hint="the persona's ollama_model changed since that round; roll back with the old name in cycle.yaml")
