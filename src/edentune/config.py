@@ -280,13 +280,15 @@ class RunConfig(_Section):
         return out
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
+def format_validation_error(err: ValidationError, source: str, what: str = "configuration",
+                            writer: str = "edentune init") -> str:
+    """One line per error, naming the key (also used for the cycle's workspace config)."""
+    lines = [f"{source}: invalid {what}"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `edentune init` writes every allowed key)"
+            msg = f"unknown key (check the spelling; `{writer}` writes every allowed key)"
         elif e["type"] == "literal_error":
             msg = f"got {e.get('input')!r}; {msg}"
         lines.append(f"  {key}: {msg}")
@@ -297,7 +299,7 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data or {})
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

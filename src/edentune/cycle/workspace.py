@@ -25,7 +25,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from ..config import MixConfig, PersonaConfig, RunConfig, config_for_model, parse_config, render_config_yaml
+from ..config import (MixConfig, PersonaConfig, RunConfig, config_for_model, format_validation_error, parse_config,
+                      render_config_yaml)
 from ..errors import ConfigError, EdentuneError
 from ..io import write_text_atomic
 from .registry import SHARED, Registry
@@ -121,16 +122,7 @@ def _default_model(model_name: str, persona: str) -> str:
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid workspace configuration"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `edentune cycle init` writes every allowed key)"
-        elif e["type"] == "literal_error":
-            msg = f"got {e.get('input')!r}; {msg}"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+    return format_validation_error(err, source, "workspace configuration", "edentune cycle init")
 
 
 def check_round_id(round_id: str) -> str:
