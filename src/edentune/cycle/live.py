@@ -16,7 +16,7 @@ from pathlib import Path
 from ..config import RunConfig, load_config
 from ..errors import EdentuneError
 from ..export.api import REPORT_NAME, load_export
-from ..export.deploy import check_gate, deploy, full_name
+from ..export.deploy import check_gate, full_name, ollama_host
 from .registry import SHARED, Registry, RunRow
 from .workspace import Workspace, load_workspace
 
@@ -46,12 +46,16 @@ def _check(ws: Workspace, reg: Registry, round_id: str, persona: str) -> RunRow:
     if not run.export_dir or not (Path(run.export_dir) / REPORT_NAME).is_file():
         raise EdentuneError(f"the export of round {round_id} ({run.export_dir or 'none recorded'}) is gone",
                             hint="an accepted round can only be made live again while its export folder exists")
-    comparison = ws.eval_dir(round_id, run.persona) / "comparison.json"
+    comparison = _comparison(ws, round_id, run.persona)
     if not comparison.is_file():
         raise EdentuneError(f"the comparison of round {round_id} ({comparison}) is gone: its deploy gate cannot be re-checked",
                             hint="an accepted round can only be made live again while its eval folder exists")
     check_gate(comparison, load_export(run.export_dir))
     return run
+
+
+def _comparison(ws: Workspace, round_id: str, unit: str) -> Path:
+    return ws.eval_dir(round_id, unit) / "comparison.json"
 
 
 def _default_target(ws: Workspace, reg: Registry, persona: str) -> str:
@@ -97,8 +101,11 @@ def rollback(ws_dir: str | Path, to_round: str | None = None, persona: str | Non
             unit = t.run.persona  # the persona itself, or "shared" (one export holds every persona's model)
             key = (t.round_id, unit)
             if key not in deployed:
+                from .round import deploy_export  # the round runner's deploy path: one way to deploy in the cycle
+
                 cfg = _frozen_config(ws, t.round_id, unit)
-                deployed[key] = deploy(cfg, t.run.export_dir, host=host or ws.config.ollama.host, client=client)
+                deployed[key] = deploy_export(cfg, Path(t.run.export_dir), host=ollama_host(cfg, host or ws.config.ollama.host),
+                                              client=client, gate=_comparison(ws, t.round_id, unit))
             model = ws.ollama_model(t.persona)
             recs = [r for r in deployed[key] if r.get("model") == full_name(model)]
             if not recs:
