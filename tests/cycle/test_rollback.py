@@ -100,6 +100,20 @@ def test_refused_or_unknown_round_changes_nothing(months, to_round, message):
     assert _live(ws) == before
 
 
+def test_renamed_ollama_model_is_refused_before_ollama_is_touched(months):
+    ws, _ = months
+    before, text = _live(ws), ws.config_path.read_text()
+    try:
+        ws.config_path.write_text(text.replace("- name: default", "- name: default\n  ollama_model: eden-new"))
+        with OllamaStandIn(BASE) as server:
+            with pytest.raises(EdentuneError, match="has no Ollama model eden-new for persona default"):
+                rollback(ws.dir, to_round="2026-01", host=server.host)
+            assert server.requests == []
+    finally:
+        ws.config_path.write_text(text)
+    assert _live(ws) == before
+
+
 def test_gate_is_rechecked_against_the_export(months, tmp_path):
     ws, digests = months
     before = _live(ws)

@@ -29,14 +29,15 @@ class _Target:
     from_round: str | None
 
 
-def _accepted_run(reg: Registry, round_id: str, persona: str) -> RunRow | None:
+def _run_for(reg: Registry, round_id: str, persona: str) -> RunRow | None:
     return reg.run(round_id, persona) or reg.run(round_id, SHARED)
 
 
 def _check(ws: Workspace, reg: Registry, round_id: str, persona: str) -> RunRow:
-    run = _accepted_run(reg, round_id, persona)
+    """Everything that can be checked without Ollama; raises with the reason."""
     if reg.round(round_id) is None:
         raise EdentuneError(f"no round {round_id!r} in {ws.dir}", hint="`edentune cycle status DIR` lists the rounds")
+    run = _run_for(reg, round_id, persona)
     if run is None:
         raise EdentuneError(f"round {round_id} has no run for persona {persona!r}", hint="pick another round with --to")
     if run.status != "accepted":
@@ -50,7 +51,13 @@ def _check(ws: Workspace, reg: Registry, round_id: str, persona: str) -> RunRow:
     if not comparison.is_file():
         raise EdentuneError(f"the comparison of round {round_id} ({comparison}) is gone: its deploy gate cannot be re-checked",
                             hint="an accepted round can only be made live again while its eval folder exists")
-    check_gate(comparison, load_export(run.export_dir))
+    report = load_export(run.export_dir)
+    check_gate(comparison, report)
+    model = ws.ollama_model(persona)
+    if report.get("models") and full_name(model) not in {full_name(m) for m in report["models"]}:
+        raise EdentuneError(f"the export of round {round_id} has no Ollama model {model} for persona {persona} "
+                            f"(it has {', '.join(report['models'])})",
+                            hint="the persona's ollama_model changed since that round; put the old name back in cycle.yaml to roll back")
     return run
 
 
@@ -64,7 +71,7 @@ def _default_target(ws: Workspace, reg: Registry, persona: str) -> str:
         raise EdentuneError(f"persona {persona!r} has no live round to roll back from", hint="use --to ROUND to choose one")
     seqs = {r.id: r.seq for r in reg.rounds()}
     earlier = [r.id for r in reg.rounds() if r.seq < seqs[live.round_id]
-               and (run := _accepted_run(reg, r.id, persona)) is not None and run.status == "accepted"]
+               and (run := _run_for(reg, r.id, persona)) is not None and run.status == "accepted"]
     if not earlier:
         raise EdentuneError(f"no accepted round before {live.round_id} for persona {persona!r}", hint="use --to ROUND to choose one")
     return earlier[-1]
@@ -89,7 +96,7 @@ def rollback(ws_dir: str | Path, to_round: str | None = None, persona: str | Non
             if not personas:
                 raise EdentuneError("nothing is live yet: there is no round to roll back from", hint="use --to ROUND to choose one")
         elif not persona:  # --to without --persona: the personas that took part in that round
-            personas = [p for p in personas if _accepted_run(reg, to_round, p) is not None] or personas
+            personas = [p for p in personas if _run_for(reg, to_round, p) is not None] or personas
         targets = []
         for p in personas:
             round_id = to_round or _default_target(ws, reg, p)
@@ -107,11 +114,9 @@ def rollback(ws_dir: str | Path, to_round: str | None = None, persona: str | Non
                 deployed[key] = deploy_export(cfg, Path(t.run.export_dir), host=ollama_host(cfg, host or ws.config.ollama.host),
                                               client=client, gate=_comparison(ws, t.round_id, unit))
             model = ws.ollama_model(t.persona)
-            recs = [r for r in deployed[key] if r.get("model") == full_name(model)]
-            if not recs:
-                raise EdentuneError(f"the export of round {t.round_id} has no Ollama model {model} for persona {t.persona}",
-                                    hint="the persona's ollama_model changed since that round; roll back with the old name in cycle.yaml")
-            detail = {"from_round": t.from_round, "export_dir": t.run.export_dir, "deploy": recs[0]}
+            # Exports older than the model map hold one model, whatever its name.
+            rec = next((r for r in deployed[key] if r.get("model") == full_name(model)), deployed[key][0])
+            detail = {"from_round": t.from_round, "export_dir": t.run.export_dir, "deploy": rec}
             reg.set_live(t.persona, t.round_id, model, event="rollback", detail=detail)
-            records.append(recs[0] | {"persona": t.persona, "round_id": t.round_id, "from_round": t.from_round})
+            records.append(rec | {"persona": t.persona, "round_id": t.round_id, "from_round": t.from_round})
     return records
