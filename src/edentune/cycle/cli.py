@@ -51,7 +51,7 @@ def print_status(table, out: Console, title: str | None = None) -> None:
 
     from .report import format_metric, live_text, verdict_text
 
-    t = Table(title=title or f"edentune cycle: {table.workspace}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t = Table(title=Text(title or f"edentune cycle: {table.workspace}"), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     t.add_column("round", no_wrap=True)
     t.add_column("persona", no_wrap=True)
     t.add_column("data", justify="right", no_wrap=True)
@@ -88,11 +88,12 @@ def register(app: typer.Typer) -> None:
 
         ws = init_workspace(directory, model=model, personas=_personas(persona), force=force)
         out = Console()
-        out.print(f"workspace [bold]{ws.dir}[/] (preset [bold]{ws.config.run.preset}[/], base {ws.config.run.model.name_or_path})",
-                  highlight=False)
+        # markup=False: paths and model names are the user's text, not Rich markup.
+        out.print(f"workspace {ws.dir} (preset {ws.config.run.preset}, base {ws.config.run.model.name_or_path})",
+                  markup=False, highlight=False)
         for name in ws.persona_names:
-            out.print(f"  persona {name} -> Ollama model {ws.ollama_model(name)}", highlight=False)
-        out.print(f"edit {ws.config_path}, then each month: edentune cycle run {directory} --new NEW.jsonl", highlight=False)
+            out.print(f"  persona {name} -> Ollama model {ws.ollama_model(name)}", markup=False, highlight=False)
+        out.print(f"edit {ws.config_path}, then each month: edentune cycle run {directory} --new NEW.jsonl", markup=False, highlight=False)
 
     @group.command("run")
     def run(
@@ -129,11 +130,11 @@ def register(app: typer.Typer) -> None:
             if table.rows:
                 print_status(table, out)
             else:
-                out.print(f"no rounds yet: edentune cycle run {directory} --new NEW.jsonl", highlight=False)
+                out.print(f"no rounds yet: edentune cycle run {directory} --new NEW.jsonl", markup=False, highlight=False)
             for persona, lv in table.live.items():
-                out.print(f"live: {persona} -> round {lv['round_id']} ({lv['model']}, since {lv['since']})", highlight=False)
+                out.print(f"live: {persona} -> round {lv['round_id']} ({lv['model']}, since {lv['since']})", markup=False, highlight=False)
         if html is not None:
-            err_console.print(f"wrote {html}", highlight=False)
+            err_console.print(f"wrote {html}", markup=False, highlight=False)
 
     @group.command("rollback")
     def rollback_cmd(
@@ -147,4 +148,4 @@ def register(app: typer.Typer) -> None:
 
         for rec in rollback(directory, to_round=to, persona=persona, host=host):
             Console().print(f"{rec['persona']}: {rec['model']} is round {rec['round_id']} again (was {rec['from_round'] or '-'})",
-                            highlight=False)
+                            markup=False, highlight=False)
