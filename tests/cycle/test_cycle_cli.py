@@ -76,7 +76,7 @@ def ws(tmp_path):
 def test_status_table_json_and_html(ws, tmp_path):
     res = edentune("cycle", "status", str(ws.dir), "--html", str(tmp_path / "report.html"))
     assert res.returncode == 0, res.stderr
-    assert "2026-01" in res.stdout and "1.8765" in res.stdout and "90.0%" in res.stdout and "● live" in res.stdout
+    assert "2026-01" in res.stdout and "1.8765" in res.stdout and "90.0%" in res.stdout and "●" in res.stdout
     assert "refused: val loss [worse] 2.5 > 1.8765" in res.stdout  # reasons are text, not Rich markup
     assert "live: default -> round 2026-01 (eden:latest" in res.stdout
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()

@@ -31,7 +31,7 @@ def _personas(specs: list[str]) -> dict[str, str]:
 # Short headers so the table fits 80 columns; the legend under the table spells them out.
 SHORT = {"val_loss": "val loss", "korean_consistency": "KO", "persona_adherence": "rules", "forgetting": "forget"}
 LEGEND = ("data: new+replay training records · KO: Korean consistency · rules: persona adherence · "
-          "forget: forgetting (perplexity increase on general data)")
+          "forget: forgetting (perplexity increase on general data) · ● live now")
 
 
 def _data_cell(metrics: dict) -> str:
@@ -63,7 +63,7 @@ def print_status(table, out: Console, title: str | None = None) -> None:
         style = "bold green" if row.live_for else "red" if row.status in ("refused", "failed") else None
         t.add_row(Text(row.round_id), Text(row.persona), Text(_data_cell(row.metrics)),
                   *(Text(format_metric(k, row.metrics.get(k))) for k in SHORT),
-                  Text(verdict_text(row, reasons=False)), Text(live_text(row)), style=style)
+                  Text(verdict_text(row, reasons=False)), Text(live_text(row, short=True)), style=style)
     out.print(t)
     out.print(Text(LEGEND, style="dim"))
     for row in table.rows:

@@ -24,8 +24,8 @@ METRICS = {
     "train_records": ("train", "count"),
     "new_records": ("new", "count"),
     "replay_records": ("replay", "count"),
-    "val_loss": ("val loss", "loss"),
-    "live_val_loss": ("live val loss", "loss"),
+    "val_loss": ("validation loss", "loss"),
+    "live_val_loss": ("live round's validation loss", "loss"),
     "korean_consistency": ("Korean consistency", "rate"),
     "persona_adherence": ("persona adherence", "rate"),
     "forgetting": ("forgetting", "rate"),
@@ -108,10 +108,11 @@ def verdict_text(row: StatusRow, reasons: bool = True) -> str:
     return row.status + (": " + "; ".join(row.reasons) if reasons and row.reasons else "")
 
 
-def live_text(row: StatusRow) -> str:
+def live_text(row: StatusRow, short: bool = False) -> str:
     if not row.live_for:
         return ""
-    return "● live" if row.live_for == [row.persona] else "● live: " + ", ".join(row.live_for)
+    mark = "●" if short else "● live"
+    return mark if row.live_for == [row.persona] else f"{mark}: " + ", ".join(row.live_for)
 
 
 # -- HTML ---------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def render_html(table: StatusTable) -> str:
            "<h2>Rounds</h2>", f"<table><tr>{head}</tr>{''.join(body)}</table>"]
     if table.live:
         out.append("<p>Live now: " + html.escape(", ".join(f"{p} → {v['round_id']} ({v['model']})" for p, v in table.live.items())) + "</p>")
-    out.append("<h2>Trends across rounds</h2>")
+    out.append("<h2>Trends across rounds</h2><p>One line per persona; dots: accepted rounds, crosses: refused ones.</p>")
     for key in TRENDS:
         label = METRICS[key][0]
         rows = [r for r in table.rows if key in r.metrics]
