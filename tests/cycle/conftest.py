@@ -7,6 +7,7 @@ at max_seq_len 256, a 3-case suite answered in 12 tokens, a 6-conversation forge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
@@ -151,6 +152,26 @@ def standin_factory():
         server.__exit__(None, None, None)
 
 
+@contextlib.contextmanager
+def one_parity_probe():
+    """The export's llama.cpp parity check on one probe conversation instead of all (as the export
+    tests' `short_probes`): the check itself is tested in tests/export."""
+    from edentune.export import parity
+
+    saved = parity.PROBE_CONVERSATIONS
+    parity.PROBE_CONVERSATIONS = [saved[2]]
+    try:
+        yield
+    finally:
+        parity.PROBE_CONVERSATIONS = saved
+
+
+@pytest.fixture
+def short_parity():
+    with one_parity_probe():
+        yield
+
+
 @pytest.fixture(scope="session")
 def first_round(tmp_path_factory, make_workspace, cycle_files, standin_factory):
     """Round 2026-01 on month 1, finished (the months test continues this workspace; the resume
@@ -159,7 +180,8 @@ def first_round(tmp_path_factory, make_workspace, cycle_files, standin_factory):
 
     server = standin_factory()
     ws = make_workspace(tmp_path_factory.mktemp("months") / "ws", server.host)
-    result = run_round(ws, [cycle_files["month1"]], round_id="2026-01")
+    with one_parity_probe():
+        result = run_round(ws, [cycle_files["month1"]], round_id="2026-01")
     gate = json.loads((ws / "rounds" / "2026-01" / "default" / "eval" / "gate.json").read_text(encoding="utf-8"))
     return {"ws": ws, "server": server, "result": result, "gate": gate,
             "eden": json.loads(json.dumps(server.models.get("eden:latest")))}

@@ -10,7 +10,8 @@ import json
 import yaml
 
 from edentune.cycle.registry import Registry
-from edentune.cycle.round import rollback, run_round
+from edentune.cycle import rollback
+from edentune.cycle.round import run_round
 from edentune.io import file_sha256
 
 
@@ -22,7 +23,7 @@ def gguf_digest(ws, round_id: str) -> str:
     return "sha256:" + file_sha256(ws / "rounds" / round_id / "default" / "export" / "adapter.gguf")
 
 
-def test_three_months_then_rollback(first_round, cycle_files):
+def test_three_months_then_rollback(first_round, cycle_files, short_parity):
     ws, server = first_round["ws"], first_round["server"]
 
     # -- month 1: trained from the base, better than the base on the fixed validation set, deployed
@@ -84,8 +85,8 @@ def test_three_months_then_rollback(first_round, cycle_files):
     assert "2026-03" not in buffer_after  # a refused month never enters the replay buffer
 
     # -- rollback to month 1: its own export back in Ollama, recorded
-    done = rollback(ws, to="2026-01", client=None)
-    assert done == [{"persona": "default", "round": "2026-01", "model": "eden", "from_round": "2026-02"}]
+    (done,) = rollback(ws, to_round="2026-01")
+    assert (done["persona"], done["round_id"], done["from_round"], done["model"]) == ("default", "2026-01", "2026-02", "eden:latest")
     assert live_digest(server) == gguf_digest(ws, "2026-01")
     with Registry(ws / "registry.sqlite", readonly=True) as reg:
         assert reg.live("default").round_id == "2026-01"

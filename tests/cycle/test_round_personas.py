@@ -10,7 +10,7 @@ from edentune.cycle.round import run_round
 from edentune.io import file_sha256
 
 
-def test_two_personas_two_adapters_two_models(make_workspace, new_data, standin_factory, tmp_path):
+def test_two_personas_two_adapters_two_models(make_workspace, new_data, standin_factory, tmp_path, short_parity):
     month_records, write_jsonl = new_data
     server = standin_factory()
     personas = [

@@ -20,7 +20,9 @@ from edentune.cycle.round import run_round
 from edentune.errors import EdentuneError
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-RUN = "import sys; from edentune.cycle.round import run_round; run_round(sys.argv[1], [sys.argv[2]], round_id='2026-01')"
+# The child process checks export parity on one probe, like the in-process rounds (conftest.one_parity_probe).
+RUN = ("import sys; from edentune.export import parity; parity.PROBE_CONVERSATIONS = [parity.PROBE_CONVERSATIONS[2]]; "
+       "from edentune.cycle.round import run_round; run_round(sys.argv[1], [sys.argv[2]], round_id='2026-01')")
 
 
 def finished_steps(ws: Path) -> dict[tuple[str, str], str]:
@@ -56,7 +58,7 @@ def recorded(ws: Path, step: str, persona: str = "default"):
 
 
 def test_killed_three_times_and_disk_full_then_same_result(first_round, make_workspace, cycle_files, standin_factory,
-                                                            tmp_path, monkeypatch):
+                                                            tmp_path, monkeypatch, short_parity):
     server = standin_factory()
     ws = make_workspace(tmp_path / "ws", server.host)
     month, log = cycle_files["month1"], tmp_path / "round.log"

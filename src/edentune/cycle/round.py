@@ -18,7 +18,7 @@ validation set, measured by the evaluate stage) beats the live round's on the sa
 or deployed, so the live model is untouched.
 
 Stage calls that other parts of edentune are reshaping go through one small wrapper each
-(`_evaluate`, `_compare`, `_write_reports`, `_export`, `_deploy`, `_ollama_client`).
+(`_evaluate`, `_compare`, `_write_reports`, `_export`, `deploy_export`, `_ollama_client`).
 """
 
 from __future__ import annotations
@@ -105,11 +105,12 @@ def _ollama_client(host: str):
     return ollama.Client(host=host, timeout=httpx.Timeout(OLLAMA_READ_TIMEOUT_S, connect=OLLAMA_CONNECT_TIMEOUT_S))
 
 
-def _deploy(cfg: RunConfig, export_dir: Path, *, host: str, gate: Path, client, record_file: Path) -> list[dict]:
-    """Create the export's models in Ollama (gate re-checked against the export); returns event records."""
+def deploy_export(cfg: RunConfig, export_dir: Path, *, host: str, client=None, gate: Path | None = None) -> list[dict]:
+    """Create the export's models in Ollama (with `gate`, re-checked against the exported adapter);
+    returns the deploy records, which the caller stores in the registry."""
     from ..export.deploy import deploy
 
-    return deploy(cfg, export_dir, host=host, registry=record_file, gate=gate, client=client)
+    return deploy(cfg, export_dir, host=host, gate=gate, client=client)
 
 
 def _ollama_preflight(cfg: RunConfig, host: str, client) -> None:
@@ -425,7 +426,8 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
         adapter = ws.dir / pref.detail["adapter"]
     adapter_sha = file_sha256(adapter / "adapter_model.safetensors")
     reg.set_run(round_id, unit, adapter_sha256=adapter_sha,
-                metrics={"train_records": mixed.detail["records"], "new_records": sel.detail["records"]})
+                metrics={"train_records": mixed.detail["records"], "new_records": sel.detail["records"],
+                         "replay_records": sum(n for src, n in mixed.detail["sources"].items() if src != "new")})
 
     # evaluate: candidate and the live model (reused from the live round when measured the same way)
     eval_key = _eval_key(ws, cfg)
@@ -438,7 +440,8 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
     gate = steps.run(unit, "gate", {"evaluate": ev.outputs, "gate": ws.config.gate.model_dump(), "config": cfg_sha},
                      lambda: _gate(ws, cfg, ws.eval_dir(round_id, unit), metrics_jsonl))
     verdict = gate.detail
-    metrics = {"val_loss": verdict["val_loss"], "live_val_loss": verdict["live_val_loss"], **verdict["metrics"]}
+    metrics = {"val_loss": verdict["val_loss"], "live_val_loss": verdict["live_val_loss"],
+               "korean_consistency": verdict["korean_consistency"], **verdict["metrics"]}
     result = UnitResult(unit, "refused", ship=verdict["ship"], reasons=verdict["reasons"], val_loss=verdict["val_loss"],
                         live_val_loss=verdict["live_val_loss"], adapter_sha256=adapter_sha)
     if not verdict["ship"]:
@@ -452,7 +455,7 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
                     lambda: _export_step(cfg, adapter, export_dir))
     comparison = ws.eval_dir(round_id, unit) / "comparison.json"
     dep = steps.run(unit, "deploy", {"export": exp.outputs, "host": host},
-                    lambda: _deploy_step(ws, cfg, round_id, unit, export_dir, comparison, host, client))
+                    lambda: _deploy_step(cfg, export_dir, comparison, host, client))
     models = {p: ws.ollama_model(p) for p in personas}
 
     def mark_live():
@@ -672,6 +675,7 @@ def _gate(ws: Workspace, cfg: RunConfig, out: Path, metrics_jsonl: Path) -> tupl
     reasons += list(comparison.reasons)
     verdict = {"ship": not reasons and comparison.ship, "reasons": reasons, "val_loss": cand_loss, "live_val_loss": live_loss,
                "compare_ship": comparison.ship, "forgetting": comparison.row("forgetting").candidate,
+               "korean_consistency": comparison.korean_consistency.get("value"),
                "metrics": {r.key: r.candidate for r in comparison.metrics if r.gating or r.key == "perplexity_replay"},
                "verdicts": {r.key: r.verdict for r in comparison.metrics if r.gating and r.verdict != "n/a"}}
     gate_file = out / "gate.json"
@@ -686,58 +690,6 @@ def _export_step(cfg: RunConfig, adapter: Path, export_dir: Path) -> tuple[list[
                    "adapter_sha256": result.report.get("adapter_sha256")}
 
 
-def _deploy_step(ws: Workspace, cfg: RunConfig, round_id: str, unit: str, export_dir: Path, comparison: Path, host: str,
-                 client) -> tuple[list[Path], dict]:
-    records = _deploy(cfg, export_dir, host=host, gate=comparison, client=client,
-                      record_file=ws.round_dir(round_id, unit) / "deploy" / "deployments.json")
+def _deploy_step(cfg: RunConfig, export_dir: Path, comparison: Path, host: str, client) -> tuple[list[Path], dict]:
+    records = deploy_export(cfg, export_dir, host=host, gate=comparison, client=client)
     return [], {"records": records, "host": host}
-
-
-# -- rollback ------------------------------------------------------------------------------------
-def rollback(ws_dir: str | Path, *, to: str | None = None, persona: str | None = None, client=None,
-             console: Console | None = None) -> list[dict]:
-    """Make an earlier accepted round live again in Ollama (default: the accepted round before the
-    live one), for one persona or all; recorded in the registry. Uses the round's own export and
-    re-checks its gate, so only a model that once passed can come back."""
-    from ..export.deploy import ollama_host
-
-    console = console or Console(stderr=True)
-    ws = load_workspace(ws_dir)
-    names = [persona] if persona else ws.persona_names
-    for n in names:
-        ws.persona(n)  # unknown persona: a clear error
-    done = []
-    with ws.open_registry() as reg:
-        for name in names:
-            live = reg.live(name)
-            target, unit = _rollback_target(ws, reg, name, live.round_id if live else None, to)
-            cfg = ws.round_config(target, unit)
-            host = ollama_host(cfg)
-            export_dir = ws.export_dir(target, unit)
-            records = _deploy(cfg, export_dir, host=host, gate=ws.eval_dir(target, unit) / "comparison.json",
-                              client=client or _ollama_client(host),
-                              record_file=ws.round_dir(target, unit) / "deploy" / "deployments.json")
-            model = ws.ollama_model(name)
-            reg.set_live(name, target, model, event="rollback",
-                         detail={"from_round": live.round_id if live else None, "records": records})
-            console.print(f"{name}: round {target} is live again as {model}")
-            done.append({"persona": name, "round": target, "model": model, "from_round": live.round_id if live else None})
-    return done
-
-
-def _rollback_target(ws: Workspace, reg: Registry, name: str, live_round: str | None, to: str | None) -> tuple[str, str]:
-    accepted = [r for r in reg.runs() if r.status == "accepted" and r.persona in (name, SHARED)]
-    if to is not None:
-        match = [r for r in accepted if r.round_id == to]
-        if not match:
-            known = ", ".join(sorted({r.round_id for r in accepted})) or "none"
-            raise EdentuneError(f"round {to!r} has no accepted model for {name}",
-                                hint=f"accepted rounds for {name}: {known} (`edentune cycle status DIR`)")
-        return to, match[0].persona
-    seqs = {r.id: r.seq for r in reg.rounds()}
-    earlier = [r for r in accepted if live_round is None or seqs[r.round_id] < seqs[live_round]]
-    if not earlier:
-        raise EdentuneError(f"no accepted round before {live_round} for {name}",
-                            hint="pass --to ROUND to choose one (`edentune cycle status DIR` lists them)")
-    last = max(earlier, key=lambda r: seqs[r.round_id])
-    return last.round_id, last.persona
