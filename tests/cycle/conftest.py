@@ -48,7 +48,7 @@ def generated_records(rng: random.Random, n: int) -> list[dict]:
     return out
 
 
-def month_records(seed: int, n_sample: int = 10, n_generated: int = 6) -> list[dict]:
+def month_records(seed: int, n_sample: int = 8, n_generated: int = 9) -> list[dict]:
     """One month of new conversations: short ones from the bundled sample plus generated ones."""
     rng = random.Random(seed)
     sample = [json.loads(line) for line in (SAMPLE / "eden_sample.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -89,6 +89,9 @@ def cycle_files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("cycle-files")
     files = {f"month{m}": write_jsonl(d / f"month{m}.jsonl", month_records(seed=m)) for m in (1, 2, 3)}
     files["ratings2"] = write_jsonl(d / "ratings2.jsonl", ratings(seed=20))
+    # The fixed validation set: conversations like the generated part of every month, so that a
+    # month that learns something measurably lowers its loss (a 3-record split would be noise).
+    files["validation"] = write_jsonl(d / "validation.jsonl", generated_records(random.Random(99), 6))
     general = [json.loads(line) for line in (SAMPLE / "replay.jsonl").read_text(encoding="utf-8").splitlines()]
     files["forgetting"] = write_jsonl(d / "forgetting.jsonl", [r for r in general if _short(r, 900)][:6])
     cases = {c["id"]: c for c in yaml.safe_load(resolve_suite_path("default").read_text(encoding="utf-8"))["cases"]}
@@ -106,12 +109,12 @@ def configure(ws_dir: Path, files: dict[str, Path], host: str, **overrides) -> N
     run["model"]["max_seq_len"] = 256
     run["training"].update(max_steps=4, per_device_batch_size=2, gradient_accumulation_steps=1, warmup_steps=1,
                            eval_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-3)
-    run["preference"].update(max_steps=2, warmup_steps=0)
+    run["preference"].update(max_steps=1, warmup_steps=0)
     # A 3-case suite moves a rate by a third per case: only a collapse counts as worse here.
     run["evaluation"].update(suite=str(files["suite"]), max_new_tokens=12, tolerance=0.5, max_forgetting=0.5)
     run["export"]["ollama_base"] = OLLAMA_BASE
     data["replay"] = {"new_ratio": 0.7, "quotas": {"persona": 3, "korean": 3, "coding": 4, "general": 3}, "seed": 42}
-    data["validation"] = {"fraction": 0.25, "files": []}
+    data["validation"] = {"fraction": 0.25, "files": [str(files["validation"])]}
     data["forgetting_files"] = [str(files["forgetting"])]
     data["ollama"] = {"host": host, "base": None}
     for key, value in overrides.items():

@@ -89,6 +89,7 @@ def test_killed_three_times_and_disk_full_then_same_result(first_round, make_wor
         run_round(ws, [month])
     assert "continues at the step that failed" in str(err.value)
     assert not (ws / "rounds" / "2026-01" / "default" / "export").exists()
+    assert not list((ws / "rounds" / "2026-01" / "default").glob(".export.*"))  # no half export left behind
     assert "eden:latest" not in server.models and not [r for r in server.requests if r[1] == "/api/create"]
     with Registry(ws / "registry.sqlite", readonly=True) as reg:
         assert reg.live("default") is None and reg.step("2026-01", "default", "export") is None

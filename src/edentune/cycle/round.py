@@ -318,8 +318,8 @@ def _shared_steps(ws: Workspace, steps: _Steps, new_files: list[Path]) -> tuple[
         return [usable, ws.validation_path, ws.forgetting_path], {"usable": len(kept), "dropped_as_fixed": len(records) - len(kept),
                                                                   "created": made}
 
+    # (The frozen files are outputs, not inputs: their recorded hashes catch any later change.)
     steps.run(SHARED, "fixed", {"clean": file_sha256(clean_file), "sources": sources,
-                                "validation": _file_hash(ws.validation_path), "forgetting": _file_hash(ws.forgetting_path),
                                 "fraction": ws.config.validation.fraction}, fixed)
     # The replay buffer as this round mixes it: data of the accepted rounds before this one, kept as
     # a snapshot in the round (the workspace buffer moves on when this round is accepted).
@@ -684,6 +684,8 @@ def _gate(ws: Workspace, cfg: RunConfig, out: Path, metrics_jsonl: Path) -> tupl
 
 
 def _export_step(cfg: RunConfig, adapter: Path, export_dir: Path) -> tuple[list[Path], dict]:
+    for stale in export_dir.parent.glob(f".{export_dir.name}.*.tmp"):  # an export killed half-way (our own folder)
+        shutil.rmtree(stale, ignore_errors=True)
     result = _export(cfg, adapter, export_dir)
     files = [result.gguf, result.report_path, *result.modelfiles.values()]
     return files, {"models": list(result.modelfiles), "route": result.report.get("route"),
