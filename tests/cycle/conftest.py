@@ -24,7 +24,8 @@ SUITE_CASES = ("ko-who-are-you", "en-who-are-you", "ko-list-reverse")  # Korean,
 
 
 def _short(rec: dict, limit: int = 700) -> bool:
-    return len(json.dumps(rec, ensure_ascii=False)) < limit
+    # ASCII-escaped length: a Hangul syllable (\uXXXX) counts 6, roughly its share of tokens.
+    return len(json.dumps(rec, ensure_ascii=True)) < limit
 
 
 def generated_records(rng: random.Random, n: int) -> list[dict]:
@@ -107,7 +108,8 @@ def configure(ws_dir: Path, files: dict[str, Path], host: str, **overrides) -> N
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     run = data["run"]
     run["model"]["max_seq_len"] = 256
-    run["training"].update(max_steps=4, per_device_batch_size=2, gradient_accumulation_steps=1, warmup_steps=1,
+    # Batch 1: the checkpoint at step 2 falls inside the first epoch (resuming there is exact).
+    run["training"].update(max_steps=4, per_device_batch_size=1, gradient_accumulation_steps=1, warmup_steps=1,
                            eval_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-3)
     run["preference"].update(max_steps=1, warmup_steps=0)
     # A 3-case suite moves a rate by a third per case: only a collapse counts as worse here.

@@ -47,7 +47,7 @@ class LoraAdapter:
 
 def read_peft_adapter(adapter_dir: str | Path, base_config: dict) -> LoraAdapter:
     """Load adapter_config.json + adapter_model.safetensors (never pickle) and refuse what GGUF can't hold."""
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file  # numpy has no bfloat16: a KTO/DPO adapter saved in bf16 must load too
 
     adapter_dir = Path(adapter_dir)
     cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
@@ -62,7 +62,7 @@ def read_peft_adapter(adapter_dir: str | Path, base_config: dict) -> LoraAdapter
     cfg = json.loads(cfg_path.read_text())
     _refuse_unrepresentable_config(cfg)
     arch = gguf_arch(base_config.get("model_type", "?"))
-    tensors = load_file(weights_path)
+    tensors = {k: v.float().numpy() for k, v in load_file(weights_path).items()}
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     # llama.cpp scales by alpha / r; rsLoRA scales by alpha / sqrt(r): store alpha * sqrt(r).
     adapter = LoraAdapter(arch=arch, r=r, alpha=alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha)
