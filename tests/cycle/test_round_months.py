@@ -64,7 +64,7 @@ def test_three_months_then_rollback(first_round, cycle_files, short_parity):
 
     # -- month 3: someone set a learning rate that breaks the model: refused, nothing deployed
     data = yaml.safe_load((ws / "cycle.yaml").read_text(encoding="utf-8"))
-    data["run"]["training"]["learning_rate"] = 0.5
+    data["run"]["training"]["learning_rate"] = 0.05
     (ws / "cycle.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
     creates_before = [r for r in server.requests if r[1] == "/api/create"]
     r3 = run_round(ws, [cycle_files["month3"]], round_id="2026-03")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..config import RunConfig, render_config_yaml
 from ..errors import DataError, EdentuneError
@@ -201,7 +202,7 @@ def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list
         round_id = _pick_round(reg, round_id, console)
         seq = reg.begin_round(round_id, ws.config.model_dump(mode="json"))
         steps = _Steps(ws, reg, round_id, console)
-        console.print(f"round [bold]{round_id}[/] (#{seq}) in {ws.dir}")
+        console.print(f"round [bold]{round_id}[/] (#{seq}) in {escape(str(ws.dir))}")
         usable, replay = _shared_steps(ws, steps, new_files)
         kto = _feedback_step(ws, steps, feedback_files) if feedback_files else None
         units = []
@@ -219,8 +220,8 @@ def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list
             _refresh_buffer(ws, reg)  # next round mixes with this one's data (each round also refreshes it first)
     result = RoundResult(round_id, seq, "accepted" if accepted else "refused", units, round(time.perf_counter() - t0, 1), steps.seconds)
     for u in units:
-        console.print(f"{u.unit}: [bold]{u.status}[/]" + (f" — {'; '.join(u.reasons)}" if u.reasons else "")
-                      + (f" → {', '.join(u.models)}" if u.models else ""))
+        console.print(f"{u.unit}: [bold]{u.status}[/]" + escape((f" — {'; '.join(u.reasons)}" if u.reasons else "")
+                                                              + (f" → {', '.join(u.models)}" if u.models else "")))
     return result
 
 
@@ -246,7 +247,7 @@ def _pick_round(reg: Registry, round_id: str | None, console: Console) -> str:
         return check_round_id(round_id)
     running = [r for r in reg.rounds() if r.status == "running"]
     if running:
-        console.print(f"continuing the unfinished round {running[-1].id} (started {running[-1].created})")
+        console.print(f"continuing the unfinished round {running[-1].id} (started {running[-1].created})", markup=False)
         return running[-1].id
     return reg.next_round_id()
 
@@ -366,7 +367,7 @@ def _feedback_step(ws: Workspace, steps: _Steps, feedback_files: list[Path]) -> 
     def prepare():
         result = prepare_feedback(feedback_files, out)
         for w in result.warnings:
-            steps.console.print(f"[yellow]feedback[/]: {w}")
+            steps.console.print(f"[yellow]feedback[/]: {escape(w)}")
         return list(result.paths.values()), {"desirable": result.desirable, "undesirable": result.undesirable,
                                              "pairs": result.pairs, "warnings": result.warnings}
 
