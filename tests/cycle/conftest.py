@@ -108,8 +108,8 @@ def configure(ws_dir: Path, files: dict[str, Path], host: str, **overrides) -> N
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     run = data["run"]
     run["model"]["max_seq_len"] = 256
-    # Batch 1: the checkpoint at step 2 falls inside the first epoch (resuming there is exact).
-    run["training"].update(max_steps=4, per_device_batch_size=1, gradient_accumulation_steps=1, warmup_steps=1,
+    # Batch 2: KTO needs more than one example per batch (its KL term).
+    run["training"].update(max_steps=4, per_device_batch_size=2, gradient_accumulation_steps=1, warmup_steps=1,
                            eval_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-3)
     run["preference"].update(max_steps=1, warmup_steps=0)
     # A 3-case suite moves a rate by a third per case: only a collapse counts as worse here.
