@@ -323,13 +323,15 @@ class RunConfig(_Section):
         return out
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
+def format_validation_error(err: ValidationError, source: str, what: str = "configuration",
+                            writer: str = "edentune init") -> str:
+    """One line per error, naming the key (also used for the cycle's workspace config)."""
+    lines = [f"{source}: invalid {what}"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `edentune init` writes every allowed key)"
+            msg = f"unknown key (check the spelling; `{writer}` writes every allowed key)"
         elif e["type"] == "literal_error":
             msg = f"got {e.get('input')!r}; {msg}"
         lines.append(f"  {key}: {msg}")
@@ -340,7 +342,7 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data or {})
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 def with_overrides(section: _SectionT, changes: dict[str, object], source: str) -> _SectionT:
@@ -350,7 +352,7 @@ def with_overrides(section: _SectionT, changes: dict[str, object], source: str) 
     try:
         return type(section).model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KB; anything near this is not one

@@ -47,7 +47,7 @@ class LoraAdapter:
 
 def read_peft_adapter(adapter_dir: str | Path, base_config: dict) -> LoraAdapter:
     """Load adapter_config.json + adapter_model.safetensors (never pickle) and refuse what GGUF can't hold."""
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file  # numpy has no bfloat16: a KTO/DPO adapter saved in bf16 must load too
 
     adapter_dir = Path(adapter_dir)
     cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
@@ -63,7 +63,7 @@ def read_peft_adapter(adapter_dir: str | Path, base_config: dict) -> LoraAdapter
     _refuse_unrepresentable_config(cfg)
     arch = gguf_arch(base_config.get("model_type", "?"))
     try:
-        tensors = load_file(weights_path)
+        tensors = {k: v.float().numpy() for k, v in load_file(weights_path).items()}
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError/ValueError) on a broken file
         raise EdentuneError(f"{weights_path}: not a readable safetensors file ({str(err)[:160]}); is it truncated or corrupt?",
                             hint="save the adapter again (`model.save_pretrained`) or use the run's final adapter folder") from None

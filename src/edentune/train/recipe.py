@@ -366,8 +366,10 @@ def prepare_data(cfg: RunConfig, tokenizer, console: Console):
 
 # -- the recipe ---------------------------------------------------------------------------------
 def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), console: Console | None = None,
-          fresh_optimizer: bool = False) -> TrainResult:
-    """Train `cfg`; `resume` continues from the newest complete checkpoint (see `resume_checkpoint`)."""
+          fresh_optimizer: bool = False, init_adapter: str | Path | None = None) -> TrainResult:
+    """Train `cfg`'s LoRA from scratch, or continue `init_adapter` (a saved PEFT adapter, e.g. the
+    live round's in `edentune cycle`) on this data; `resume` continues this run's newest complete
+    checkpoint (see `resume_checkpoint`)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
     from transformers.integrations import TensorBoardCallback
@@ -421,11 +423,12 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     if procs.main:
         write_manifest(run_dir, cfg, tokenizer, device, dtype, data_stats, resumed=checkpoint is not None, procs=procs)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=procs.main)
-    metrics_log.write("start", resume_from=checkpoint, data=data_stats, device=device, processes=procs.num)
+    metrics_log.write("start", resume_from=checkpoint, data=data_stats, device=device, processes=procs.num,
+                      init_adapter=str(init_adapter) if init_adapter else None)
     tb_writer = SummaryWriter(str(run_dir / "tensorboard")) if procs.main else None
 
     model_device = load_device(device, procs)
-    model = engine_model(cfg, model_dir, model_device, dtype, fsdp=procs.fsdp)
+    model = engine_model(cfg, model_dir, model_device, dtype, adapter=init_adapter, fsdp=procs.fsdp)
     if batching == "packed" and flash_attention_available(device):
         model.set_attn_implementation("flash_attention_2")  # varlen kernel: no block-diagonal mask to build
     rollback_lr, rollbacks = None, 0
@@ -459,7 +462,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
                           f"with learning rate {rollback_lr:.2e} (retry {rollbacks}/{t.nan_max_retries})")
             metrics_log.write("nan_rollback", reason=trainer.non_finite, checkpoint=checkpoint, learning_rate=rollback_lr, retry=rollbacks)
             if checkpoint is None:
-                model = engine_model(cfg, model_dir, model_device, dtype, fsdp=procs.fsdp)  # nothing to roll back to: fresh adapter
+                model = engine_model(cfg, model_dir, model_device, dtype, adapter=init_adapter, fsdp=procs.fsdp)  # nothing to roll back to: start again
 
         trainer.remove_callback(TensorBoardCallback)  # it closed its writer at train end; metrics.jsonl gets this one
         final_eval = trainer.evaluate() if has_eval else {}

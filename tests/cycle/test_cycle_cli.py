@@ -1,0 +1,125 @@
+"""`edentune cycle init/run/status/rollback` through the real command line: arguments reach the
+API, tables/JSON/HTML come out, user mistakes are one-line errors that change nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from edentune.cli import app
+from edentune.cycle.workspace import load_workspace
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+runner = CliRunner()
+
+
+def edentune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edentune.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": SRC, "COLUMNS": "200"})
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_init_with_personas(tmp_path):
+    res = runner.invoke(app, ["cycle", "init", str(tmp_path / "ws"), "--model", "embedded",
+                              "--persona", "professional=eden-pro", "--persona", "friendly"])
+    assert res.exit_code == 0, res.output
+    assert "eden-pro" in res.output and "eden-friendly" in res.output
+    ws = load_workspace(tmp_path / "ws")
+    assert ws.persona_names == ["professional", "friendly"] and ws.ollama_model("professional") == "eden-pro"
+    assert ws.config.run.preset == "embedded"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--persona", "=x"], "expected NAME or NAME=OLLAMA_MODEL"),
+    (["--persona", "a", "--persona", "a=b"], "given twice"),
+    (["--persona", "Bad Name"], "personas.0.name"),
+])
+def test_init_bad_personas_are_one_line_errors(tmp_path, args, message):
+    res = edentune("cycle", "init", str(tmp_path / "ws"), *args)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "ws").exists()
+
+
+def test_init_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    res = edentune("cycle", "init", str(tmp_path), "--force")
+    assert res.returncode == 2 and "not empty and is not a cycle workspace" in res.stderr and "Traceback" not in res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.fixture
+def ws(tmp_path):
+    res = runner.invoke(app, ["cycle", "init", str(tmp_path / "ws"), "--model", "embedded"])
+    assert res.exit_code == 0, res.output
+    ws = load_workspace(tmp_path / "ws")
+    with ws.open_registry() as reg:
+        reg.begin_round("2026-01", {})
+        reg.set_run("2026-01", "default", status="accepted", metrics={"val_loss": 1.8765, "korean_consistency": 0.9})
+        reg.set_live("default", "2026-01", "eden:latest")
+        reg.finish_round("2026-01", "accepted")
+        reg.begin_round("2026-02", {})
+        reg.set_run("2026-02", "default", status="refused", metrics={"val_loss": 2.5}, reasons=["val loss [worse] 2.5 > 1.8765"])
+        reg.finish_round("2026-02", "refused")
+    return ws
+
+
+def test_status_table_json_and_html(ws, tmp_path):
+    res = edentune("cycle", "status", str(ws.dir), "--html", str(tmp_path / "report.html"))
+    assert res.returncode == 0, res.stderr
+    assert "2026-01" in res.stdout and "1.8765" in res.stdout and "90.0%" in res.stdout and "●" in res.stdout
+    assert "refused: val loss [worse] 2.5 > 1.8765" in res.stdout  # reasons are text, not Rich markup
+    assert "live: default -> round 2026-01 (eden:latest" in res.stdout
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+
+    res = runner.invoke(app, ["cycle", "status", str(ws.dir), "--json"])
+    data = json.loads(res.stdout)
+    assert [(r["round_id"], r["status"]) for r in data["rows"]] == [("2026-01", "accepted"), ("2026-02", "refused")]
+    assert data["live"]["default"]["round_id"] == "2026-01"
+
+
+def test_bad_workspace_config_is_a_clear_error_and_changes_nothing(ws, tmp_path):
+    ws.config_path.write_text(ws.config_path.read_text().replace("adapter_mode: per_persona", "adapter_mode: several"))
+    new = tmp_path / "new.jsonl"
+    new.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    before = snapshot(ws.dir)
+    for args in (["run", str(ws.dir), "--new", str(new)], ["rollback", str(ws.dir), "--to", "2026-01"]):
+        res = edentune("cycle", *args)
+        assert res.returncode == 2 and "adapter_mode: got 'several'" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert snapshot(ws.dir) == before
+    assert "2026-01" in edentune("cycle", "status", str(ws.dir)).stdout  # status reads the registry only
+
+
+def test_rollback_errors_change_nothing(ws):
+    before = snapshot(ws.dir)
+    res = edentune("cycle", "rollback", str(ws.dir), "--to", "2026-02", "--host", "http://127.0.0.1:9")
+    assert res.returncode == 2 and "was refused" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = edentune("cycle", "rollback", str(ws.dir), "--host", "http://127.0.0.1:9")
+    assert res.returncode == 2 and "no accepted round before 2026-01" in res.stderr, res.stderr
+    assert snapshot(ws.dir) == before
+
+
+def test_run_passes_its_arguments_and_prints_the_round(ws, tmp_path, monkeypatch):
+    import edentune.cycle.round as round_mod
+
+    calls = []
+
+    def fake_run_round(ws_dir, new_files, *, feedback=None, round_id=None, console=None):
+        calls.append((Path(ws_dir), [Path(f) for f in new_files], feedback, round_id))
+        return SimpleNamespace(round_id="2026-02", status="refused")
+
+    monkeypatch.setattr(round_mod, "run_round", fake_run_round)
+    res = runner.invoke(app, ["cycle", "run", str(ws.dir), "--new", "a.jsonl", "--new", "b.jsonl",
+                              "--feedback", "r.jsonl", "--round", "2026-02"])
+    assert res.exit_code == 0, res.output
+    assert calls == [(ws.dir, [Path("a.jsonl"), Path("b.jsonl")], [Path("r.jsonl")], "2026-02")]
+    assert "round 2026-02: refused" in res.stdout and "2026-01" not in res.stdout

@@ -1,0 +1,74 @@
+"""Bad input stops a round before anything happens: a clear error, no round in the registry, the
+live model in Ollama untouched. (A full disk during export is in test_round_resume.py, where a
+round reaches the export.)"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from edentune.cycle.registry import Registry
+from edentune.cycle.round import run_round
+from edentune.errors import ConfigError, DataError, EdentuneError
+
+
+@pytest.fixture
+def workspace(make_workspace, standin_factory, tmp_path):
+    server = standin_factory()
+    server.models["eden:latest"] = {"from": "smollm2:135m", "system": "the live model"}
+    return make_workspace(tmp_path / "ws", server.host), server
+
+
+def nothing_happened(ws, server) -> None:
+    with Registry(ws / "registry.sqlite", readonly=True) as reg:
+        assert reg.rounds() == [] and reg.events() == [] and reg.live_rows() == []
+    assert not list((ws / "rounds").iterdir())
+    assert server.models["eden:latest"]["system"] == "the live model"
+    assert not [r for r in server.requests if r[0] == "POST" and r[1] != "/api/show"]
+
+
+def test_config_with_errors(workspace, cycle_files):
+    ws, server = workspace
+    data = yaml.safe_load((ws / "cycle.yaml").read_text(encoding="utf-8"))
+    data["run"]["training"]["learning_rate"] = "fast"
+    data["replay"]["new_ratoi"] = 0.5
+    (ws / "cycle.yaml").write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        run_round(ws, [cycle_files["month1"]])
+    message = str(err.value)
+    assert "run.training.learning_rate" in message and "replay.new_ratoi: unknown key" in message
+    nothing_happened(ws, server)
+
+
+def test_new_file_that_is_all_garbage(workspace, tmp_path):
+    ws, server = workspace
+    garbage = tmp_path / "export.jsonl"
+    garbage.write_bytes(b"\x00\x01 not json\n{\"messages\": 3}\n[1, 2]\n{\"text\": \"no conversation\"}\n")
+    with pytest.raises(DataError, match=r"no usable conversation in 4 line\(s\)") as err:
+        run_round(ws, [garbage])
+    assert "nothing was started" in str(err.value)
+    with pytest.raises(DataError, match="no such file"):
+        run_round(ws, [tmp_path / "missing.jsonl"])
+    nothing_happened(ws, server)
+
+
+def test_ollama_down(make_workspace, standin_factory, cycle_files, tmp_path):
+    from ollama_standin import OllamaStandIn
+
+    with OllamaStandIn() as gone:
+        host = gone.host  # the port is closed after the block
+    ws = make_workspace(tmp_path / "ws", host)
+    with pytest.raises(EdentuneError, match=f"cannot reach Ollama at {host}") as err:
+        run_round(ws, [cycle_files["month1"]])
+    assert "ollama serve" in str(err.value)
+    with Registry(ws / "registry.sqlite", readonly=True) as reg:
+        assert reg.rounds() == [] and reg.live_rows() == []
+
+
+def test_base_not_pulled(workspace, cycle_files):
+    ws, server = workspace
+    del server.models["smollm2:135m"]
+    with pytest.raises(EdentuneError, match="base model 'smollm2:135m' is not in Ollama") as err:
+        run_round(ws, [cycle_files["month1"]])
+    assert "ollama pull smollm2:135m" in str(err.value)
+    nothing_happened(ws, server)

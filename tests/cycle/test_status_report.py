@@ -1,0 +1,92 @@
+"""`cycle status`: the history table from the registry (also while a round writes), and the HTML
+report with a trend plot per key metric and the numbers beside it."""
+
+from __future__ import annotations
+
+import base64
+import re
+import sqlite3
+
+import pytest
+
+from edentune.cycle import status
+from edentune.cycle.registry import SHARED
+from edentune.cycle.report import TRENDS, render_html, write_html
+from edentune.cycle.workspace import init_workspace
+from edentune.errors import EdentuneError
+
+MONTHS = {
+    "2026-01": ("accepted", {"val_loss": 2.3456, "korean_consistency": 0.81, "persona_adherence": 0.7, "forgetting": 0.02,
+                             "train_records": 700, "new_records": 700, "replay_records": 0}),
+    "2026-02": ("accepted", {"val_loss": 2.1234, "korean_consistency": 0.86, "persona_adherence": 0.75, "forgetting": 0.03,
+                             "train_records": 1000, "new_records": 700, "replay_records": 300}),
+    "2026-03": ("refused", {"val_loss": 3.9876, "korean_consistency": 0.2, "persona_adherence": 0.4, "forgetting": 0.5}),
+}
+
+
+@pytest.fixture
+def history(tmp_path):
+    ws = init_workspace(tmp_path / "ws", model="embedded", personas={"professional": "", "friendly": ""})
+    with ws.open_registry() as reg:
+        for round_id, (st, metrics) in MONTHS.items():
+            reg.begin_round(round_id, {})
+            for persona in ws.persona_names:
+                reg.set_run(round_id, persona, status=st, metrics=metrics, verdict={"ship": st == "accepted"},
+                            reasons=[] if st == "accepted" else ["validation loss 3.9876 is not below the live round's 2.1234 [worse]"])
+                if st == "accepted":
+                    reg.set_live(persona, round_id, ws.ollama_model(persona) + ":latest")
+            reg.finish_round(round_id, st)
+        reg.set_live("friendly", "2026-01", "eden-friendly:latest", event="rollback")
+        reg.begin_round("2026-04", {})
+        reg.record_step("2026-04", SHARED, "ingest", inputs_sha256="x", outputs={}, detail={})
+    return ws
+
+
+def test_status_rows_verdicts_and_live_markers(history):
+    table = status(history.dir)
+    assert [(r.round_id, r.persona) for r in table.rows] == [
+        ("2026-01", "friendly"), ("2026-01", "professional"), ("2026-02", "friendly"), ("2026-02", "professional"),
+        ("2026-03", "friendly"), ("2026-03", "professional"), ("2026-04", "")]
+    live = {(r.round_id, r.persona) for r in table.rows if r.live_for}
+    assert live == {("2026-01", "friendly"), ("2026-02", "professional")}
+    refused = [r for r in table.rows if r.status == "refused"]
+    assert len(refused) == 2 and all(r.ship is False and "not below" in r.reasons[0] for r in refused)
+    assert table.rows[-1].status == "running" and table.rows[-1].last_step == "ingest"
+    assert table.live["friendly"]["round_id"] == "2026-01"
+    assert [e["kind"] for e in table.to_json()["events"]][-1] == "rollback"
+
+
+def test_status_reads_while_a_writer_holds_a_transaction(history):
+    writer = sqlite3.connect(history.registry_path, timeout=1)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO rounds (id, seq, created, status, config_json) VALUES ('2026-05', 99, 'now', 'running', '{}')")
+    try:
+        table = status(history.dir)  # does not wait for the writer (WAL) and sees only committed rows
+        assert "2026-05" not in {r.round_id for r in table.rows} and len(table.rows) == 7
+    finally:
+        writer.rollback()
+        writer.close()
+
+
+def test_html_report_has_a_plot_and_the_numbers_per_trend(history, tmp_path):
+    path = write_html(status(history.dir), tmp_path / "out" / "report.html")
+    text = path.read_text()
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
+    assert len(images) == len(TRENDS)
+    assert all(base64.b64decode(img).startswith(b"\x89PNG") for img in images)
+    for number in ("2.3456", "2.1234", "3.9876", "81.0%", "86.0%", "75.0%", "3.0%", "50.0%"):
+        assert number in text
+    assert "refused: validation loss 3.9876 is not below the live round&#x27;s 2.1234 [worse]" in text
+    assert "● live" in text
+
+
+def test_html_without_metrics_and_bad_paths(tmp_path):
+    ws = init_workspace(tmp_path / "ws")
+    text = render_html(status(ws.dir))
+    assert text.count("no values yet") == len(TRENDS) and "<img" not in text
+    with pytest.raises(EdentuneError, match="is a folder"):
+        write_html(status(ws.dir), tmp_path)
+    with pytest.raises(EdentuneError, match="workspace's own files"):
+        write_html(status(ws.dir), ws.dir / "registry.sqlite")
+    with pytest.raises(EdentuneError, match="no registry here"):
+        status(tmp_path / "nowhere")
