@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from edentune.config import MixConfig
 from edentune.cycle.replay import PROVENANCE_KEY, update_buffer
 from edentune.cycle.workspace import init_workspace, load_workspace
 from edentune.data.mix import mix
@@ -130,7 +131,7 @@ def test_missing_round_file_is_reported_and_buffer_mixes(ws, tmp_path):
     assert report.missing == ["2026-02/default"] and report.sources == {"2026-01/default": report.records}
     new = tmp_path / "new.jsonl"
     write_jsonl_atomic(new, month("apr"))
-    mixed = mix([new], [ws.buffer_path], tmp_path / "mix.jsonl", ratio=0.5, quotas=QUOTAS, seed=1)
+    mixed = mix([new], [ws.buffer_path], tmp_path / "mix.jsonl", MixConfig(new_ratio=0.5, quotas=QUOTAS, seed=1))
     assert not mixed.shortfalls
     replayed = [r for r in load_valid([tmp_path / "mix.jsonl"]) if PROVENANCE_KEY in r]
     assert replayed and all(r[PROVENANCE_KEY]["round"] == "2026-01" for r in replayed)

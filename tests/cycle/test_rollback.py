@@ -5,6 +5,7 @@ stopped Ollama are clear errors that change neither Ollama nor the registry."""
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import shutil
 import sys
@@ -18,12 +19,16 @@ from edentune.cycle.registry import SHARED
 from edentune.cycle.workspace import init_workspace, load_workspace
 from edentune.errors import EdentuneError
 from edentune.export import export_adapter
+from edentune.export.api import base_model_dir, smoke_base_gguf
+from edentune.export.modelfile import CHATML_TEMPLATE
 from edentune.io import write_json_atomic
 
 EXPORT_TESTS = Path(__file__).resolve().parents[1] / "export"
 sys.path.insert(0, str(EXPORT_TESTS))  # ollama_standin
 from ollama_standin import OllamaStandIn  # noqa: E402
 
+# The hashes `edentune compare` records and deploy's gate requires (no results paths: nothing to re-hash).
+COMPARED = {"suite_sha256": "0" * 64, "base_results_sha256": "1" * 64, "candidate_results_sha256": "2" * 64}
 BASE = {"qwen2.5:14b": {"parameters": {"stop": ["<|im_start|>", "<|im_end|>"]}}}
 
 
@@ -42,6 +47,10 @@ def months(tiny_qwen2_dir, tmp_path_factory):
     make_adapter = _make_adapter()
     tmp = tmp_path_factory.mktemp("rollback")
     ws = init_workspace(tmp / "ws", model=tiny_qwen2_dir)
+    # The stand-in answers /api/chat from the same base GGUF deploy's smoke check reads, so the
+    # check after each (re)deploy is real.
+    cfg0 = ws.round_config("2026-01", "default")
+    BASE["qwen2.5:14b"].update(gguf=str(smoke_base_gguf(cfg0, base_model_dir(cfg0))), template=CHATML_TEMPLATE)
     digests = {}
     with ws.open_registry() as reg:
         for seed, (round_id, st) in enumerate([("2026-01", "accepted"), ("2026-02", "accepted"), ("2026-03", "refused")]):
@@ -54,7 +63,7 @@ def months(tiny_qwen2_dir, tmp_path_factory):
                                         ws.export_dir(round_id, "default"), verify=False)
                 digests[round_id] = export.report["adapter_sha256"]
                 write_json_atomic(ws.eval_dir(round_id, "default") / "comparison.json",
-                                  {"ship": True, "reasons": [], "candidate_adapter_sha256": digests[round_id]})
+                                  {"ship": True, "reasons": [], "candidate_adapter_sha256": digests[round_id], **COMPARED})
                 reg.set_run(round_id, "default", status="accepted", export_dir=str(export.out_dir))
                 reg.set_live("default", round_id, "eden:latest")
             else:
@@ -121,7 +130,7 @@ def test_gate_is_rechecked_against_the_export(months, tmp_path):
     original = comparison.read_bytes()
     try:
         # The export folder now holds another adapter than the one the comparison scored.
-        write_json_atomic(comparison, {"ship": True, "candidate_adapter_sha256": digests["2026-02"]})
+        write_json_atomic(comparison, {**json.loads(original), "candidate_adapter_sha256": digests["2026-02"]})
         with OllamaStandIn(BASE) as server:
             with pytest.raises(EdentuneError, match="scored adapter"):
                 rollback(ws.dir, to_round="2026-01", host=server.host)
@@ -164,7 +173,7 @@ def test_shared_adapter_mode_rolls_back_every_persona_with_one_export(tiny_qwen2
             export = export_adapter(ws.round_config(round_id, SHARED), make_adapter(tiny_qwen2_dir, tmp_path / f"a{seed}", seed=seed),
                                     ws.export_dir(round_id, SHARED), verify=False)
             write_json_atomic(ws.eval_dir(round_id, SHARED) / "comparison.json",
-                              {"ship": True, "candidate_adapter_sha256": export.report["adapter_sha256"]})
+                              {"ship": True, "candidate_adapter_sha256": export.report["adapter_sha256"], **COMPARED})
             reg.set_run(round_id, SHARED, status="accepted", export_dir=str(export.out_dir))
             for p in ws.persona_names:
                 reg.set_live(p, round_id, ws.ollama_model(p))

@@ -43,10 +43,14 @@ def test_config_with_errors(workspace, cycle_files):
 def test_new_file_that_is_all_garbage(workspace, tmp_path):
     ws, server = workspace
     garbage = tmp_path / "export.jsonl"
-    garbage.write_bytes(b"\x00\x01 not json\n{\"messages\": 3}\n[1, 2]\n{\"text\": \"no conversation\"}\n")
+    garbage.write_bytes(b"not json\n{\"messages\": 3}\n[1, 2]\n{\"text\": \"no conversation\"}\n")
     with pytest.raises(DataError, match=r"no usable conversation in 4 line\(s\)") as err:
         run_round(ws, [garbage])
     assert "nothing was started" in str(err.value)
+    binary = tmp_path / "dump.jsonl"
+    binary.write_bytes(b"\x00\x01\x02 a binary file\n")
+    with pytest.raises(DataError, match="binary data"):
+        run_round(ws, [binary])
     with pytest.raises(DataError, match="no such file"):
         run_round(ws, [tmp_path / "missing.jsonl"])
     nothing_happened(ws, server)

@@ -18,7 +18,7 @@ validation set, measured by the evaluate stage) beats the live round's on the sa
 or deployed, so the live model is untouched.
 
 Stage calls that other parts of edentune are reshaping go through one small wrapper each
-(`_evaluate`, `_compare`, `_write_reports`, `_export`, `deploy_export`, `_ollama_client`).
+(`_evaluate`, `_compare`, `_write_reports`, `_export`, `deploy_export`).
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ from .registry import SHARED, Registry, StepRecord, now
 from .workspace import Workspace, check_round_id, load_workspace
 
 INPUTS_MARKER = ".edentune-inputs"  # in a training run folder: which inputs its checkpoints belong to
-# The ollama client's default has no timeout; a create uploads and converts a GGUF, so reads may be slow.
-OLLAMA_CONNECT_TIMEOUT_S, OLLAMA_READ_TIMEOUT_S = 30.0, 600.0
 
 
 @dataclass
@@ -99,13 +97,6 @@ def _export(cfg: RunConfig, adapter: Path, out_dir: Path):
     return export_adapter(cfg, adapter, out_dir, verify=True)
 
 
-def _ollama_client(host: str):
-    import httpx
-    import ollama
-
-    return ollama.Client(host=host, timeout=httpx.Timeout(OLLAMA_READ_TIMEOUT_S, connect=OLLAMA_CONNECT_TIMEOUT_S))
-
-
 def deploy_export(cfg: RunConfig, export_dir: Path, *, host: str, client=None, gate: Path | None = None) -> list[dict]:
     """Create the export's models in Ollama (with `gate`, re-checked against the exported adapter);
     returns the deploy records, which the caller stores in the registry."""
@@ -117,13 +108,12 @@ def deploy_export(cfg: RunConfig, export_dir: Path, *, host: str, client=None, g
 def _ollama_preflight(cfg: RunConfig, host: str, client) -> None:
     """Before a round starts: Ollama answers and has the base, so hours of training do not end in
     a deploy that cannot happen."""
-    from ..export.deploy import full_name, local_models
+    from ..export.deploy import check_base
 
-    present = local_models(client, host)
-    base = cfg.export.ollama_base
-    if full_name(base) not in present:
-        raise EdentuneError(f"base model {base!r} is not in Ollama at {host}; nothing was started",
-                            hint=f"run `ollama pull {base}` first, or set ollama.base in cycle.yaml")
+    try:
+        check_base(cfg, host=host, client=client)
+    except EdentuneError as err:
+        raise EdentuneError(f"{err.args[0]}; nothing was started", hint=err.hint) from None
 
 
 # -- hashing and step bookkeeping ----------------------------------------------------------------
@@ -195,7 +185,6 @@ def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list
     _check_inputs(new_files, feedback_files)
     template = ws.round_config("preflight", ws.training_units()[0])
     host = ollama_host(template)
-    client = client or _ollama_client(host)
     _ollama_preflight(template, host, client)
 
     with ws.open_registry() as reg:

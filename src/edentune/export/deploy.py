@@ -313,6 +313,18 @@ def _existing(recorded: str, comparison_dir: Path) -> Path | None:
     return None
 
 
+def check_base(cfg, *, host: str | None = None, client=None) -> str:
+    """Ollama answers at the host and has `export.ollama_base` locally (a missing base is never
+    pulled silently); returns Ollama's version. Touches nothing."""
+    server = _Server.for_config(cfg, host, client)
+    version = server.version()
+    base = cfg.export.ollama_base
+    if full_name(base) not in server.models():
+        raise EdentuneError(f"base model {base!r} is not in Ollama at {server.host}",
+                            hint=f"run `ollama pull {base}` first (edentune never lets Ollama pull it silently)")
+    return version
+
+
 # -- registry (the standalone CLI's history; the cycle keeps its own) ---------------------------
 
 def registry_path(cfg, registry: str | Path | None = None) -> Path:

@@ -287,7 +287,7 @@ def model_config_for(cfg):
 
 def estimate_per_process(cfg, model_config, device_gb: float, num_processes: int, fsdp: bool,
                          device: str = "cuda", loss: str = "edentune") -> Plan:
-    """Peak memory of one process of an `accelerate launch` run (one process per GPU).
+    """Peak memory of one process of an `accelerate launch` run (one process per GPU), with advice.
 
     DDP: every process holds a full copy of the model, plus DDP's gradient buckets (a copy of the
     trainable, i.e. LoRA, gradients). FSDP: base weights, LoRA weights, gradients and optimizer
@@ -296,12 +296,25 @@ def estimate_per_process(cfg, model_config, device_gb: float, num_processes: int
     residual stream in the training dtype (no fp32 upcast: see `recipe.load_training_model`).
     Activations and logits are per process and unchanged: they depend on the per-device batch.
     """
-    plan = estimate(cfg, model_config, device_gb, device, loss)
+    def terms_for(c) -> Plan:
+        return _per_process_terms(c, model_config, device_gb, num_processes, fsdp, device, loss)
+
+    out = terms_for(cfg)
+    out.advice = _advice(out, cfg, terms_for)
+    if not out.fits and not fsdp and num_processes > 1:
+        out.advice.insert(0, "shard the base across the GPUs with FSDP (docs/multi-gpu.md)")
+    return out
+
+
+def _per_process_terms(cfg, model_config, device_gb: float, num_processes: int, fsdp: bool, device: str, loss: str) -> Plan:
+    plan = _estimate_terms(cfg, model_config, device_gb, device, loss)
     if num_processes < 2:
         return plan
     arch, q = Arch.from_config(model_config), cfg.quantization
     w16 = 2 if cfg.training.precision in ("auto", "bf16", "fp16") and device != "cpu" else 4
     terms = dict(plan.terms)
+    reserve = terms.pop("allocator reserve", None)
+    overhead = terms.pop("runtime overhead", 0.0)
     if not fsdp:
         terms["DDP gradient buckets"] = plan.lora_params * 4 / GB
     else:
@@ -311,13 +324,12 @@ def estimate_per_process(cfg, model_config, device_gb: float, num_processes: int
         terms["FSDP all-gathered layers (current + next)"] = 2 * arch.block_params / arch.layers * block_bytes / GB
         terms["LoRA weights+grads+optimizer"] /= num_processes
         key = "saved layer inputs (checkpoints)"
-        if q.load_in_4bit and key in terms:
-            terms[key] *= w16 / 4
-    out = Plan(terms=terms, device_gb=device_gb, tokens_per_micro_batch=plan.tokens_per_micro_batch, lora_params=plan.lora_params)
-    out.advice = _advice(out, cfg)
-    if not out.fits and not fsdp:
-        out.advice.insert(0, "shard the base across the GPUs with FSDP (docs/multi-gpu.md)")
-    return out
+        if q.load_in_4bit and key in terms and stream_bytes(cfg, device) == 4:
+            terms[key] *= w16 / 4  # FSDP never upcasts the stream to fp32
+    if reserve is not None:
+        terms["allocator reserve"] = RESERVED_OVER_ALLOCATED * sum(terms.values())
+    terms["runtime overhead"] = overhead
+    return Plan(terms=terms, device_gb=device_gb, tokens_per_micro_batch=plan.tokens_per_micro_batch, lora_params=plan.lora_params)
 
 
 # -- Apple unified memory (training.backend: mlx) ---------------------------------------------------
