@@ -20,7 +20,7 @@ def test_two_personas_two_adapters_two_models(make_workspace, new_data, standin_
          "select": {"field": "tone", "equals": "friendly"}},
     ]
     ws = make_workspace(tmp_path / "ws", server.host, personas=personas)
-    records = month_records(seed=7, n_sample=12, n_generated=6)
+    records = month_records(seed=7, n_sample=10, n_generated=8)  # the sample has 11 conversations short enough
     for i, r in enumerate(records):
         r["tone"] = "professional" if i % 2 else "friendly"
     new = write_jsonl(tmp_path / "new.jsonl", records)
