@@ -102,3 +102,11 @@ class HealthMonitor:
             return []
         self.reported.add(finding.kind)
         return [finding]
+
+
+def diverged_error(reason: str, rollbacks: int):
+    """The error when NaN/Inf came back after every allowed rollback (both training backends)."""
+    from edentune.errors import EdentuneError
+
+    return EdentuneError(f"training diverged ({reason}) after {rollbacks} rollback(s)",
+                         hint="lower training.learning_rate, raise warmup_steps, check the data for extreme examples")

@@ -34,6 +34,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from edentune.errors import EdentuneError
+from edentune.train.health import diverged_error
 
 OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"  # the name transformers uses: the same `last_checkpoint` finds both
@@ -609,8 +610,7 @@ def train_mlx(cfg, resume: bool = False, callbacks: list | tuple = (), console=N
             if not run.non_finite:
                 break
             if rollbacks >= t.nan_max_retries:
-                raise EdentuneError(f"training diverged ({run.non_finite}) after {rollbacks} rollback(s)",
-                                    hint="lower training.learning_rate, raise warmup_steps, check the data for extreme examples")
+                raise diverged_error(run.non_finite, rollbacks)
             rollbacks += 1
             lr = lr / 2
             checkpoint = last_checkpoint(run_dir)

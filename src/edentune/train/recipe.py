@@ -34,6 +34,7 @@ from edentune.models import check_adapter_dir, load_adapter, load_base_model, lo
 from .data import encode_all, load_splits, to_dataset
 from .distributed import Processes, check_supported, current_processes, load_device
 from .dropout import use_cheap_lora_dropout
+from .health import diverged_error
 from .mlx_backend import select_backend
 from .monitor import MetricsLog, MonitorCallback, RichProgressCallback
 
@@ -453,8 +454,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
                 break
             # NaN/Inf: roll back to the last complete checkpoint, halve the LR, continue.
             if rollbacks >= t.nan_max_retries:
-                raise EdentuneError(f"training diverged ({trainer.non_finite}) after {rollbacks} rollback(s)",
-                                    hint="lower training.learning_rate, raise warmup_steps, check the data for extreme examples")
+                raise diverged_error(trainer.non_finite, rollbacks)
             rollbacks += 1
             rollback_lr = trainer.lr_scheduler.base_lrs[0] / 2
             checkpoint = resume_checkpoint(run_dir, console)
