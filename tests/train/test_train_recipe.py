@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,27 @@ def test_kill_and_resume_equals_uninterrupted(tiny_llama_dir, small_data, tmp_pa
     a, b = adapter(reference.adapter_dir), adapter(resumed.adapter_dir)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_qlora_resume_after_an_evaluation_is_exact(tiny_qwen2_dir, small_data, tmp_path):
+    # Evaluating at step 2 must not change how steps 3-4 compute: on AVX512-BF16 CPUs
+    # bitsandbytes repacks 4-bit weights at the first no-grad eval forward unless edentune keeps
+    # one layout (recipe.keep_cpu_4bit_layout), and the resumed run (no evaluation before step 3)
+    # then trained with another kernel than the uninterrupted one.
+    def cfg(name):
+        c = make_config(tiny_qwen2_dir, *small_data, tmp_path / name, max_steps=4, eval_steps=2, save_steps=2,
+                        optimizer="adamw_8bit")
+        c.quantization.load_in_4bit = True
+        c.lora.dropout = 0.1
+        return c
+
+    reference = train(cfg("reference"))
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "reference" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")  # as if killed after it
+    resumed = train(cfg("resumed"), resume=True)
+    assert events(tmp_path / "resumed", "start")[0]["resume_from"].endswith("checkpoint-2")
+    assert (reference.adapter_dir / "adapter_model.safetensors").read_bytes() == \
+        (resumed.adapter_dir / "adapter_model.safetensors").read_bytes()
 
 
 def test_qlora_end_to_end_through_the_cli(tiny_qwen2_dir, small_data, tmp_path):

@@ -74,6 +74,8 @@ def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torc
                             # gradients (accelerate#3983).
                             quant_storage=dtype if fsdp else torch.uint8)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if q.load_in_4bit and device == "cpu":
+        keep_cpu_4bit_layout(model)
     model.edentune_liger = apply_kernels(model, cfg, device)  # read by trained_token_loss
     ckpt_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs, no input-grad hack
     if q.load_in_4bit and not fsdp and residual_dtype(cfg, device, dtype) == torch.float32:
@@ -96,6 +98,21 @@ def load_training_model(cfg: RunConfig, model_dir: str, device: str, dtype: torc
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM",
     ), autocast_adapter_dtype=not fsdp)
+
+
+def keep_cpu_4bit_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit weights in one layout for the whole run on CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weights into a CPU layout
+    the first time it runs in eval mode without gradients (`Linear4bit.forward`), and every later
+    forward, training included, then goes through the other kernel, which rounds differently
+    (~1e-5 relative on the embedded model's loss). So a run that evaluated at step N and the same
+    run resumed from checkpoint-N trained the next steps with different kernels: the adapters
+    differed by up to 1.4e-3 instead of being identical. Off here, the training path is the same
+    from step 1 whatever was evaluated when, and `--resume` is exact."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def residual_dtype(cfg: RunConfig, device: str, dtype: torch.dtype) -> torch.dtype:
