@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from rich.console import Console
 
 from edentune.config import load_config
@@ -32,3 +33,27 @@ def test_quickstart_smallest_run(tmp_path):
     # what the user sees: the cleaning summary, before/after answers, the comparison, the command
     for text in ("Validate and clean", "held-out prompt", "base", "fine-tuned", "ollama create"):
         assert text in out
+
+
+class _StopAfterConfig(Exception):
+    """Raised where the quickstart would load the evaluation suite: the config line is printed by then."""
+
+
+@pytest.mark.parametrize("backend, says, never", [
+    ("torch", "QLoRA: bitsandbytes 4-bit NF4 base", "MLX"),
+    ("mlx", "QLoRA: MLX affine 4-bit base in groups of 64", "NF4"),
+])
+def test_quickstart_names_the_quantization_the_backend_runs(tmp_path, monkeypatch, backend, says, never):
+    import edentune.evaluate.suite
+    import edentune.train.mlx_backend
+
+    def stop(*_args, **_kwargs):
+        raise _StopAfterConfig
+
+    monkeypatch.setattr(edentune.train.mlx_backend, "select_backend", lambda requested: backend)
+    monkeypatch.setattr(edentune.evaluate.suite, "load_suite", stop)
+    console = Console(record=True, width=200)
+    with pytest.raises(_StopAfterConfig):
+        run_quickstart(QuickstartOptions(out_dir=tmp_path / "qs"), console)
+    line = next(line for line in console.export_text().splitlines() if line.startswith("run config:"))
+    assert says in line and never not in line, line

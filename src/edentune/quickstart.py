@@ -144,6 +144,7 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
     from .evaluate.suite import Suite, load_suite
     from .export.api import export_adapter
     from .train import train
+    from .train.mlx_backend import quantization_summary, select_backend
 
     opts = opts or QuickstartOptions()
     opts.out_dir = opts.out_dir.resolve()  # the written config must name absolute data paths
@@ -157,7 +158,8 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
     cfg = quickstart_config(opts, train_file, val_file)
     config_path = out / "edentune.yaml"
     write_text_atomic(config_path, render_config_yaml(cfg))
-    console.print(f"run config: {config_path} (preset embedded, QLoRA 4-bit NF4, r={cfg.lora.r}, {opts.max_steps} steps)")
+    quantized = quantization_summary(cfg, select_backend(cfg.training.backend))
+    console.print(f"run config: {config_path} (preset embedded, {quantized}, r={cfg.lora.r}, {opts.max_steps} steps)")
 
     full = load_suite(cfg.evaluation.suite)
     suite = Suite(full.name, full.path, _spread(full.cases, opts.eval_cases))

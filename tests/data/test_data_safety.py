@@ -13,7 +13,7 @@ import pytest
 from data_helpers import chat, read_jsonl, write_lines, write_records
 from typer.testing import CliRunner
 
-from edentune.data.cli import app
+from edentune.cli import app
 from edentune.errors import DataError, EdentuneError
 from edentune.io import atomic_dir, atomic_outputs, check_outputs, write_jsonl_atomic
 
@@ -66,7 +66,7 @@ REFUSED = {
 def test_outputs_that_would_destroy_data_are_refused(files, monkeypatch, args, message):
     monkeypatch.chdir(files)
     before = snapshot(files)
-    res = runner.invoke(app, args)
+    res = runner.invoke(app, ["data", *args])
     assert res.exit_code != 0 and isinstance(res.exception, EdentuneError), res.output
     assert message in str(res.exception)
     assert snapshot(files) == before  # inputs byte-identical, nothing (not even a temporary) written
@@ -78,7 +78,7 @@ def test_links_to_an_input_count_as_the_input(files, monkeypatch):
     os.link("in.jsonl", "hard.jsonl")
     before = snapshot(files)
     for out in ("sym.jsonl", "hard.jsonl"):
-        res = runner.invoke(app, ["validate", "in.jsonl", "-o", out])
+        res = runner.invoke(app, ["data", "validate", "in.jsonl", "-o", out])
         assert isinstance(res.exception, EdentuneError) and "is the input" in str(res.exception)
     assert snapshot(files) == before
 
@@ -87,7 +87,7 @@ def test_fifo_and_devices_are_never_written_or_replaced(files, monkeypatch):
     monkeypatch.chdir(files)
     os.mkfifo("pipe")
     for out in ("pipe", os.devnull):
-        res = runner.invoke(app, ["validate", "in.jsonl", "-o", out])  # a fifo would block if opened
+        res = runner.invoke(app, ["data", "validate", "in.jsonl", "-o", out])  # a fifo would block if opened
         assert isinstance(res.exception, EdentuneError) and "not a regular file" in str(res.exception)
     assert stat.S_ISFIFO(os.lstat("pipe").st_mode) and stat.S_ISCHR(os.stat(os.devnull).st_mode)
     with pytest.raises(EdentuneError, match="not a regular file"):
@@ -98,7 +98,7 @@ def test_split_with_an_unwritable_val_writes_nothing(files):
     """/proc refuses new files even to root: the train file must not appear (or change) either."""
     write_lines(files / "t.jsonl", ["old train file"])
     before = snapshot(files)
-    res = runner.invoke(app, ["split", str(files / "r.jsonl"), "--train", str(files / "t.jsonl"),
+    res = runner.invoke(app, ["data", "split", str(files / "r.jsonl"), "--train", str(files / "t.jsonl"),
                               "--val", "/proc/edentune-val.jsonl"])
     assert isinstance(res.exception, EdentuneError) and "cannot write /proc/edentune-val.jsonl" in str(res.exception)
     assert snapshot(files) == before
@@ -150,8 +150,8 @@ import os, sys
 from pathlib import Path
 from edentune.io import atomic_dir
 os.umask(int(sys.argv[1], 8))
-from edentune.data.cli import app
-app(["split", sys.argv[2], "--train", sys.argv[3] + "/t.jsonl", "--val", sys.argv[3] + "/v.jsonl"], standalone_mode=False)
+from edentune.cli import app
+app(["data", "split", sys.argv[2], "--train", sys.argv[3] + "/t.jsonl", "--val", sys.argv[3] + "/v.jsonl"], standalone_mode=False)
 with atomic_dir(sys.argv[3] + "/exported", marker=".m") as tmp:
     (tmp / "f").write_text("x")
 """
@@ -199,7 +199,7 @@ def broken(tmp_path):
 @pytest.mark.parametrize("command", ["validate", "convert", "clean"])
 def test_broken_lines_are_quarantined_with_a_reason(tmp_path, broken, command):
     out, q, rep = tmp_path / "o.jsonl", tmp_path / "q.jsonl", tmp_path / "r.json"
-    res = runner.invoke(app, [command, str(broken), "-o", str(out), "--quarantine", str(q), "--report", str(rep)])
+    res = runner.invoke(app, ["data", command, str(broken), "-o", str(out), "--quarantine", str(q), "--report", str(rep)])
     assert res.exit_code == 0, res.output
     assert read_jsonl(out) == [GOOD[0]]
     reasons = [r["reason"] for r in read_jsonl(q)]
@@ -212,16 +212,16 @@ def test_broken_lines_are_quarantined_with_a_reason(tmp_path, broken, command):
 def test_broken_lines_in_stats_feedback_split_mix_and_train_feedback(tmp_path, broken):
     from edentune.train.preference import read_preferences  # imports torch: only here
 
-    res = runner.invoke(app, ["stats", str(broken), "--json", str(tmp_path / "s.json")])
+    res = runner.invoke(app, ["data", "stats", str(broken), "--json", str(tmp_path / "s.json")])
     assert res.exit_code == 0 and json.loads((tmp_path / "s.json").read_text())["invalid_lines"] == 5
-    res = runner.invoke(app, ["feedback", str(broken), "-o", str(tmp_path / "fb")])
+    res = runner.invoke(app, ["data", "feedback", str(broken), "-o", str(tmp_path / "fb")])
     assert res.exit_code == 0, res.output
     reasons = [r["reason"] for r in read_jsonl(tmp_path / "fb" / "quarantine.jsonl")]
     assert [r.split(" (")[0] for r in reasons[1:]] == ["nested too deeply", "nested too deeply", "invalid JSON",
                                                         "lone surrogate", "invalid JSON"]
     for args in (["split", str(broken), "--train", str(tmp_path / "t"), "--val", str(tmp_path / "v")],
                  ["mix", "--new", str(broken), "-o", str(tmp_path / "m")]):
-        res = runner.invoke(app, args)
+        res = runner.invoke(app, ["data", *args])
         assert isinstance(res.exception, DataError) and "5 invalid line(s)" in str(res.exception)
         assert "lone surrogate" in str(res.exception)
     for line, reason in zip([DEEP, HUGE_NUMBER, LONE_SURROGATE], ["nested too deeply", "Exceeds the limit", "lone surrogate"]):
@@ -239,7 +239,7 @@ def test_utf16_and_utf32_files_are_one_clear_error(tmp_path, encoding, bom, name
     text = "\n".join(json.dumps(r, ensure_ascii=False) for r in GOOD) + "\n"
     path = tmp_path / "in.jsonl"
     path.write_bytes(bom + text.encode(encoding))
-    res = runner.invoke(app, ["validate", str(path), "-o", str(tmp_path / "o.jsonl")])
+    res = runner.invoke(app, ["data", "validate", str(path), "-o", str(tmp_path / "o.jsonl")])
     assert isinstance(res.exception, DataError) and f"{path} {named}" in str(res.exception)
     assert "iconv -f UTF-" in str(res.exception) and not (tmp_path / "o.jsonl").exists()
 
@@ -247,17 +247,17 @@ def test_utf16_and_utf32_files_are_one_clear_error(tmp_path, encoding, bom, name
 def test_gzip_is_read_transparently_and_a_broken_one_is_one_error(tmp_path):
     raw = ("\n".join(json.dumps(r) for r in GOOD) + "\n").encode()
     (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(raw))
-    res = runner.invoke(app, ["validate", str(tmp_path / "in.jsonl.gz"), "-o", str(tmp_path / "o.jsonl")])
+    res = runner.invoke(app, ["data", "validate", str(tmp_path / "in.jsonl.gz"), "-o", str(tmp_path / "o.jsonl")])
     assert res.exit_code == 0 and read_jsonl(tmp_path / "o.jsonl") == GOOD
     (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(raw * 50)[:60])
-    res = runner.invoke(app, ["validate", str(tmp_path / "cut.jsonl.gz"), "-o", str(tmp_path / "o2.jsonl")])
+    res = runner.invoke(app, ["data", "validate", str(tmp_path / "cut.jsonl.gz"), "-o", str(tmp_path / "o2.jsonl")])
     assert isinstance(res.exception, DataError) and "corrupt or truncated gzip" in str(res.exception)
     assert not (tmp_path / "o2.jsonl").exists()
     (tmp_path / "a.zip").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
-    res = runner.invoke(app, ["stats", str(tmp_path / "a.zip")])
+    res = runner.invoke(app, ["data", "stats", str(tmp_path / "a.zip")])
     assert isinstance(res.exception, DataError) and "is a zip archive" in str(res.exception)
     (tmp_path / "b.bin").write_bytes(b"\x00\x01\x02" * 100)
-    res = runner.invoke(app, ["clean", str(tmp_path / "b.bin")])
+    res = runner.invoke(app, ["data", "clean", str(tmp_path / "b.bin")])
     assert isinstance(res.exception, DataError) and "is binary data" in str(res.exception)
 
 
@@ -280,14 +280,14 @@ def test_errors_reach_the_terminal_as_one_line_without_traceback(files):
 ])
 def test_clean_rejects_impossible_settings(files, args, key):
     before = snapshot(files)
-    res = runner.invoke(app, ["clean", str(files / "r.jsonl"), "-o", str(files / "o.jsonl"), *args])
+    res = runner.invoke(app, ["data", "clean", str(files / "r.jsonl"), "-o", str(files / "o.jsonl"), *args])
     assert isinstance(res.exception, EdentuneError) and key in str(res.exception), res.output
     assert snapshot(files) == before
 
 
 @pytest.mark.parametrize("ratio", ["0", "1.5", "-0.2", "nan"])
 def test_mix_rejects_impossible_ratios(files, ratio):
-    res = runner.invoke(app, ["mix", "--new", str(files / "r.jsonl"), "-o", str(files / "m.jsonl"), "--ratio", ratio])
+    res = runner.invoke(app, ["data", "mix", "--new", str(files / "r.jsonl"), "-o", str(files / "m.jsonl"), "--ratio", ratio])
     assert isinstance(res.exception, EdentuneError) and "new_ratio" in str(res.exception)
     assert not (files / "m.jsonl").exists()
 
@@ -297,13 +297,13 @@ def test_clean_and_mix_read_their_settings_from_a_run_config(tmp_path):
     src = write_records(tmp_path / "in.jsonl", [short])
     (tmp_path / "run.yaml").write_text("data:\n  clean: {min_chars: 30}\n  mix: {new_ratio: 1.0, seed: 7, quotas: {general: 1}}\n")
     cfg = str(tmp_path / "run.yaml")
-    res = runner.invoke(app, ["clean", str(src), "-o", str(tmp_path / "c.jsonl"), "--config", cfg])
+    res = runner.invoke(app, ["data", "clean", str(src), "-o", str(tmp_path / "c.jsonl"), "--config", cfg])
     assert res.exit_code == 0 and read_jsonl(tmp_path / "c.jsonl") == [] and "too short" in res.output
-    res = runner.invoke(app, ["clean", str(src), "-o", str(tmp_path / "c.jsonl"), "--config", cfg, "--min-chars", "5"])
+    res = runner.invoke(app, ["data", "clean", str(src), "-o", str(tmp_path / "c.jsonl"), "--config", cfg, "--min-chars", "5"])
     assert res.exit_code == 0 and read_jsonl(tmp_path / "c.jsonl") == [short]  # the option wins
-    res = runner.invoke(app, ["clean", str(src), "-o", str(tmp_path / "c.jsonl")])
+    res = runner.invoke(app, ["data", "clean", str(src), "-o", str(tmp_path / "c.jsonl")])
     assert res.exit_code == 0 and read_jsonl(tmp_path / "c.jsonl") == [short]  # default min_chars is 10
-    res = runner.invoke(app, ["mix", "--new", str(src), "-o", str(tmp_path / "m.jsonl"), "--config", cfg,
+    res = runner.invoke(app, ["data", "mix", "--new", str(src), "-o", str(tmp_path / "m.jsonl"), "--config", cfg,
                               "--report", str(tmp_path / "m.json")])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "m.json").read_text())
@@ -338,9 +338,9 @@ def test_a_file_name_with_undecodable_bytes_is_written_as_a_json_escape(tmp_path
     """Python holds such names as lone surrogates; the quarantine and report name them as \\udcXX."""
     src = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jsonl"))
     write_lines(tmp_path / src, ["[1]"])
-    res = runner.invoke(app, ["validate", src, "--quarantine", str(tmp_path / "q.jsonl"), "--report", str(tmp_path / "r.json")])
+    res = runner.invoke(app, ["data", "validate", src, "--quarantine", str(tmp_path / "q.jsonl"), "--report", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert read_jsonl(tmp_path / "q.jsonl")[0]["source"] == f"{src}:1"
     assert b"caf\\udce9.jsonl:1" in (tmp_path / "r.json").read_bytes()
-    res = runner.invoke(app, ["feedback", src, "-o", str(tmp_path / "fb")])
+    res = runner.invoke(app, ["data", "feedback", src, "-o", str(tmp_path / "fb")])
     assert res.exit_code == 0 and json.loads((tmp_path / "fb" / "feedback_stats.json").read_text())["inputs"] == [src]

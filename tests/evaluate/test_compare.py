@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 
 import pytest
@@ -219,12 +220,36 @@ def test_reports_never_overwrite_the_results_compared(tmp_path):
     result("cand").save(tmp_path / "cand.json")
     c = compare(EvalResult.load(tmp_path / "comparison.json"), EvalResult.load(tmp_path / "cand.json"), RunConfig())
     before = (tmp_path / "comparison.json").read_bytes()
-    with pytest.raises(EdentuneError, match="is one of the results files being compared"):
+    with pytest.raises(EdentuneError, match="is the input .*comparison.json: writing it would destroy the input"):
         write_reports(c, tmp_path)
     assert (tmp_path / "comparison.json").read_bytes() == before and not (tmp_path / "report.md").exists()
     (tmp_path / "a-file").write_text("x")
-    with pytest.raises(EdentuneError, match="not a folder"):
+    with pytest.raises(EdentuneError, match="a-file is a file, not a directory"):
         write_reports(c, tmp_path / "a-file")
+
+
+def test_reports_never_overwrite_a_hard_linked_results_file(tmp_path):
+    result("base").save(tmp_path / "base.json")
+    result("cand").save(tmp_path / "cand.json")
+    c = compare(EvalResult.load(tmp_path / "base.json"), EvalResult.load(tmp_path / "cand.json"), RunConfig())
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(tmp_path / "cand.json", out / "comparison.json")  # the same file under the report's name
+    with pytest.raises(EdentuneError, match="writing it would destroy the input"):
+        write_reports(c, out)
+    assert not (out / "report.md").exists()
+
+
+def test_reports_are_written_all_or_none(tmp_path):
+    base, cand = result("base"), result("cand")
+    c = compare(base, cand, RunConfig())
+    (tmp_path / "comparison.json").write_text("previous report\n")
+    (tmp_path / "report.html").mkdir()  # the last report cannot be written: nothing may be
+    with pytest.raises(EdentuneError, match="report.html is a directory"):
+        write_reports(c, tmp_path, base=base, candidate=cand)
+    assert (tmp_path / "comparison.json").read_text() == "previous report\n"
+    assert not (tmp_path / "report.md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comparison.json", "report.html"]  # no temporary files left
 
 
 def test_missing_metrics_jsonl_is_a_clear_error(tmp_path):

@@ -181,6 +181,30 @@ def test_qlora_resume_after_an_evaluation_is_exact(tiny_qwen2_dir, small_data, t
         (resumed.adapter_dir / "adapter_model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("max_steps", [4, 6], ids=["at-epoch-end", "mid-epoch"])
+def test_resume_at_max_steps_trains_no_further_step(tiny_llama_dir, small_data, tmp_path, max_steps):
+    # 16 conversations / (2 x 2) = 4 steps per epoch: checkpoint-6 lies mid-epoch, where Trainer
+    # alone trained a 7th step on every --resume. Resuming at max_steps must only finish the run.
+    run = tmp_path / "run"
+    cfg = make_config(tiny_llama_dir, *small_data, run, max_steps=max_steps, eval_steps=2, save_steps=2)
+    first = train(cfg)
+    weights = adapter(first.adapter_dir)
+    for kill_before_final_save in (False, True):  # --resume on a finished run; a kill after the last checkpoint
+        if kill_before_final_save:
+            shutil.rmtree(run / "adapter")
+            (run / "result.json").unlink()
+        resumed = train(cfg, resume=True)
+        assert resumed.metrics["global_step"] == max_steps
+        assert resumed.metrics["trained_tokens"] == first.metrics["trained_tokens"]
+        assert json.loads((run / "result.json").read_text())["global_step"] == max_steps
+        assert not (run / f"checkpoint-{max_steps + 1}").exists()
+        kinds = [e["event"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+        since_resume = kinds[len(kinds) - 1 - kinds[::-1].index("start"):]
+        assert "train" not in since_resume, since_resume
+        after = adapter(resumed.adapter_dir)
+        assert after.keys() == weights.keys() and all(torch.equal(after[k], weights[k]) for k in weights)
+
+
 def test_qlora_end_to_end_through_the_cli(tiny_qwen2_dir, small_data, tmp_path):
     import yaml
     from typer.testing import CliRunner

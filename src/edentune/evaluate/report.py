@@ -12,8 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from edentune.errors import EdentuneError
-from edentune.io import write_text_atomic
+from edentune.io import atomic_outputs
 
 from .compare import Comparison, MetricRow
 from .runner import CaseResult, EvalResult
@@ -307,23 +306,14 @@ def write_reports(c: Comparison, out_dir: str | Path, *, base: EvalResult | None
                   candidate: EvalResult | None = None) -> dict[str, Path]:
     """Write comparison.json, report.md and report.html into `out_dir` (created if needed); returns
     their paths by kind. `base` / `candidate` (the results compared) add every case's two answers
-    side by side. Everything is rendered before the first write, so a failure leaves no partial set."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise EdentuneError(f"{out}: exists and is not a folder", hint="give --out-dir a new or existing folder")
-    paths = {kind: out / name for kind, name in REPORT_FILES.items()}
-    inputs = {str(Path(p).resolve()) for p in (c.base_results_path, c.candidate_results_path) if p}
-    clash = [p for p in paths.values() if str(p.resolve()) in inputs]
-    if clash:
-        raise EdentuneError(f"{clash[0]}: is one of the results files being compared; it would be overwritten",
-                            hint="write the reports to another folder")
-    texts = {
-        "json": json.dumps(summary(c), ensure_ascii=False, indent=2, allow_nan=False) + "\n",
-        "markdown": render_markdown(c, base, candidate),
-        "html": render_html(c, base, candidate),
-    }
-    for kind, text in texts.items():
-        write_text_atomic(paths[kind], text)
+    side by side. All three files appear or none does; a report path that is one of the results
+    files compared is refused before anything is rendered."""
+    paths = {kind: Path(out_dir) / name for kind, name in REPORT_FILES.items()}
+    inputs = [c.base_results_path, c.candidate_results_path]
+    with atomic_outputs(inputs=inputs, outputs=paths.values()) as txn:
+        txn.write_text(paths["json"], json.dumps(summary(c), ensure_ascii=False, indent=2, allow_nan=False) + "\n")
+        txn.write_text(paths["markdown"], render_markdown(c, base, candidate))
+        txn.write_text(paths["html"], render_html(c, base, candidate))
     return paths
 
 

@@ -63,6 +63,19 @@ def select_backend(requested: str) -> str:
     return "torch"
 
 
+def quantization_summary(cfg, backend: str) -> str:
+    """How `backend` ("torch" or "mlx") quantizes the base under this config, in words: the two
+    backends' 4-bit formats differ (bitsandbytes NF4/FP4 vs mlx-lm's affine/mxfp4), so the
+    config's quant_type alone does not say what runs."""
+    q = cfg.quantization
+    if not q.load_in_4bit:
+        return "LoRA: base not quantized"
+    if backend == "mlx":
+        mode = MLX_4BIT[q.quant_type]
+        return f"QLoRA: MLX {mode} 4-bit base in groups of {MLX_GROUP_SIZE[mode]}"
+    return f"QLoRA: bitsandbytes 4-bit {q.quant_type.upper()} base"
+
+
 # -- model ----------------------------------------------------------------------------------------
 def mlx_model_config(config: dict) -> dict:
     """Overrides so that mlx-lm reads a transformers-5 config.json as transformers does.
@@ -580,9 +593,8 @@ def train_mlx(cfg, resume: bool = False, callbacks: list | tuple = (), console=N
     if "8bit" in t.optimizer:
         console.print(f"note: {t.optimizer} is a bitsandbytes (torch) optimizer; the MLX backend uses AdamW with fp32 moments")
     if cfg.quantization.load_in_4bit:
-        mode = MLX_4BIT[cfg.quantization.quant_type]
-        console.print(f"QLoRA base: MLX {mode} 4-bit, group size {MLX_GROUP_SIZE[mode]} "
-                      f"(the MLX counterpart of bitsandbytes {cfg.quantization.quant_type}; double quantization does not apply)")
+        console.print(f"{quantization_summary(cfg, 'mlx')} (the MLX counterpart of bitsandbytes "
+                      f"{cfg.quantization.quant_type}; double quantization does not apply)")
 
     device = f"mlx-{'gpu' if mx.default_device() == mx.gpu else 'cpu'}"
     model = load_mlx_model(cfg, model_dir)

@@ -6,6 +6,8 @@
   and normalised by the optimizer step's trained tokens summed over micro-batches and processes,
 - evaluation loss is the mean over trained tokens (Trainer averages per-batch means),
 - trained (label != -100) tokens are counted (for tokens/s and result.json) and kept in checkpoints,
+- resuming a checkpoint at max_steps trains no further step (Trainer trains one more when that
+  checkpoint lies mid-epoch),
 - a non-finite loss or gradient stops training before anything is logged, evaluated or saved,
   so the recipe can roll back to the last good checkpoint with a lower learning rate.
 
@@ -173,6 +175,17 @@ class EdenTrainer(Trainer):
             # Older checkpoints lack the file: the count then restarts (it only feeds reporting).
             self.trained_tokens = json.loads(saved.read_text())["trained_tokens"] if saved.exists() else 0
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs)
+        if self.state.global_step >= max_steps:
+            # Resumed at max_steps (a run killed between its last checkpoint and the final save, or
+            # `--resume` on a finished run). Trainer checks max_steps only after an optimizer step, so
+            # when that checkpoint lies mid-epoch it would train one step past max_steps each time:
+            # start past the last epoch instead, so that no step runs and the run just finishes.
+            return num_train_epochs, 0
+        return epochs_trained, steps_trained
 
     # -- data order --------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
