@@ -1,4 +1,4 @@
-"""The cycle registry: one transaction per call, WAL readers beside a writer, and a killed writer
+"""The registry: one transaction per call, WAL readers beside a writer, and a killed writer
 never leaves a half-written row."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from edentune.cycle.registry import MIGRATIONS, Registry
 from edentune.errors import EdentuneError
+from edentune.registry import MIGRATIONS, Registry
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_readonly_and_newer_schema(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from edentune.cycle.registry import Registry
+    from edentune.registry import Registry
     reg = Registry(sys.argv[1])
     reg.begin_round("r1", {"seed": 1})
     print("ready", flush=True)

@@ -1,4 +1,4 @@
-"""The workspace registry: one SQLite database with every round, step, run, event and live model.
+"""The registry (of a cycle workspace): one SQLite database with every round, step, run, event and live model.
 
 Why SQLite (stdlib `sqlite3`) and not a JSON file: a round writes to it many times while `cycle
 status` may read it from another process, and a killed process must never leave it half-written.
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import EdentuneError
+from .errors import EdentuneError
 
+REGISTRY_NAME = "registry.sqlite"  # its file name in a cycle workspace
 BUSY_TIMEOUT_MS = 30_000
 ROUND_STATUSES = ("running", "accepted", "refused", "failed")
 RUN_FIELDS = ("status", "adapter_sha256", "metrics", "verdict", "reasons", "export_dir")
