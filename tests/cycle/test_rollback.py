@@ -15,13 +15,13 @@ import pytest
 
 from edentune.config import render_config_yaml
 from edentune.cycle import rollback
-from edentune.cycle.registry import SHARED
 from edentune.cycle.workspace import init_workspace, load_workspace
 from edentune.errors import EdentuneError
 from edentune.export import export_adapter
 from edentune.export.api import base_model_dir, smoke_base_gguf
 from edentune.export.modelfile import CHATML_TEMPLATE
 from edentune.io import write_json_atomic
+from edentune.registry import SHARED
 
 EXPORT_TESTS = Path(__file__).resolve().parents[1] / "export"
 sys.path.insert(0, str(EXPORT_TESTS))  # ollama_standin

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from edentune.cycle.registry import Registry
 from edentune.cycle.round import run_round
 from edentune.errors import ConfigError, DataError, EdentuneError
+from edentune.registry import Registry
 
 
 @pytest.fixture

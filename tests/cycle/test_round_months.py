@@ -9,10 +9,10 @@ import json
 
 import yaml
 
-from edentune.cycle.registry import Registry
 from edentune.cycle import rollback
 from edentune.cycle.round import run_round
 from edentune.io import file_sha256
+from edentune.registry import Registry
 
 
 def live_digest(server, model: str = "eden:latest") -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from edentune.cycle.registry import Registry
 from edentune.cycle.round import run_round
 from edentune.io import file_sha256
+from edentune.registry import Registry
 
 
 def test_two_personas_two_adapters_two_models(make_workspace, new_data, standin_factory, tmp_path, short_parity):

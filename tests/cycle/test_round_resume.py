@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from edentune.cycle.registry import Registry
 from edentune.cycle.round import run_round
 from edentune.errors import EdentuneError
 from edentune.io import file_sha256
+from edentune.registry import Registry
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 # The child process checks export parity on one probe, like the in-process rounds (conftest.one_parity_probe).

@@ -10,10 +10,10 @@ import sqlite3
 import pytest
 
 from edentune.cycle import status
-from edentune.cycle.registry import SHARED
 from edentune.cycle.report import TRENDS, render_html, write_html
 from edentune.cycle.workspace import init_workspace
 from edentune.errors import EdentuneError
+from edentune.registry import SHARED
 
 MONTHS = {
     "2026-01": ("accepted", {"val_loss": 2.3456, "korean_consistency": 0.81, "persona_adherence": 0.7, "forgetting": 0.02,

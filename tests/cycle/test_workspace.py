@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edentune.cycle.registry import SHARED, Registry
 from edentune.cycle.workspace import BUNDLED_FORGETTING, init_workspace, load_workspace
 from edentune.errors import ConfigError, EdentuneError
+from edentune.registry import SHARED, Registry
 
 
 def test_init_writes_a_commented_config_that_loads_back(tmp_path):

@@ -1,6 +1,6 @@
 """Deploy against a stand-in Ollama server (Ollama cannot run here): plan touches nothing, create,
 confirm through /api/show, keep and restore the previous model, the gate re-checks its hashes, the
-registry is checked before anything is created, and every network failure (down, silent, not
+registry (SQLite, shared with the cycle) is checked before anything is created, and every network failure (down, silent, not
 Ollama, malformed host) is a clear, bounded error. The smoke check is in test_smoke_check.py."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -31,14 +32,20 @@ from edentune.export.deploy import (
     check_host,
     deploy,
     plan_deploy,
-    read_registry,
     rollback,
 )
 from edentune.export.modelfile import CHATML_TEMPLATE, STOP_TOKENS
 from edentune.io import file_sha256
+from edentune.registry import Registry
 
 QWEN_BASE = {"qwen2.5:14b": {"template": QWEN25_OLLAMA_TEMPLATE, "parameters": {"stop": ["<|im_start|>", "<|im_end|>"]}}}
 CHANGING = {"/api/create", "/api/copy", "/api/delete"}
+
+
+def history(path: Path) -> list:
+    """The events of a registry, read the way `cycle status` reads one (read-only)."""
+    with Registry(path, readonly=True) as reg:
+        return reg.events()
 
 
 def changes(server: OllamaStandIn) -> list[tuple[str, str]]:
@@ -58,7 +65,7 @@ def exported(tiny_qwen2_dir, tmp_path_factory):
 
 def test_deploy_creates_confirms_and_rolls_back(exported, tmp_path):
     cfg, result = exported
-    registry = tmp_path / "deployments.json"
+    registry = tmp_path / "registry.sqlite"
     with OllamaStandIn(QWEN_BASE) as server:
         first = deploy(cfg, result.out_dir, host=server.host, registry=registry, smoke=False)[0]
         model = server.models["eden:latest"]
@@ -79,7 +86,11 @@ def test_deploy_creates_confirms_and_rolls_back(exported, tmp_path):
         restored = rollback(cfg, host=server.host, registry=registry)
         assert restored["restored_from"] == "eden:previous"
         assert server.models["eden:latest"]["system"] == "the old persona"
-    assert [h["action"] for h in read_registry(registry)] == ["deploy", "deploy", "rollback"]
+    events = history(registry)
+    assert [(e.kind, e.model, e.round_id, e.persona) for e in events] == [
+        ("deploy", "eden:latest", None, None), ("deploy", "eden:latest", None, None), ("rollback", "eden:latest", None, None)]
+    assert [e.detail["records"] for e in events] == [[first], [second], [restored]]
+    assert events[0].time == first["time"]
 
 
 def test_deploy_functions_return_records_and_persist_nothing_by_themselves(exported, tmp_path):
@@ -160,19 +171,105 @@ def test_old_ollama_without_the_json_create_api_is_refused(exported):
         assert changes(server) == []
 
 
-def test_corrupt_registry_is_an_error_before_anything_is_created(exported, tmp_path):
+def newer_registry(path: Path) -> str:
+    """A registry written by a later edentune (schema version 99)."""
+    Registry(path).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("INSERT INTO schema_version VALUES (99, 'later')")
+    raw.close()
+    return "newer than this edentune"
+
+
+@pytest.mark.parametrize("damage", ["not sqlite", "damaged", "newer"])
+def test_a_broken_registry_is_an_error_before_ollama_is_touched(exported, tmp_path, damage):
     cfg, result = exported
+    registry = tmp_path / "registry.sqlite"
+    if damage == "not sqlite":
+        registry.write_text('[{"action": "deploy"}]' * 100)
+        match = "cannot open the registry"
+    elif damage == "damaged":  # a real registry whose pages were overwritten
+        Registry(registry).close()
+        data = bytearray(registry.read_bytes())
+        data[100:] = b"\xff" * (len(data) - 100)
+        registry.write_bytes(bytes(data))
+        match = "cannot open the registry"
+    else:
+        match = newer_registry(registry)
+    before = registry.read_bytes()
+    with OllamaStandIn(QWEN_BASE) as server:
+        for call in (lambda: deploy(cfg, result.out_dir, host=server.host, registry=registry),
+                     lambda: rollback(cfg, host=server.host, registry=registry)):
+            with pytest.raises(EdentuneError, match=f"deploy registry {registry}.*{match}") as err:
+                call()
+            assert err.value.hint and "nothing was changed in Ollama" in err.value.hint
+        assert server.requests == [] and "eden:latest" not in server.models
+    assert registry.read_bytes() == before  # never rewritten
+
+
+def test_a_broken_legacy_history_is_an_error_before_ollama_is_touched(exported, tmp_path):
+    cfg, result = exported
+    legacy = tmp_path / "deployments.json"
     for text in ("{not json", '{"a": 1}', "[" * 100000):
-        registry = tmp_path / "deployments.json"
-        registry.write_text(text)
+        legacy.write_text(text)
         with OllamaStandIn(QWEN_BASE) as server:
-            with pytest.raises(EdentuneError, match="deploy registry .* (cannot be read|is not a list)") as err:
-                deploy(cfg, result.out_dir, host=server.host, registry=registry)
+            with pytest.raises(EdentuneError, match="deploy history .* (cannot be read|is not a list)") as err:
+                deploy(cfg, result.out_dir, host=server.host, registry=tmp_path / "registry.sqlite")
             assert "nothing was changed in Ollama" in str(err.value)
             assert server.requests == [] and "eden:latest" not in server.models
-            with pytest.raises(EdentuneError, match="deploy registry"):
-                rollback(cfg, host=server.host, registry=registry)
-        assert registry.read_text() == text  # never overwritten
+        assert legacy.read_text() == text  # never overwritten
+    assert not (tmp_path / "registry.sqlite").exists()
+
+
+LEGACY = [  # what an older edentune appended to deployments.json: a deploy, a failed deploy, a rollback
+    {"action": "deploy", "status": "live", "model": "eden:latest", "time": "2025-01-05T10:00:00+00:00", "route": "adapter",
+     "previous": None, "smoke": {"status": "passed"}},
+    {"action": "deploy", "status": "rolled back", "model": "eden:latest", "time": "2025-02-05T10:00:00+00:00", "route": "adapter",
+     "previous": "eden:previous", "error": "smoke check failed", "restored": "restored from eden:previous"},
+    {"action": "rollback", "model": "eden:latest", "time": "2025-03-01T09:00:00+00:00", "restored_from": "eden:previous"},
+]
+
+
+def test_a_legacy_history_is_imported_once_and_left_as_it_is(exported, tmp_path):
+    cfg, result = exported
+    cfg = cfg.updated({"training.output_dir": str(tmp_path / "run")})
+    legacy = tmp_path / "run" / "deployments.json"  # the old default place
+    legacy.parent.mkdir()
+    legacy.write_text(json.dumps(LEGACY, indent=2))
+    before = legacy.read_bytes()
+    registry = tmp_path / "run" / "registry.sqlite"
+    with OllamaStandIn(QWEN_BASE) as server:
+        first = deploy(cfg, result.out_dir, host=server.host, registry=registry, smoke=False)[0]
+        second = deploy(cfg, result.out_dir, host=server.host, registry=registry, smoke=False)[0]
+    assert legacy.read_bytes() == before
+    events = history(registry)
+    assert [e.kind for e in events] == ["deploy", "error", "rollback", "import", "deploy", "deploy"]
+    assert [e.time for e in events[:3]] == [r["time"] for r in LEGACY]  # the records keep their own times
+    assert [e.detail["records"] for e in events[:3]] == [[r] for r in LEGACY]
+    assert events[1].detail["error"] == "smoke check failed"
+    assert events[3].detail == {"source": str(legacy.resolve()), "sha256": file_sha256(legacy), "events": 3}
+    assert [e.detail["records"] for e in events[4:]] == [[first], [second]]
+
+    # a .json given as --registry: imported (here: already, same content) into registry.sqlite beside it
+    copy = tmp_path / "run" / "old-history.json"
+    copy.write_bytes(before)
+    with OllamaStandIn(QWEN_BASE) as server:
+        server.models["eden:previous"] = {"from": "qwen2.5:14b"}
+        restored = rollback(cfg, host=server.host, registry=copy)
+    assert copy.read_bytes() == before
+    events = history(registry)
+    assert [e.kind for e in events[6:]] == ["rollback"] and events[-1].detail["records"] == [restored]
+
+
+def test_a_json_registry_path_records_beside_it(exported, tmp_path):
+    cfg, result = exported
+    legacy = tmp_path / "hist" / "mine.json"
+    legacy.parent.mkdir()
+    legacy.write_text(json.dumps(LEGACY[:1]))
+    with OllamaStandIn(QWEN_BASE) as server:
+        (record,) = deploy(cfg, result.out_dir, host=server.host, registry=legacy, smoke=False)
+    events = history(tmp_path / "hist" / "registry.sqlite")
+    assert [e.kind for e in events] == ["deploy", "import", "deploy"] and events[-1].detail["records"] == [record]
+    assert json.loads(legacy.read_text()) == LEGACY[:1]
 
 
 # -- the network: down, silent, not Ollama, malformed ----------------------------------------------
@@ -349,7 +446,7 @@ def test_deploy_gate_ships_only_a_better_model_and_only_this_adapter(exported, t
     cfg, result = exported
     sha = json.loads(result.report_path.read_text())["adapter_sha256"]
     assert sha == file_sha256(Path(result.report["adapter_dir"]) / "adapter_model.safetensors")
-    registry = tmp_path / "run" / "deployments.json"
+    registry = tmp_path / "run" / "registry.sqlite"
     with OllamaStandIn(QWEN_BASE) as server:
         with pytest.raises(EdentuneError, match="not deploying: the comparison says .*Persona adherence is worse"):
             deploy(cfg, result.out_dir, host=server.host, registry=registry,
@@ -412,5 +509,16 @@ def test_deploy_cli_writes_the_registry(exported, tmp_path):
         out = runner.invoke(app, ["deploy", str(config), "-e", str(result.out_dir), "--host", server.host, "--no-smoke-check"])
         assert out.exit_code == 0, out.output
         assert "eden:latest" in server.models
-    (record,) = read_registry(tmp_path / "run" / "deployments.json")
-    assert record["model"] == "eden:latest" and record["smoke"] == {"status": "skipped"}
+        registry = tmp_path / "run" / "registry.sqlite"
+        assert f"recorded in {registry}" in " ".join(out.output.split())  # rich wraps long lines
+
+        server.models["eden:previous"] = {"from": "qwen2.5:14b"}
+        workspace = tmp_path / "ws"  # a folder (a cycle workspace): its registry.sqlite
+        workspace.mkdir()
+        out = runner.invoke(app, ["deploy", str(config), "--rollback", "--host", server.host, "--registry", str(workspace)])
+        assert out.exit_code == 0, out.output
+    (event,) = history(registry)
+    (record,) = event.detail["records"]
+    assert event.kind == "deploy" and record["model"] == "eden:latest" and record["smoke"] == {"status": "skipped"}
+    (event,) = history(workspace / "registry.sqlite")
+    assert event.kind == "rollback" and f"recorded in {workspace / 'registry.sqlite'}" in " ".join(out.output.split())

@@ -14,9 +14,10 @@ from conftest import embedded_cfg, make_adapter
 from ollama_standin import OllamaStandIn
 
 from edentune.errors import EdentuneError
-from edentune.export.deploy import SMOKE_PROMPT, DeployFailed, deploy, judge_smoke, read_registry
+from edentune.export.deploy import SMOKE_PROMPT, DeployFailed, deploy, judge_smoke
 from edentune.export.modelfile import CHATML_TEMPLATE
 from edentune.models import embedded_gguf_path
+from edentune.registry import Registry
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_smoke_check_passes_on_a_correct_deploy(embedded_export):
 
 def test_a_dropped_adapter_fails_the_smoke_check_and_restores_the_previous_model(embedded_export, tmp_path):
     cfg, _, export_dir = embedded_export
-    registry = tmp_path / "deployments.json"
+    registry = tmp_path / "registry.sqlite"
     with OllamaStandIn(base_models(), drop_adapters=True) as server:
         with pytest.raises(DeployFailed, match="smoke check failed for eden:latest: .*adapter was not applied.*eden:latest removed"):
             deploy(cfg, export_dir, host=server.host)
@@ -59,7 +60,10 @@ def test_a_dropped_adapter_fails_the_smoke_check_and_restores_the_previous_model
             deploy(cfg, export_dir, host=server.host, registry=registry)
         assert "eden:latest restored from eden:previous" in str(err.value)
         assert server.models["eden:latest"]["system"] == "the old persona" and not server.models["eden:latest"].get("adapters")
-    (record,) = read_registry(registry)  # the failed attempt is on record too
+    with Registry(registry, readonly=True) as reg:
+        (event,) = reg.events()  # the failed attempt is on record too
+    (record,) = event.detail["records"]
+    assert event.kind == "error" and event.model == "eden:latest" and event.detail["error"] == record["error"]
     assert record["status"] == "rolled back" and record["smoke"]["status"] == "failed"
     assert record["smoke"]["answer"] == record["smoke"]["without_adapter"]
     assert record["restored"] == "restored from eden:previous"

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .registry import Registry
 from .workspace import Workspace, WorkspaceConfig, init_workspace, load_workspace
 
-__all__ = ["Registry", "Workspace", "WorkspaceConfig", "init_workspace", "load_workspace", "rollback", "run_round", "status"]
+__all__ = ["Workspace", "WorkspaceConfig", "init_workspace", "load_workspace", "rollback", "run_round", "status"]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,7 @@ from ..config import RunConfig, load_config
 from ..errors import EdentuneError
 from ..export.api import REPORT_NAME, load_export
 from ..export.deploy import check_gate, full_name, ollama_host
-from .registry import SHARED, Registry, RunRow
+from ..registry import SHARED, Registry, RunRow
 from .workspace import Workspace, load_workspace
 
 

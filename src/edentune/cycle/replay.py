@@ -29,7 +29,7 @@ from ..data.clean import dedup_key, normalise
 from ..data.topics import category
 from ..data.validate import load_valid
 from ..io import file_sha256, write_jsonl_atomic
-from .registry import Registry
+from ..registry import Registry
 from .workspace import Workspace
 
 PROVENANCE_KEY = "replay_source"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..errors import EdentuneError
 from ..io import write_text_atomic
-from .registry import SHARED, Registry
-from .workspace import LAYOUT, REGISTRY_NAME
+from ..registry import REGISTRY_NAME, SHARED, Registry
+from .workspace import LAYOUT
 
 # metric key -> (label, kind); kind "rate" prints as a percentage, "loss" as a number, "count" as an integer.
 METRICS = {

@@ -39,7 +39,7 @@ from rich.markup import escape
 from ..config import RunConfig, render_config_yaml
 from ..errors import DataError, EdentuneError
 from ..io import file_sha256, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from .registry import SHARED, Registry, StepRecord, now
+from ..registry import SHARED, Registry, StepRecord, now
 from .workspace import Workspace, check_round_id, load_workspace
 
 INPUTS_MARKER = ".edentune-inputs"  # in a training run folder: which inputs its checkpoints belong to

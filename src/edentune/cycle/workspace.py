@@ -1,7 +1,7 @@
 """A cycle workspace: one config (`cycle.yaml`), one registry, and a folder per round and persona.
 
     DIR/cycle.yaml                     WorkspaceConfig
-    DIR/registry.sqlite                the registry (registry.py)
+    DIR/registry.sqlite                the registry (edentune/registry.py)
     DIR/fixed/validation.jsonl         fixed validation set, shared by all rounds
     DIR/fixed/forgetting.jsonl         general data never trained on
     DIR/replay/buffer.jsonl            the replay buffer (replay.py)
@@ -29,10 +29,9 @@ from ..config import (MixConfig, PersonaConfig, RunConfig, config_for_model, for
                       render_config_yaml)
 from ..errors import ConfigError, EdentuneError
 from ..io import write_text_atomic
-from .registry import SHARED, Registry
+from ..registry import REGISTRY_NAME, SHARED, Registry
 
 CONFIG_NAME = "cycle.yaml"
-REGISTRY_NAME = "registry.sqlite"
 LAYOUT = (CONFIG_NAME, REGISTRY_NAME, f"{REGISTRY_NAME}-wal", f"{REGISTRY_NAME}-shm", "fixed", "replay", "rounds")
 BUNDLED_FORGETTING = Path(__file__).resolve().parents[1] / "data" / "sample" / "replay.jsonl"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")

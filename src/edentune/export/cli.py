@@ -42,27 +42,33 @@ def register(app: typer.Typer) -> None:
         gate: Path = typer.Option(None, "--gate", help="comparison.json from `edentune compare`: deploy only if it says ship for this adapter"),
         smoke_check: bool = typer.Option(True, "--smoke-check/--no-smoke-check",
                                          help="after create, ask the model a fixed prompt and compare with llama.cpp on the exported files"),
-        registry: Path = typer.Option(None, "--registry", help="deploy history JSON (default: training.output_dir/deployments.json)"),
+        registry: Path = typer.Option(
+            None, "--registry",
+            help="SQLite registry that records deploys and rollbacks, or a cycle workspace folder (its registry.sqlite); "
+                 "default: training.output_dir/registry.sqlite. A deployments.json of an older edentune beside it, or "
+                 "given here as PATH.json, is imported once and left unchanged; records then go to registry.sqlite beside it"),
     ) -> None:
         """Create the exported model in Ollama (keeps the old one as <name>:previous), or roll back."""
         from ..config import load_config
         from . import deploy as d
 
         cfg = load_config(config)
-        history = d.registry_path(cfg, registry)
+        where = registry or d.default_registry(cfg)
+        recorded = f"recorded in {d.registry_paths(where)[0]}"
         if rollback:
-            rec = d.rollback(cfg, host=host, registry=history)
-            console.print(f"[green]restored[/] {rec['model']} from {rec['restored_from']}")
+            rec = d.rollback(cfg, host=host, registry=where)
+            console.print(f"[green]restored[/] {rec['model']} from {rec['restored_from']}; {recorded}", highlight=False)
             return
         try:
-            records = d.deploy(cfg, export_dir, host=host, gate=gate, registry=history, smoke=smoke_check)
+            records = d.deploy(cfg, export_dir, host=host, gate=gate, registry=where, smoke=smoke_check)
         except d.DeployFailed as err:
             for rec in err.records:
                 if rec.get("smoke", {}).get("status") == "failed":
                     console.print(f"  Ollama answered: {rec['smoke']['answer']!r}", highlight=False, markup=False)
                     console.print(f"  llama.cpp with the adapter: {rec['smoke']['expected']!r}", highlight=False, markup=False)
+            console.print(f"the failed attempt is {recorded}", highlight=False)
             raise
         for rec in records:
             console.print(f"[green]deployed[/] {rec['model']} (FROM {rec['from']}, {rec['route']} route; "
                           f"previous kept as {rec['previous'] or '-'}); smoke check: {rec['smoke']['status']}", highlight=False)
-        console.print(f"recorded in {history}", highlight=False)
+        console.print(recorded, highlight=False)

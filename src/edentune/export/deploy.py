@@ -2,7 +2,8 @@
 
 `plan_deploy` reads and checks everything and changes nothing in Ollama:
 1. the export report, the gate (comparison.json re-checked against its files and this adapter) and
-   the deploy registry file (a broken registry is an error before any model exists);
+   the SQLite registry a standalone deploy records in (opened, upgraded and any legacy
+   deployments.json imported: a broken registry is an error before any model exists);
 2. the server: a well-formed host that answers `/api/version` like Ollama within the configured
    timeout, recent enough for the JSON create API;
 3. the base: present locally (creating FROM a missing base makes Ollama pull it silently, several
@@ -17,7 +18,7 @@
 7. smoke check: a fixed prompt through /api/chat, greedy, compared with llama.cpp's answers on
    the exported files with and without the adapter (a silently dropped adapter or a wrong
    template gives another answer).
-Both return data, never print; the event records are persisted by the caller (`append_registry`).
+Both return data, never print; `deploy` and `rollback` record events in the registry when given one.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdentuneError
-from ..io import file_sha256, write_json_atomic
+from ..io import file_sha256
+from ..registry import REGISTRY_NAME, Registry
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 # /api/create with from/files/adapters (the only form this module sends) exists since Ollama
@@ -84,7 +86,7 @@ class DeployPlan:
     adapter_sha256: str | None
     gate: dict | None  # what check_gate verified, or None without --gate
     merged_fallback: Path | None  # a merged model.gguf in the export, used if Ollama refuses the adapter
-    registry: Path | None  # JSON registry checked readable (persisted by the caller)
+    registry: Path | None  # SQLite registry checked writable (deploy records in it)
     timeout_s: float
     create_timeout_s: float
     base_dir: str  # HF base: tokenizer, and the reference GGUF for the smoke check
@@ -325,30 +327,81 @@ def check_base(cfg, *, host: str | None = None, client=None) -> str:
     return version
 
 
-# -- registry (the standalone CLI's history; the cycle keeps its own) ---------------------------
+# -- registry: the standalone deploy's history (a cycle records its own deploys per round) -------
 
-def registry_path(cfg, registry: str | Path | None = None) -> Path:
-    return Path(registry) if registry else Path(cfg.training.output_dir) / "deployments.json"
+LEGACY_HISTORY = "deployments.json"  # the JSON history of edentune before the SQLite registry
 
 
-def read_registry(path: str | Path) -> list[dict]:
-    """The deploy history in `path` ([] when absent); an unreadable file is an error, never overwritten."""
+def default_registry(cfg) -> Path:
+    return Path(cfg.training.output_dir) / REGISTRY_NAME
+
+
+def registry_paths(registry: str | Path) -> tuple[Path, Path | None]:
+    """(the SQLite registry, the legacy JSON history to import into it) for a `--registry` PATH:
+    a SQLite file; a folder (a cycle workspace): FOLDER/registry.sqlite; a legacy `.json` history:
+    registry.sqlite beside it. The legacy history is that .json, else a deployments.json beside
+    the SQLite file (the old default place), when it exists."""
+    path = Path(registry)
+    if path.suffix.lower() == ".json":
+        return path.parent / REGISTRY_NAME, path if path.exists() else None
+    if path.is_dir():
+        path = path / REGISTRY_NAME
+    legacy = path.parent / LEGACY_HISTORY
+    return path, legacy if legacy.exists() else None
+
+
+def open_registry(registry: str | Path) -> Registry:
+    """The registry for `registry` (see registry_paths), opened for writing (created or upgraded),
+    with the legacy JSON history imported once (the JSON file itself is only read). Any problem
+    is an EdentuneError, raised before the caller touches Ollama."""
+    path, legacy = registry_paths(registry)
+    imported = read_legacy_history(legacy) if legacy is not None else None
+    try:
+        reg = Registry(path)
+    except EdentuneError as err:
+        raise EdentuneError(f"deploy registry {err.args[0]}",
+                            hint="; ".join(filter(None, [err.hint, "nothing was changed in Ollama"]))) from None
+    if imported is not None:
+        try:
+            reg.import_events(history_events(imported), source=str(legacy.resolve()), sha256=file_sha256(legacy))
+        except BaseException:
+            reg.close()
+            raise
+    return reg
+
+
+def read_legacy_history(path: str | Path) -> list[dict]:
+    """The records of a deployments.json written by an older edentune; an unreadable file is an error."""
     path = Path(path)
-    if not path.exists():
-        return []
     try:
         history = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise EdentuneError(f"deploy registry {path} cannot be read ({str(err)[:200]})",
-                            hint="repair it or move it aside; nothing was changed in Ollama") from None
+        raise EdentuneError(f"deploy history {path} cannot be read ({str(err)[:200]})",
+                            hint="repair it or move it aside (its records are imported into the registry once); "
+                                 "nothing was changed in Ollama") from None
     if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
-        raise EdentuneError(f"deploy registry {path} is not a list of deploy records",
-                            hint="repair it or move it aside; nothing was changed in Ollama")
+        raise EdentuneError(f"deploy history {path} is not a list of deploy records",
+                            hint="repair it or move it aside (its records are imported into the registry once); "
+                                 "nothing was changed in Ollama")
     return history
 
 
-def append_registry(path: str | Path, records: list[dict]) -> None:
-    write_json_atomic(path, read_registry(path) + records)
+def history_events(records: list[dict]) -> list[dict]:
+    """One registry event per deploy/rollback record, with the cycle's event kinds: "deploy",
+    "error" (a failed deploy, rolled back) or "rollback"; the record itself under detail.records
+    (as in the cycle's deploy events). No round or persona: a standalone deploy has neither."""
+    events = []
+    for r in records:
+        kind = "rollback" if r.get("action") == "rollback" else "error" if r.get("status") == "rolled back" else "deploy"
+        detail = {"records": [r]} | ({"error": r.get("error")} if kind == "error" else {})
+        events.append({"kind": kind, "model": r["model"] if isinstance(r.get("model"), str) else None,
+                       "time": r["time"] if isinstance(r.get("time"), str) else None, "detail": detail})
+    return events
+
+
+def record_history(registry: Path, records: list[dict]) -> None:
+    with Registry(registry) as reg:
+        reg.record_events(history_events(records))
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -357,7 +410,7 @@ def plan_deploy(cfg, export_dir: str | Path, *, host: str | None = None, gate: s
                 registry: str | Path | None = None, tokenizer=None) -> DeployPlan:
     """Read and check everything a deploy needs; changes nothing in Ollama (read-only API calls).
     With `gate` (a comparison.json), nothing is planned unless it says ship for this very adapter;
-    with `registry`, that file must be a readable deploy history."""
+    with `registry` (see registry_paths), that registry is opened for writing first."""
     from .api import base_model_dir, load_export
     from .modelfile import CHATML_TEMPLATE, parse_modelfile
 
@@ -367,9 +420,9 @@ def plan_deploy(cfg, export_dir: str | Path, *, host: str | None = None, gate: s
     if route not in ("adapter", "merged"):
         raise EdentuneError(f"{export_dir}: export_report.json has no known route ({route!r})", hint="run `edentune export` again")
     gate_record = check_gate(gate, report) if gate is not None else None
-    registry = Path(registry) if registry is not None else None
     if registry is not None:
-        read_registry(registry)
+        with open_registry(registry) as reg:
+            registry = reg.path
     gguf = export_dir / ("adapter.gguf" if route == "adapter" else "model.gguf")
     if not gguf.is_file():
         raise EdentuneError(f"{export_dir}: {gguf.name} is missing", hint="run `edentune export` again")
@@ -615,25 +668,27 @@ def judge_smoke(answer: str, with_adapter: str, without_adapter: str) -> tuple[s
 
 def deploy(cfg, export_dir: str | Path, *, host: str | None = None, registry: str | Path | None = None,
            gate: str | Path | None = None, client=None, tokenizer=None, smoke: bool = True) -> list[dict]:
-    """plan_deploy + apply_deploy. With `registry`, the records (also those of a failed, rolled
-    back deploy) are appended to that JSON file, which the plan has already checked is readable."""
+    """plan_deploy + apply_deploy. With `registry` (see registry_paths), the records (also those
+    of a failed, rolled back deploy) become events there, in a registry the plan has already
+    opened for writing."""
     plan = plan_deploy(cfg, export_dir, host=host, gate=gate, client=client, registry=registry, tokenizer=tokenizer)
     try:
         records = apply_deploy(plan, client=client, smoke=smoke)
     except DeployFailed as err:
         if plan.registry is not None:
-            append_registry(plan.registry, err.records)
+            record_history(plan.registry, err.records)
         raise
     if plan.registry is not None:
-        append_registry(plan.registry, records)
+        record_history(plan.registry, records)
     return records
 
 
 def rollback(cfg, *, name: str | None = None, host: str | None = None, registry: str | Path | None = None, client=None) -> dict:
     """Restore `<name>:previous` (kept by the last deploy) under the model's name; with
-    `registry`, checked before and the event appended after."""
+    `registry` (see registry_paths), opened before Ollama is touched and the event recorded after."""
     if registry is not None:
-        read_registry(registry)
+        with open_registry(registry) as reg:
+            registry = reg.path
     server = _Server.for_config(cfg, host, client)
     server.version()  # is it Ollama at all: a clear error before any other call
     name = full_name(name or cfg.export.model_name)
@@ -644,7 +699,7 @@ def rollback(cfg, *, name: str | None = None, host: str | None = None, registry:
     server.call("copy", previous, name, what=f"restoring {name}")
     record = {"action": "rollback", "model": name, "time": _now(), "host": server.host, "restored_from": previous}
     if registry is not None:
-        append_registry(registry, [record])
+        record_history(registry, [record])
     return record
 
 

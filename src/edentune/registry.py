@@ -1,4 +1,8 @@
-"""The workspace registry: one SQLite database with every round, step, run, event and live model.
+"""The registry: one SQLite database with every round, step, run, event and live model.
+
+A cycle workspace keeps one (`DIR/registry.sqlite`, written by `edentune cycle`); the standalone
+`edentune deploy` records its deploys and rollbacks as events in one too (no rounds), so both
+commands keep one kind of history.
 
 Why SQLite (stdlib `sqlite3`) and not a JSON file: a round writes to it many times while `cycle
 status` may read it from another process, and a killed process must never leave it half-written.
@@ -27,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import EdentuneError
+from .errors import EdentuneError
 
+REGISTRY_NAME = "registry.sqlite"  # its file name in a cycle workspace or a run's output_dir
 BUSY_TIMEOUT_MS = 30_000
+IMPORT_EVENT = "import"  # marks a history imported from elsewhere (import_events)
 ROUND_STATUSES = ("running", "accepted", "refused", "failed")
 RUN_FIELDS = ("status", "adapter_sha256", "metrics", "verdict", "reasons", "export_dir")
 SHARED = "shared"  # the persona name of steps (and runs, in shared-adapter mode) common to all personas
@@ -235,7 +241,7 @@ class Registry:
                                 hint="upgrade edentune")
         if self.readonly and version < len(MIGRATIONS):
             raise EdentuneError(f"{self.path}: registry schema version {version} is older than this edentune's ({len(MIGRATIONS)})",
-                                hint="run any writing `edentune cycle` command once (it upgrades the registry)")
+                                hint="run any writing `edentune cycle` command (or `edentune deploy`) once: it upgrades the registry")
 
     def _migrate(self) -> None:
         with self._tx() as conn:
@@ -382,13 +388,37 @@ class Registry:
     # -- events and the live model ---------------------------------------------------------------
     def record_event(self, kind: str, *, round_id: str | None = None, persona: str | None = None,
                      model: str | None = None, detail: dict | None = None) -> None:
+        self.record_events([{"kind": kind, "round_id": round_id, "persona": persona, "model": model, "detail": detail}])
+
+    def record_events(self, events: list[dict]) -> None:
+        """Several events at once (dicts of record_event's keyword arguments plus `kind` and an
+        optional `time`, default now), e.g. one per model of a deploy: all of them or, after a
+        crash, none."""
         with self._tx() as conn:
-            self._insert_event(conn, kind, round_id, persona, model, detail)
+            self._insert_events(conn, events)
+
+    def import_events(self, events: list[dict], *, source: str, sha256: str) -> int | None:
+        """Events recorded elsewhere (dicts as for record_events, with their own `time`) and an
+        "import" event naming their source, in one transaction. A source is identified by the
+        sha256 of its content: importing the same content again adds nothing and returns None;
+        otherwise returns the number of events imported."""
+        with self._tx() as conn:
+            for row in conn.execute("SELECT detail_json FROM events WHERE kind = ?", (IMPORT_EVENT,)):
+                if _loads(row[0]).get("sha256") == sha256:
+                    return None
+            self._insert_events(conn, events)
+            self._insert_event(conn, IMPORT_EVENT, None, None, None, {"source": source, "sha256": sha256, "events": len(events)})
+            return len(events)
+
+    @classmethod
+    def _insert_events(cls, conn, events: list[dict]) -> None:
+        for e in events:
+            cls._insert_event(conn, e["kind"], e.get("round_id"), e.get("persona"), e.get("model"), e.get("detail"), time=e.get("time"))
 
     @staticmethod
-    def _insert_event(conn, kind, round_id, persona, model, detail) -> None:
+    def _insert_event(conn, kind, round_id, persona, model, detail, *, time: str | None = None) -> None:
         conn.execute("INSERT INTO events (time, kind, round_id, persona, model, detail_json) VALUES (?, ?, ?, ?, ?, ?)",
-                     (now(), kind, round_id, persona, model, _dumps(detail or {})))
+                     (time or now(), kind, round_id, persona, model, _dumps(detail or {})))
 
     def set_live(self, persona: str, round_id: str, model: str, *, event: str = "deploy", detail: dict | None = None) -> None:
         """Mark `round_id` live for `persona` and record the event, in one transaction."""

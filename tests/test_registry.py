@@ -1,4 +1,4 @@
-"""The cycle registry: one transaction per call, WAL readers beside a writer, and a killed writer
+"""The registry (cycle rounds, deploy events): one transaction per call, WAL readers beside a writer, and a killed writer
 never leaves a half-written row."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from edentune.cycle.registry import MIGRATIONS, Registry
 from edentune.errors import EdentuneError
+from edentune.registry import MIGRATIONS, Registry
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture
@@ -79,6 +79,22 @@ def test_strict_json_and_integrity(tmp_path):
     assert raw.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
 
 
+def test_events_without_a_round_and_an_import_done_once(reg):
+    reg.record_events([{"kind": "deploy", "model": "eden:latest", "detail": {"records": [{"a": 1}]}},
+                       {"kind": "deploy", "model": "eden-formal:latest", "time": "2025-01-01T00:00:00+00:00"}])
+    old = [{"kind": "rollback", "model": "eden:latest", "time": "2024-12-01T00:00:00+00:00", "detail": {"x": 1}}]
+    assert reg.import_events(old, source="/h/deployments.json", sha256="ab" * 32) == 1
+    assert reg.import_events(old, source="/elsewhere.json", sha256="ab" * 32) is None  # same content: not again
+    with pytest.raises(TypeError, match="JSON data"):  # a failed import leaves nothing, the marker included
+        reg.import_events(old + [{"kind": "deploy", "detail": {"p": Path("x")}}], source="s", sha256="cd" * 32)
+    events = reg.events()
+    assert [(e.kind, e.round_id, e.persona, e.model) for e in events] == [
+        ("deploy", None, None, "eden:latest"), ("deploy", None, None, "eden-formal:latest"),
+        ("rollback", None, None, "eden:latest"), ("import", None, None, None)]
+    assert events[1].time == "2025-01-01T00:00:00+00:00" and events[2].time == "2024-12-01T00:00:00+00:00"
+    assert events[3].detail == {"source": "/h/deployments.json", "sha256": "ab" * 32, "events": 1}
+
+
 def test_readonly_and_newer_schema(tmp_path):
     path = tmp_path / "r.sqlite"
     with pytest.raises(EdentuneError, match="no registry"):
@@ -99,7 +115,7 @@ def test_readonly_and_newer_schema(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from edentune.cycle.registry import Registry
+    from edentune.registry import Registry
     reg = Registry(sys.argv[1])
     reg.begin_round("r1", {"seed": 1})
     print("ready", flush=True)
