@@ -10,7 +10,9 @@ optimizer and schedule, one epoch each. Engines, each in its own subprocess (pea
   setting `Trainer` has built in), padded batches, transformers' default loss.
 - `trl`: TRL `SFTTrainer` with the loss on assistant tokens only (pre-tokenized rows carrying
   `assistant_masks` from the same labels: what `assistant_only_loss=True` derives from a chat
-  template with generation tags, which SmolLM2's lacks), its default batching.
+  template with generation tags, which SmolLM2's lacks), its default batching. SFTConfig turns
+  gradient checkpointing on by default (the embedded preset has it off), so `trl-no-gc` runs the
+  same with it off: the ratio against each is reported.
 - `baseline`: `Trainer` + PEFT with random batches (the first baseline of docs/benchmarks.md).
 
     python benchmarks/bench_train.py --conversations 64 --out bench_train.json      # quiet machine
@@ -114,14 +116,14 @@ def run_trainer(cfg, sampling: str) -> dict:
     return {"trained_tokens": counted["trained_tokens"], "train_runtime_s": out.metrics["train_runtime"]}
 
 
-def run_trl(cfg) -> dict:
+def run_trl(cfg, **overrides) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from edentune.train.data import IGNORE
 
     # max_length=None: the rows are already truncated to max_seq_len
-    model, tok, examples, sft_args = _peer_setup(cfg, SFTConfig, max_length=None, dataset_num_proc=None)
+    model, tok, examples, sft_args = _peer_setup(cfg, SFTConfig, max_length=None, dataset_num_proc=None, **overrides)
     rows = Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
                               "assistant_masks": [[int(lab != IGNORE) for lab in e.labels] for e in examples]})
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=rows, processing_class=tok)
@@ -134,7 +136,9 @@ def run_trl(cfg) -> dict:
 ENGINES = {
     "edentune": run_edentune,
     "trainer-grouped": lambda cfg: run_trainer(cfg, "group_by_length"),
-    "trl": run_trl,
+    "trl": run_trl,  # SFTConfig's defaults, gradient checkpointing (on in TRL) included
+    # TRL with gradient checkpointing off like the embedded preset: the same memory/compute trade
+    "trl-no-gc": lambda cfg: run_trl(cfg, gradient_checkpointing=False),
     "baseline": lambda cfg: run_trainer(cfg, "random"),
 }
 

@@ -96,6 +96,10 @@ class TrainingConfig(_Section):
     load_best_model_at_end: bool = True
     early_stopping_patience: int | None = Field(3, gt=0)
     gradient_checkpointing: bool = True
+    offload_checkpoints: bool = Field(
+        False, description="CUDA: keep the saved layer inputs of gradient checkpointing in pinned host RAM between "
+        "forward and backward (frees the checkpoints term of `edentune plan`, costs PCIe copies); ignored off CUDA"
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     batching: Literal["auto", "length_grouped", "padded", "packed"] = Field(
         "auto", description="auto: packed (padding-free) with flash-attention on CUDA, else length_grouped; "
@@ -122,6 +126,8 @@ class TrainingConfig(_Section):
                 f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}) "
                 "when load_best_model_at_end is on (a checkpoint must exist at each evaluated step)"
             )
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise ValueError("offload_checkpoints needs gradient_checkpointing: true (it moves the checkpoints to host RAM)")
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be shorter than the run (max_steps={self.max_steps})")
         return self

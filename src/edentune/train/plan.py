@@ -10,7 +10,9 @@ Peak training memory is estimated term by term (bytes):
 - activations: with gradient checkpointing, one hidden state per layer boundary in the stream
   dtype (2 or 4 bytes x T x hidden x layers) plus the larger of two transients that never
   coexist, the logits/loss after the forward and one layer's recomputed working set in backward;
-  without checkpointing, every layer's working set plus the logits. A layer's working set counts
+  without checkpointing, every layer's working set plus the logits. With
+  `training.offload_checkpoints` on CUDA the layer inputs wait in host RAM (`train.offload`):
+  two of them are on the GPU at a time (the one being copied out, the one brought back). A layer's working set counts
   the LoRA-dropout copy of each projection input (6 x hidden + intermediate per token, stream
   dtype) when lora.dropout > 0, and fewer MLP/norm intermediates under Liger's
   fused SwiGLU and RMSNorm (`training.kernels`).
@@ -198,7 +200,13 @@ def _estimate_terms(cfg, model_config, device_gb: float, device: str, loss: str)
     if t.gradient_checkpointing:
         # The loss is computed after the forward, a layer is recomputed during backward: the two
         # transients never coexist, so only the larger counts.
-        terms["saved layer inputs (checkpoints)"] = resid * T * arch.hidden * arch.layers / GB
+        checkpoints = resid * T * arch.hidden * arch.layers
+        if t.offload_checkpoints and device == "cuda":
+            # In host RAM between forward and backward (`train.offload`); on the GPU only the layer
+            # input being copied out in the forward and the one brought back for the recompute.
+            terms["saved layer inputs (offloaded: 2 on the GPU)"] = 2 * checkpoints / arch.layers / GB
+        else:
+            terms["saved layer inputs (checkpoints)"] = checkpoints / GB
         terms["largest transient: " + ("logits+loss" if logits >= layer_ws else "layer recompute")] = max(logits, layer_ws) / GB
     else:
         terms["activations (all layers)"] = layer_ws * arch.layers / GB
@@ -242,6 +250,11 @@ def _advice(plan: Plan, cfg, estimate_for) -> list[str]:
                         f"model.max_seq_len: {m.max_seq_len // 2} if your conversations allow (check `edentune data stats`)"))
     if not t.gradient_checkpointing:
         options.append(({"training.gradient_checkpointing": True}, "training.gradient_checkpointing: true"))
+    if t.gradient_checkpointing and not t.offload_checkpoints and plan.terms.get("allocator reserve") is not None:
+        host = plan.terms["saved layer inputs (checkpoints)"]
+        options.append(({"training.offload_checkpoints": True},
+                        f"training.offload_checkpoints: true (layer inputs wait in ~{host:.1f} GB of pinned host RAM; "
+                        "PCIe copies make steps a little slower)"))
     if cfg.quantization.load_in_4bit and t.residual_dtype == "fp32":
         options.append(({"training.residual_dtype": "auto"}, "training.residual_dtype: auto (bf16 residual stream and checkpoints)"))
     if cfg.lora.dropout > 0:

@@ -435,6 +435,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     batching = resolve_batching(t.batching, device)
     collator = (DataCollatorWithFlattening() if batching == "packed"
                 else DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
+    if t.offload_checkpoints and not device.startswith("cuda"):
+        console.print(f"note: training.offload_checkpoints applies to CUDA only; on {device} the checkpoints stay where they are")
     if device == "cpu" and t.optimizer.startswith("paged"):
         console.print("note: paged optimizers need CUDA; bitsandbytes uses the non-paged 8-bit AdamW on CPU")
 
@@ -457,6 +459,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
                 train_dataset=to_dataset(train_set), eval_dataset=to_dataset(val_set) if has_eval else None,
                 data_collator=collator, processing_class=tokenizer,
                 length_grouped=batching == "length_grouped", rollback_lr=rollback_lr,
+                offload_checkpoints=t.offload_checkpoints and device.startswith("cuda"),
             )
             _install_callbacks(trainer, cfg, has_eval, metrics_log, tb_writer, console, callbacks)
             progress = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RichProgressCallback)]

@@ -4,6 +4,7 @@
 - the length-grouped order is seeded per epoch (so `--resume` replays the same order),
 - the loss is computed on trained positions only, logits in bounded chunks (`trained_token_loss`),
   and normalised by the optimizer step's trained tokens summed over micro-batches and processes,
+- with `training.offload_checkpoints` (CUDA), the forward's saved layer inputs wait in host RAM (`offload`),
 - evaluation loss is the mean over trained tokens (Trainer averages per-batch means),
 - trained (label != -100) tokens are counted (for tokens/s and result.json) and kept in checkpoints,
 - resuming a checkpoint at max_steps trains no further step (Trainer trains one more when that
@@ -34,6 +35,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from edentune.io import atomic_dir
 
 from .data import IGNORE
+from .offload import offloaded_activations
 
 TRAINER_STATE = "trainer_state.json"
 EDENTUNE_STATE = "edentune_state.json"  # in each checkpoint: what Trainer's own state lacks (trained tokens)
@@ -157,9 +159,11 @@ class EdenTrainer(Trainer):
     # compute_loss divides by the whole optimizer step's trained tokens: Trainer must not divide again.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, length_grouped: bool = True, rollback_lr: float | None = None, **kwargs):
+    def __init__(self, *args, length_grouped: bool = True, rollback_lr: float | None = None,
+                 offload_checkpoints: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.length_grouped = length_grouped
+        self.offload_checkpoints = offload_checkpoints  # saved layer inputs wait in host RAM (train.offload)
         self.rollback_lr = rollback_lr  # set when resuming after a NaN: replaces the checkpoint's LR
         self.trained_tokens = 0  # over all processes, restored from the checkpoint on resume/rollback
         self.non_finite: str | None = None  # what went non-finite, and at which step
@@ -261,7 +265,8 @@ class EdenTrainer(Trainer):
             self._eval_rows.append(self.accelerator.gather_for_metrics(rows).cpu())
             loss = rows[:, 0].sum() / rows[:, 1].sum().clamp(min=1)
             return (loss, {"loss": loss}) if return_outputs else loss
-        loss_sum, n = trained_token_loss(model, inputs)
+        with offloaded_activations() if self.offload_checkpoints else contextlib.nullcontext():
+            loss_sum, n = trained_token_loss(model, inputs)
         if num_items_in_batch is None:  # called outside the training loop: a per-token mean
             loss = loss_sum / max(n, 1)
         else:
