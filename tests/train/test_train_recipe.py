@@ -161,10 +161,10 @@ def test_kill_and_resume_equals_uninterrupted(tiny_llama_dir, small_data, tmp_pa
 
 
 def test_qlora_resume_after_an_evaluation_is_exact(tiny_qwen2_dir, small_data, tmp_path):
-    # Evaluating at step 2 must not change how steps 3-4 compute: on AVX512-BF16 CPUs
-    # bitsandbytes repacks 4-bit weights at the first no-grad eval forward unless edentune keeps
-    # one layout (recipe.keep_cpu_4bit_layout), and the resumed run (no evaluation before step 3)
-    # then trained with another kernel than the uninterrupted one.
+    # Evaluating and saving at step 2 must not change what steps 3-4 compute: on AVX512-BF16 CPUs
+    # bitsandbytes repacks 4-bit weights at the first no-grad eval forward and the checkpoint save
+    # converts them back with re-quantized scales, unless edentune keeps one layout
+    # (recipe.keep_cpu_4bit_layout); the resumed run (a fresh base) then trained on another base.
     def cfg(name):
         c = make_config(tiny_qwen2_dir, *small_data, tmp_path / name, max_steps=4, eval_steps=2, save_steps=2,
                         optimizer="adamw_8bit")

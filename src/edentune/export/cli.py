@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         recorded = f"recorded in {d.registry_paths(where)[0]}"
         if rollback:
             rec = d.rollback(cfg, host=host, registry=where)
-            console.print(f"[green]restored[/] {rec['model']} from {rec['restored_from']}; {recorded}", highlight=False)
+            console.print(f"[green]restored[/] {rec['model']} from {rec['restored_from']}; {recorded}", highlight=False, soft_wrap=True)
             return
         try:
             records = d.deploy(cfg, export_dir, host=host, gate=gate, registry=where, smoke=smoke_check)
@@ -66,9 +66,9 @@ def register(app: typer.Typer) -> None:
                 if rec.get("smoke", {}).get("status") == "failed":
                     console.print(f"  Ollama answered: {rec['smoke']['answer']!r}", highlight=False, markup=False)
                     console.print(f"  llama.cpp with the adapter: {rec['smoke']['expected']!r}", highlight=False, markup=False)
-            console.print(f"the failed attempt is {recorded}", highlight=False)
+            console.print(f"the failed attempt is {recorded}", highlight=False, soft_wrap=True)
             raise
         for rec in records:
             console.print(f"[green]deployed[/] {rec['model']} (FROM {rec['from']}, {rec['route']} route; "
                           f"previous kept as {rec['previous'] or '-'}); smoke check: {rec['smoke']['status']}", highlight=False)
-        console.print(recorded, highlight=False)
+        console.print(recorded, highlight=False, soft_wrap=True)

@@ -104,12 +104,15 @@ def keep_cpu_4bit_layout(model) -> None:
     """Keep bitsandbytes' 4-bit weights in one layout for the whole run on CPU.
 
     On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weights into a CPU layout
-    the first time it runs in eval mode without gradients (`Linear4bit.forward`), and every later
-    forward, training included, then goes through the other kernel, which rounds differently
-    (~1e-5 relative on the embedded model's loss). So a run that evaluated at step N and the same
-    run resumed from checkpoint-N trained the next steps with different kernels: the adapters
-    differed by up to 1.4e-3 instead of being identical. Off here, the training path is the same
-    from step 1 whatever was evaluated when, and `--resume` is exact."""
+    the first time it runs in eval mode without gradients (`Linear4bit.forward`), and the next
+    state_dict (every checkpoint save: PEFT reads the whole model's) converts them back,
+    re-quantizing the double-quantized scales differently: the frozen base changes in memory, and
+    what it computes depends on when the run last evaluated and saved. A run resumed from
+    checkpoint-N (fresh base) and the uninterrupted run (evaluated and saved at N) then trained the
+    next steps on different bases: adapters differed by up to 1.4e-3 instead of being identical.
+    Off here, the base is the same bytes from step 1 whatever was evaluated or saved when, and
+    `--resume` is exact. (The packed kernel is faster, but a save undid it after every evaluation
+    anyway, so training already ran on this layout.)"""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
