@@ -111,8 +111,8 @@ def keep_cpu_4bit_layout(model) -> None:
     checkpoint-N (fresh base) and the uninterrupted run (evaluated and saved at N) then trained the
     next steps on different bases: adapters differed by up to 1.4e-3 instead of being identical.
     Off here, the base is the same bytes from step 1 whatever was evaluated or saved when, and
-    `--resume` is exact. (The packed kernel is faster, but a save undid it after every evaluation
-    anyway, so training already ran on this layout.)"""
+    `--resume` is exact. (The packed kernel is faster, but where a save follows each evaluation,
+    as in the presets, the save undid it before training went on: training ran on this layout.)"""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
