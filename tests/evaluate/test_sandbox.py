@@ -312,3 +312,32 @@ def test_sandbox_mode_fails_before_generating(no_sandbox):
     cfg.evaluation.run_code = "sandbox"
     with pytest.raises(EdentuneError, match="no sandbox"):
         evaluate(cfg, Unused(), Suite(name="x", path="x", cases=[Case(id="a", prompt="q", expected_language="en")]))
+
+
+def test_code_metric_is_over_the_cases_that_ask_for_code_for_every_model():
+    """A model that answers a code case without code fails it (the rate is measured, 0), and code in
+    an answer to a case that did not ask for it does not make a rate: base and fine-tuned models are
+    compared over the same cases, so the gate sees two measurements, not one side only."""
+    from edentune.evaluate.compare import compare
+    from edentune.evaluate.runner import EvalResult
+
+    cfg = RunConfig()
+    asks = Case(id="asks", prompt="write code", expected_behavior="provides_running_code")
+    chat = Case(id="chat", prompt="hello", expected_language="en")
+    base = [check_answer(asks, Generation("I cannot write code.", 0.1), cfg, FAST),
+            check_answer(chat, Generation("Hello!", 0.1), cfg, FAST)]
+    tuned = [check_answer(asks, Generation("```python\nprint(1)\n```", 0.1), cfg, FAST),
+             check_answer(chat, Generation("Hi!\n```python\nprint(2)\n```", 0.1), cfg, FAST)]
+    assert tuned[1].code_status == "pass"  # incidental code still runs and shows in its case
+    assert case_metrics(base)["code_pass_rate"] == 0.0 and case_metrics(tuned)["code_pass_rate"] == 1.0
+    assert case_metrics([base[1], tuned[1]])["code_pass_rate"] is None  # no case asks for code: n/a
+
+    def result(cases):
+        return EvalResult(model="m", suite="s", suite_sha256="x" * 64, settings={}, created="now", cases=cases,
+                          metrics=case_metrics(cases), by_category={}, by_language={})
+
+    verdict = {m.key: m.verdict for m in compare(result(base), result(tuned), cfg).metrics}
+    assert verdict["code_pass_rate"] == "better"
+    # the quickstart's case: no case asks for code, the fine-tuned model adds some: n/a, not invalid
+    verdict = {m.key: m.verdict for m in compare(result(base[1:]), result(tuned[1:]), cfg).metrics}
+    assert verdict["code_pass_rate"] == "n/a"

@@ -7,7 +7,7 @@ Metrics (rates in 0..1, None when no case measures them):
 | `language_consistency`    | answers in the expected language (per language in `by_language`)     |
 | `language_mixing`         | 1 - consistency: wrong language or mixed                             |
 | `persona_adherence`       | answers passing every persona rule                                   |
-| `code_pass_rate`          | answers with Python (or asked for it) whose code runs in the sandbox; None (n/a) when no code was run (no sandbox) |
+| `code_pass_rate`          | cases that ask for running code (`provides_running_code`) whose answer's Python runs in the sandbox (no code: a fail); None (n/a) without such cases or when no code was run (no sandbox) |
 | `keyword_hit_rate`        | keyword cases passing their any/all rule                             |
 | `keyword_recall`          | mean share of a case's keywords found                                |
 | `behavior_pass_rate`      | cases passing their named behaviour                                  |
@@ -186,7 +186,12 @@ def case_metrics(cases: list[CaseResult]) -> dict[str, float | None]:
     """Quality metrics of a set of answers (overall, or one category / language)."""
     consistency = _rate([c.language_ok for c in cases])
     recalls = [c.keyword_recall for c in cases if c.keyword_recall is not None]
-    wants_code = [c for c in cases if c.code_status or c.behavior == "provides_running_code"]
+    # The cases that ask for running code, the same set for every model answering the suite (an
+    # answer without code fails). Counting every answer that happens to contain code would compare
+    # the base and a fine-tuned model over different sets, and a base that never writes code would
+    # have no rate at all, which the gate must treat as unmeasured (never ship). Code in other
+    # answers is still run and shown in its case's checks.
+    wants_code = [c for c in cases if c.behavior == "provides_running_code"]
     # Code not run (no sandbox) is not measured: a rate over the rest would count only the answers
     # without code, so the metric is n/a rather than 0 or 1.
     code_run = not any(c.code_status == "not_run" for c in cases)
