@@ -168,9 +168,10 @@ class CleanConfig(_Section):
 class MixConfig(_Section):
     """`edentune data mix` and `data.mix.mix()`: their defaults and limits are these."""
 
-    new_ratio: float = Field(0.7, gt=0, le=1, allow_inf_nan=False, description="share of new data; the rest is replay")
+    new_ratio: float = Field(0.7, gt=0, le=1, allow_inf_nan=False,
+                             description="share of new data in the training set: every new record plus (1 - r) / r as many replay")
     quotas: dict[str, int] = Field(default_factory=lambda: {"persona": 200, "korean": 300, "coding": 300, "general": 200},
-                                   description="records drawn per category")
+                                   description="the replay buffer's composition: at most this many records per category")
     seed: int = 42
 
     @field_validator("quotas")
@@ -207,6 +208,11 @@ class EvaluationConfig(_Section):
     # A candidate is "worse" on a metric when it loses more than this (absolute, rates in 0..1).
     tolerance: float = Field(0.02, ge=0)
     max_forgetting: float = Field(0.10, ge=0, description="allowed relative perplexity increase on the replay set")
+    # How a candidate is called worse (docs/evaluation.md): `paired` compares the two models case by
+    # case (exact McNemar on pass/fail, paired bootstrap on per-token losses) at `significance`;
+    # `tolerance` is the older rule, a rate lower by more than `tolerance` is worse.
+    gate_test: Literal["paired", "tolerance"] = "paired"
+    significance: float = Field(0.05, gt=0, lt=0.5, description="two-sided level of the paired tests (gate_test: paired)")
     run_code: Literal["auto", "sandbox", "never", "unsafe-no-sandbox"] = Field(
         "auto", description="model-written code: auto = in the sandbox if one works here, else not run; "
                             "sandbox = an error without one; never; unsafe-no-sandbox = run even without isolation (docs/security.md)")

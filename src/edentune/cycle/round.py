@@ -257,7 +257,6 @@ def _shared_steps(ws: Workspace, steps: _Steps, new_files: list[Path]) -> tuple[
     """Returns the round's usable new records and its replay snapshot."""
     from ..data.clean import clean, dedup_key
     from ..data.convert import convert
-    from ..data.split import split_records
     from ..data.validate import load_valid
 
     data = ws.shared_data_dir(steps.round_id)
@@ -286,29 +285,38 @@ def _shared_steps(ws: Workspace, steps: _Steps, new_files: list[Path]) -> tuple[
                "forgetting": {str(f): file_sha256(f) for f in ws.forgetting_sources()}}
 
     def fixed():
+        from .validation import size_validation
+
         records = load_valid([clean_file])
         made = {}
-        if not ws.validation_path.exists():
-            if ws.validation_sources():
-                val = load_valid(ws.validation_sources())
-            else:
-                records, val = split_records(records, ws.config.validation.fraction)
-            if not val:
-                raise DataError(f"the fixed validation set would be empty ({len(records)} clean records, fraction "
-                                f"{ws.config.validation.fraction})", hint="raise validation.fraction or give validation.files in cycle.yaml")
+        # The validation set: frozen, given as files, or split off the first round; below its
+        # minimum size (after the length filter) it grows from this month's data (cycle/validation.py).
+        first = not ws.validation_path.exists()
+        current = (load_valid(ws.validation_sources()) if ws.validation_sources() else []) if first else load_valid([ws.validation_path])
+        split = ws.config.validation.fraction if first and not ws.validation_sources() else 0.0
+        val, records, size = size_validation(ws.round_config(steps.round_id, ws.training_units()[0]), ws.config.validation,
+                                             current, records, split)
+        if not val:
+            raise DataError(f"the fixed validation set would be empty ({len(records)} clean records, fraction "
+                            f"{ws.config.validation.fraction}, {size.dropped_for_length} longer than max_seq_len)",
+                            hint="raise validation.fraction or give validation.files in cycle.yaml")
+        if first or val != current:
             write_jsonl_atomic(ws.validation_path, val)
             made["validation"] = len(val)
+        if size.warning():
+            steps.console.print(f"[yellow]validation[/]: {escape(size.warning())}")
         if not ws.forgetting_path.exists():
             made["forgetting"] = write_jsonl_atomic(ws.forgetting_path, load_valid(ws.forgetting_sources()))
         held_out = {dedup_key(r) for r in load_valid([ws.validation_path, ws.forgetting_path])}
         kept = [r for r in records if dedup_key(r) not in held_out]
         write_jsonl_atomic(usable, kept)
         return [usable, ws.validation_path, ws.forgetting_path], {"usable": len(kept), "dropped_as_fixed": len(records) - len(kept),
-                                                                  "created": made}
+                                                                  "created": made, "validation": size.to_json()}
 
     # (The frozen files are outputs, not inputs: their recorded hashes catch any later change.)
     steps.run(SHARED, "fixed", {"clean": file_sha256(clean_file), "sources": sources,
-                                "fraction": ws.config.validation.fraction}, fixed)
+                                "fraction": ws.config.validation.fraction, "policy": ws.config.validation.model_dump(),
+                                "model": ws.config.run.model.model_dump()}, fixed)
     # The replay buffer as this round mixes it: data of the accepted rounds before this one, kept as
     # a snapshot in the round (the workspace buffer moves on when this round is accepted).
     seq = steps.reg.round(steps.round_id).seq
@@ -397,7 +405,7 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
     train_file = ws.train_data_path(round_id, unit)
     mixed = steps.run(unit, "mix", {"new": file_sha256(new_file), "buffer": file_sha256(replay),
                                     "replay": ws.config.replay.model_dump()},
-                      lambda: _mix(ws, unit, new_file, replay, train_file))
+                      lambda: _mix(ws, unit, new_file, replay, train_file, steps.console))
 
     # sft: continue the live adapter (or retrain from the base), resuming this run's checkpoints
     init_adapter = live_adapter if ws.config.continue_from == "live" else None
@@ -415,7 +423,9 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
     adapter_sha = file_sha256(adapter / "adapter_model.safetensors")
     reg.set_run(round_id, unit, adapter_sha256=adapter_sha,
                 metrics={"train_records": mixed.detail["records"], "new_records": sel.detail["records"],
-                         "replay_records": sum(n for src, n in mixed.detail["sources"].items() if src != "new")})
+                         "replay_records": sum(n for src, n in mixed.detail["sources"].items() if src != "new"),
+                         "realised_new_ratio": mixed.detail.get("realised_ratio"), **_trained_counts(sft.detail),
+                         "started_from": f"round {live_round}" if init_adapter is not None else "base"})
 
     # evaluate: candidate and the live model (reused from the live round when measured the same way)
     eval_key = _eval_key(ws, cfg)
@@ -429,7 +439,8 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
                      lambda: _gate(ws, cfg, ws.eval_dir(round_id, unit), metrics_jsonl))
     verdict = gate.detail
     metrics = {"val_loss": verdict["val_loss"], "live_val_loss": verdict["live_val_loss"],
-               "korean_consistency": verdict["korean_consistency"], **verdict["metrics"]}
+               "korean_consistency": verdict["korean_consistency"], **verdict["metrics"],
+               "forgetting_base": verdict.get("forgetting_base")}
     result = UnitResult(unit, "refused", ship=verdict["ship"], reasons=verdict["reasons"], val_loss=verdict["val_loss"],
                         live_val_loss=verdict["live_val_loss"], adapter_sha256=adapter_sha)
     if not verdict["ship"]:
@@ -493,7 +504,7 @@ def _select(ws: Workspace, unit: str, usable: Path, out: Path) -> tuple[list[Pat
     return [out], {"records": len(records), "rule": rule}
 
 
-def _mix(ws: Workspace, unit: str, new_file: Path, replay: Path, out: Path) -> tuple[list[Path], dict]:
+def _mix(ws: Workspace, unit: str, new_file: Path, replay: Path, out: Path, console: Console) -> tuple[list[Path], dict]:
     from ..data.mix import mix_records
     from ..data.validate import load_valid
 
@@ -504,16 +515,18 @@ def _mix(ws: Workspace, unit: str, new_file: Path, replay: Path, out: Path) -> t
         buffer = [r for r in buffer if (r.get("replay_source") or {}).get("persona") == unit]
     ratio = mixc.new_ratio if buffer else 1.0
     records, report = mix_records(load_valid([new_file]), buffer, mixc.model_copy(update={"new_ratio": ratio}))
-    if not records:
-        raise DataError(f"{unit}: the mix is empty (no record of the quota categories {', '.join(mixc.quotas)})",
-                        hint="check replay.quotas in cycle.yaml")
     write_jsonl_atomic(out, records)
+    console.print(f"{unit} mix: {report.new} new + {report.replay} replay = {report.drawn}, "
+                  f"realised {report.realised_ratio:.1%} new (configured {ratio:.0%})", markup=False)
+    for short in report.shortfalls:
+        console.print(f"{unit} mix: {short}", style="yellow", markup=False)
     sources = {}
     for r in records:
         src = r.get("replay_source")
         key = f"{src['round']}/{src['persona']}" if src else "new"
         sources[key] = sources.get(key, 0) + 1
-    return [out], {"records": len(records), "ratio": ratio, "sources": sources, "shortfalls": report.shortfalls}
+    return [out], {"records": len(records), "ratio": ratio, "realised_ratio": report.realised_ratio, "new": report.new,
+                   "replay": report.replay, "replay_wanted": report.replay_wanted, "sources": sources, "shortfalls": report.shortfalls}
 
 
 def _final_adapter(ws: Workspace, reg: Registry, round_id: str, unit: str) -> Path | None:
@@ -569,7 +582,16 @@ def _sft(ws: Workspace, cfg: RunConfig, inputs_sha: str, init_adapter: Path | No
     return ([adapter / "adapter_model.safetensors", adapter / "adapter_config.json"],
             {"adapter": rel(adapter), "run_dir": rel(run_dir), "init_adapter": str(init_adapter) if init_adapter else None,
              "global_step": metrics.get("global_step"), "best_eval_loss": metrics.get("best_eval_loss"),
-             "final_eval_loss": metrics.get("final_eval_loss"), "resumed_checkpoints": kept})
+             "final_eval_loss": metrics.get("final_eval_loss"), "resumed_checkpoints": kept, "data": metrics.get("data")})
+
+
+def _trained_counts(sft_detail: dict) -> dict:
+    """What training kept of the mix: conversations dropped for length and trained (`cycle status`)."""
+    train = (sft_detail.get("data") or {}).get("train") or {}
+    val = (sft_detail.get("data") or {}).get("validation") or {}
+    return {"dropped_for_length": train.get("dropped_overlong"), "trained_records": train.get("kept"),
+            "trained_tokens": train.get("trained_tokens"), "validation_records": val.get("kept"),
+            "validation_tokens": val.get("trained_tokens")}
 
 
 def _preference(ws: Workspace, cfg: RunConfig, feedback_dir: Path, sft_adapter: Path, inputs_sha: str,
@@ -627,7 +649,12 @@ def _evaluate_step(ws: Workspace, reg: Registry, cfg: RunConfig, round_id: str, 
     baseline.save(baseline_file)
     candidate = _evaluate(cfg, adapter, suite, validation, forgetting)
     candidate.save(candidate_file)
-    return [baseline_file, candidate_file], {
+    from .forgetting import origin_source, write_origin  # the original base's scores, for cumulative forgetting
+
+    origin = write_origin(out, baseline_file=baseline_file, baseline_is_base=live_round is None,
+                          reused=origin_source(ws, reg, live_round, unit, key),
+                          score_base=lambda: _evaluate(cfg, None, suite, validation, forgetting))
+    return [baseline_file, candidate_file, origin], {
         "key": key, "baseline": f"live round {live_round}" if live_round else "base model",
         "baseline_reused_from": str(reused.relative_to(ws.dir)) if reused else None,
         "candidate": _summary(candidate.metrics), "live": _summary(baseline.metrics)}
@@ -657,10 +684,20 @@ def _gate(ws: Workspace, cfg: RunConfig, out: Path, metrics_jsonl: Path) -> tupl
         if live_loss is None or cand_loss is None:
             reasons.append("validation loss could not be measured on the fixed validation set")
         elif not cand_loss < live_loss - g.min_val_loss_delta:
+            test = comparison.row("perplexity_validation").detail
             reasons.append(f"validation loss did not improve over the live model's ({live_loss:.4f} → {cand_loss:.4f}"
-                           + (f", needs at least {g.min_val_loss_delta:g} lower" if g.min_val_loss_delta else "") + ")")
+                           + (f", needs at least {g.min_val_loss_delta:g} lower" if g.min_val_loss_delta else "")
+                           + (f"; {test.split(': ', 1)[-1]}" if test else "") + ")")
     reasons += list(comparison.reasons)
+    from .forgetting import ORIGIN_FILE, cumulative_forgetting
+
+    origin = out / ORIGIN_FILE
+    cumulative = cumulative_forgetting(EvalResult.load(origin), candidate, g.max_cumulative_forgetting, cfg.evaluation) if origin.is_file() else None
+    reasons += cumulative.reasons if cumulative else []
     verdict = {"ship": not reasons and comparison.ship, "reasons": reasons, "val_loss": cand_loss, "live_val_loss": live_loss,
+               "val_loss_test": comparison.row("perplexity_validation").detail,
+               "forgetting_base": cumulative.value if cumulative else None,
+               "cumulative_forgetting": cumulative.to_json() if cumulative else None,
                "compare_ship": comparison.ship, "forgetting": comparison.row("forgetting").candidate,
                "korean_consistency": comparison.korean_consistency.get("value"),
                "metrics": {r.key: r.candidate for r in comparison.metrics if r.gating or r.key == "perplexity_replay"},

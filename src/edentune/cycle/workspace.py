@@ -68,11 +68,18 @@ class WorkspacePersona(_Section):
 class ValidationPolicy(_Section):
     fraction: float = Field(0.1, gt=0, lt=1, description="share of the first round's clean data frozen as the validation set")
     files: list[str] = Field(default_factory=list, description="fixed validation files; when given, nothing is split off")
+    # Counted after the max_seq_len length filter (what training and the gate actually score);
+    # until both are met, each round moves up to `max_share` of its new conversations into the set.
+    min_conversations: int = Field(30, ge=1, description="the set chooses checkpoints and gates rounds: at least this many conversations")
+    min_tokens: int = Field(3000, ge=0, description="and at least this many scored (assistant) tokens")
+    max_share: float = Field(0.3, gt=0, lt=1, description="most of one month's new conversations taken to grow the set")
 
 
 class GatePolicy(_Section):
     require_val_loss_improvement: bool = Field(True, description="ship only if validation loss beats the live round's")
     min_val_loss_delta: float = Field(0.0, ge=0, description="by at least this much")
+    max_cumulative_forgetting: float = Field(0.2, ge=0, description="allowed replay perplexity increase over the ORIGINAL base "
+                                             "(forgetting that builds up over months; the per-round limit is run.evaluation.max_forgetting)")
 
 
 class OllamaPolicy(_Section):

@@ -181,10 +181,10 @@ def register(root: typer.Typer) -> None:
             replay: Annotated[Optional[list[Path]], typer.Option(help="Replay buffer (JSONL); repeatable.")] = None,
             config: ConfigPath = None,
             ratio: Annotated[Optional[float], typer.Option(help="Share of new data in (0, 1] (the rest is replay)." + _default(MixConfig, "new_ratio"), show_default=False)] = None,
-            quota: Annotated[Optional[list[str]], typer.Option(help="category=count, repeatable; replaces all quotas." + _default(MixConfig, "quotas"), show_default=False)] = None,
+            quota: Annotated[Optional[list[str]], typer.Option(help="category=count, repeatable; replaces all quotas: the most replay records kept per category (the buffer's composition)." + _default(MixConfig, "quotas"), show_default=False)] = None,
             seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, same mix)." + _default(MixConfig, "seed"), show_default=False)] = None,
             report: ReportPath = None) -> None:
-        """Build a training set from new data and a replay buffer at a ratio, with per-category quotas."""
+        """Build a training set: every new record plus replay from the buffer, so that new data is --ratio of it."""
         from edentune.data.mix import mix as run
 
         settings = _section(config, "mix", {"new_ratio": ratio, "quotas": _quotas(quota), "seed": seed})
@@ -195,7 +195,9 @@ def register(root: typer.Typer) -> None:
         for d in rep.draws:
             table.add_row(d.category, d.source, str(d.wanted), str(d.available), str(d.drawn))
         console.print(table)
-        console.print(_printable(f"drew {rep.drawn} of {rep.wanted} -> {out}"), markup=False)
+        realised = f"{rep.realised_ratio:.1%}" if rep.realised_ratio is not None else "n/a"
+        console.print(_printable(f"{rep.new} new + {rep.replay} replay (of {rep.replay_wanted} wanted, {rep.replay_available} in the buffer) "
+                                 f"= {rep.drawn}: realised ratio {realised} new (configured {rep.ratio:.0%}) -> {out}"), markup=False)
         for short in rep.shortfalls:
             console.print(f"[yellow]short: {short}[/yellow]")
 

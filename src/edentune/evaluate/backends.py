@@ -82,6 +82,11 @@ class LocalBackend:
 
         return perplexity(self.model, self.tokenizer, conversations, system_prompt, self.max_seq_len)
 
+    def perplexity_terms(self, conversations: list, system_prompt: str | None) -> list[list[float]]:
+        from .perplexity import perplexity_terms
+
+        return perplexity_terms(self.model, self.tokenizer, conversations, system_prompt, self.max_seq_len)
+
 
 SERVER_HINT = "start one with `ollama serve` or `python -m llama_cpp.server --model FILE.gguf`, and give its OpenAI-compatible URL, e.g. -m http://127.0.0.1:11434/v1#eden"
 

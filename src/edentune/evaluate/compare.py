@@ -1,6 +1,9 @@
 """Base vs fine-tuned: per-metric verdicts and the deploy gate.
 
-Verdict rules (thresholds from the `evaluation` config section):
+Verdict rules (thresholds from the `evaluation` config section). With `gate_test: paired` (the
+default) the rates, validation perplexity and forgetting are decided by paired tests over the same
+cases (`significance.paired_verdicts`: a change beyond noise at `significance`, "same" meaning
+cannot tell); with `gate_test: tolerance`, by the older fixed margins:
 
 - rates (0..1): `better` / `worse` when the candidate gains / loses more than `tolerance`
   (absolute), else `same`;
@@ -75,9 +78,15 @@ class MetricRow(BaseModel):
     label: str
     base: float | None
     candidate: float | None
-    verdict: str  # better | worse | same | n/a | invalid
+    verdict: str  # better | worse | same (cannot tell) | n/a | invalid
     gating: bool
     kind: str
+    # The paired test behind the verdict (evaluation.gate_test: paired; see significance.py): case
+    # counts or the loss difference with its interval, the p-value, and the case ids that flipped.
+    detail: str | None = None
+    p_value: float | None = None
+    interval: list[float] | None = None
+    flipped: dict[str, list[str]] = {}  # "lost" (base passed, candidate failed) / "gained"
 
 
 class FailingCase(BaseModel):
@@ -192,7 +201,7 @@ def _gate_reasons(rows: list[MetricRow]) -> list[str]:
         if not r.gating or r.verdict not in ("worse", "invalid"):
             continue
         if r.verdict == "worse":
-            reasons.append(f"{r.label} is worse ({_fmt(r.base)} → {_fmt(r.candidate)})")
+            reasons.append(f"{r.label} is worse ({r.detail or f'{_fmt(r.base)} → {_fmt(r.candidate)}'})")
         elif r.key == "forgetting" and replay is not None:
             reasons.append(f"{r.label} cannot be computed: {_invalid(replay)}")
         else:
@@ -217,6 +226,12 @@ def compare(base: EvalResult, cand: EvalResult, cfg: RunConfig, metrics_jsonl: s
     cat_specs = [s for s in METRICS if s.key in CATEGORY_METRICS]
     by_category = {cat: _rows(cat_specs, base.by_category.get(cat, {}), cand.by_category.get(cat, {}), tol, max_f)
                    for cat in sorted(set(base.by_category) | set(cand.by_category))}
+    if cfg.evaluation.gate_test == "paired":
+        from .significance import paired_verdicts
+
+        paired_verdicts(rows, base, cand, cfg.evaluation)
+        for cat, cat_rows in by_category.items():
+            paired_verdicts(cat_rows, base, cand, cfg.evaluation, category=cat)
 
     mixing = [SPEC_BY_KEY["language_mixing"]]
     by_language = {lang: _rows(mixing, base.by_language.get(lang, {}), cand.by_language.get(lang, {}), tol, max_f)

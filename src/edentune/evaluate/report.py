@@ -17,7 +17,13 @@ from edentune.io import atomic_outputs
 from .compare import Comparison, MetricRow
 from .runner import CaseResult, EvalResult
 
-VERDICT_MARK = {"better": "▲ better", "worse": "▼ worse", "same": "= same", "n/a": "n/a", "invalid": "✖ invalid"}
+# "same": no change beyond the tolerance, or (paired tests) none beyond noise: cannot tell.
+VERDICT_MARK = {"better": "▲ better", "worse": "▼ worse", "same": "≈ cannot tell", "n/a": "n/a", "invalid": "✖ invalid"}
+
+
+def verdict_cell(r: MetricRow) -> str:
+    """The verdict with the paired test behind it (case counts, p-value, flipped cases), if any."""
+    return VERDICT_MARK[r.verdict] + (f" ({r.detail})" if r.detail else "")
 
 
 def fmt(row_kind: str, v: float | None) -> str:
@@ -78,7 +84,7 @@ def curve_numbers(curves: dict[str, list[list[float]]]) -> list[tuple[str, str, 
 
 # -- Markdown ---------------------------------------------------------------------------------
 def _md_rows(rows: list[MetricRow]) -> list[str]:
-    return [f"| {r.label}{'' if r.gating else ' *'} | {fmt(r.kind, r.base)} | {fmt(r.kind, r.candidate)} | {VERDICT_MARK[r.verdict]} |"
+    return [f"| {r.label}{'' if r.gating else ' *'} | {fmt(r.kind, r.base)} | {fmt(r.kind, r.candidate)} | {_md_cell(verdict_cell(r))} |"
             for r in rows]
 
 
@@ -214,7 +220,7 @@ ul.checks{list-style:none;padding:0;margin:0.4rem 0 0}.pass{color:#1f7a3a}.fail{
 def _html_table(rows: list[MetricRow]) -> str:
     body = "".join(
         f"<tr><td>{html.escape(r.label)}{'' if r.gating else ' *'}</td><td class=num>{fmt(r.kind, r.base)}</td>"
-        f"<td class=num>{fmt(r.kind, r.candidate)}</td><td class={r.verdict.replace('/', '')}>{VERDICT_MARK[r.verdict]}</td></tr>"
+        f"<td class=num>{fmt(r.kind, r.candidate)}</td><td class={r.verdict.replace('/', '')}>{html.escape(verdict_cell(r))}</td></tr>"
         for r in rows)
     return f"<table><tr><th>Metric</th><th>Base</th><th>Fine-tuned</th><th>Verdict</th></tr>{body}</table>"
 
@@ -290,7 +296,9 @@ def summary(c: Comparison) -> dict:
         "candidate_results_path": c.candidate_results_path, "candidate_results_sha256": c.candidate_results_sha256,
         "settings": c.settings,
         "tolerance": c.tolerance, "max_forgetting": c.max_forgetting, "korean_consistency": c.korean_consistency,
-        "metrics": {r.key: {"base": r.base, "candidate": r.candidate, "verdict": r.verdict, "gating": r.gating} for r in c.metrics},
+        "metrics": {r.key: {"base": r.base, "candidate": r.candidate, "verdict": r.verdict, "gating": r.gating,
+                            **({"detail": r.detail, "p_value": r.p_value, "interval": r.interval, "flipped": r.flipped} if r.detail else {})}
+                    for r in c.metrics},
         "language_mixing_by_language": {lang: {"base": r.base, "candidate": r.candidate, "verdict": r.verdict}
                                         for lang, (r,) in c.by_language.items()},
         "by_category": {cat: {r.key: {"base": r.base, "candidate": r.candidate, "verdict": r.verdict} for r in rows}
@@ -320,6 +328,7 @@ def write_reports(c: Comparison, out_dir: str | Path, *, base: EvalResult | None
 # -- terminal ---------------------------------------------------------------------------------
 def rich_table(c: Comparison):
     """The comparison as a Rich table (print it with a rich Console)."""
+    from rich.markup import escape
     from rich.table import Table
 
     style = {"better": "green", "worse": "bold red", "same": "", "n/a": "dim", "invalid": "bold red"}
@@ -328,5 +337,5 @@ def rich_table(c: Comparison):
         table.add_column(col, justify=justify)
     for r in c.metrics:
         table.add_row(r.label + ("" if r.gating else " *"), fmt(r.kind, r.base), fmt(r.kind, r.candidate),
-                      f"[{style[r.verdict]}]{VERDICT_MARK[r.verdict]}[/]" if style[r.verdict] else VERDICT_MARK[r.verdict])
+                      f"[{style[r.verdict]}]{escape(verdict_cell(r))}[/]" if style[r.verdict] else escape(verdict_cell(r)))
     return table

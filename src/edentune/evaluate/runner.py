@@ -87,6 +87,9 @@ class EvalResult(BaseModel):
     by_category: dict[str, dict[str, float | None]]
     by_language: dict[str, dict[str, float | None]]
     cases: list[CaseResult]
+    # "validation" / "replay" -> [summed NLL, scored tokens] per conversation, for the paired loss
+    # comparison (`significance.paired_loss`); empty in files written before it existed.
+    perplexity_terms: dict[str, list[list[float]]] = {}
     # The file this result was read from / written to and its sha256, recorded by `compare` so that
     # `deploy --gate` can check the comparison is about these very files.
     _path: str | None = PrivateAttr(None)
@@ -182,16 +185,28 @@ def _percentile(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
+# Pass/fail metric -> whether one case passed it (None: the metric does not apply to the case).
+# The rates below are the share of passes; `compare` pairs the same flags case by case.
+# The cases that ask for running code are the same set for every model answering the suite (an
+# answer without code fails). Counting every answer that happens to contain code would compare
+# the base and a fine-tuned model over different sets, and a base that never writes code would
+# have no rate at all, which the gate must treat as unmeasured (never ship). Code in other
+# answers is still run and shown in its case's checks.
+PASS_FLAGS: dict[str, Callable[[CaseResult], bool | None]] = {
+    "language_consistency": lambda c: c.language_ok,
+    "persona_adherence": lambda c: c.persona_ok,
+    "code_pass_rate": lambda c: c.code_status == "pass" if c.behavior == "provides_running_code" else None,
+    "keyword_hit_rate": lambda c: c.keywords_ok,
+    "behavior_pass_rate": lambda c: c.behavior_ok,
+    "case_pass_rate": lambda c: c.passed,
+}
+
+
 def case_metrics(cases: list[CaseResult]) -> dict[str, float | None]:
     """Quality metrics of a set of answers (overall, or one category / language)."""
-    consistency = _rate([c.language_ok for c in cases])
+    rates = {key: _rate([flag(c) for c in cases]) for key, flag in PASS_FLAGS.items()}
+    consistency = rates["language_consistency"]
     recalls = [c.keyword_recall for c in cases if c.keyword_recall is not None]
-    # The cases that ask for running code, the same set for every model answering the suite (an
-    # answer without code fails). Counting every answer that happens to contain code would compare
-    # the base and a fine-tuned model over different sets, and a base that never writes code would
-    # have no rate at all, which the gate must treat as unmeasured (never ship). Code in other
-    # answers is still run and shown in its case's checks.
-    wants_code = [c for c in cases if c.behavior == "provides_running_code"]
     # Code not run (no sandbox) is not measured: a rate over the rest would count only the answers
     # without code, so the metric is n/a rather than 0 or 1.
     code_run = not any(c.code_status == "not_run" for c in cases)
@@ -199,12 +214,12 @@ def case_metrics(cases: list[CaseResult]) -> dict[str, float | None]:
         "n": len(cases),
         "language_consistency": consistency,
         "language_mixing": None if consistency is None else 1 - consistency,
-        "persona_adherence": _rate([c.persona_ok for c in cases]),
-        "code_pass_rate": _rate([c.code_status == "pass" for c in wants_code]) if code_run else None,
-        "keyword_hit_rate": _rate([c.keywords_ok for c in cases]),
+        "persona_adherence": rates["persona_adherence"],
+        "code_pass_rate": rates["code_pass_rate"] if code_run else None,
+        "keyword_hit_rate": rates["keyword_hit_rate"],
         "keyword_recall": sum(recalls) / len(recalls) if recalls else None,
-        "behavior_pass_rate": _rate([c.behavior_ok for c in cases]),
-        "case_pass_rate": _rate([c.passed for c in cases]),
+        "behavior_pass_rate": rates["behavior_pass_rate"],
+        "case_pass_rate": rates["case_pass_rate"],
     }
 
 
@@ -254,9 +269,16 @@ def evaluate(cfg: RunConfig, backend: Backend, suite: Suite, *, validation: list
     results = [check_answer(c, g, cfg, limits) for c, g in zip(suite.cases, generations)]
 
     metrics = {**case_metrics(results), **timing_metrics(generations, seconds)}
-    perplexity = getattr(backend, "perplexity", None)
-    for key, convs in (("perplexity_validation", validation), ("perplexity_replay", replay)):
-        metrics[key] = perplexity(convs, cfg.model.system_prompt) if convs and perplexity else None
+    from .perplexity import perplexity_of
+
+    terms_of, perplexity = getattr(backend, "perplexity_terms", None), getattr(backend, "perplexity", None)
+    ppl_terms: dict[str, list[list[float]]] = {}
+    for name, convs in (("validation", validation), ("replay", replay)):
+        if convs and terms_of:
+            ppl_terms[name] = terms_of(convs, cfg.model.system_prompt)
+            metrics[f"perplexity_{name}"] = perplexity_of(ppl_terms[name])
+        else:
+            metrics[f"perplexity_{name}"] = perplexity(convs, cfg.model.system_prompt) if convs and perplexity else None
 
     by_category = {cat: case_metrics([r for r in results if r.category == cat]) for cat in suite.categories}
     languages = sorted({r.expected_language for r in results if r.expected_language})
@@ -264,4 +286,5 @@ def evaluate(cfg: RunConfig, backend: Backend, suite: Suite, *, validation: list
     return EvalResult(model=backend.name, adapter_sha256=getattr(backend, "adapter_sha256", None), suite=suite.path,
                       suite_sha256=suite.sha256, settings=evaluation_settings(cfg, backend, validation, replay),
                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                      metrics=metrics, by_category=by_category, by_language=by_language, cases=results)
+                      metrics=metrics, by_category=by_category, by_language=by_language, cases=results,
+                      perplexity_terms=ppl_terms)

@@ -418,7 +418,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
                             hint="continue it with `edentune train CONFIG --resume`, or set training.output_dir to a new directory")
     checkpoint = resume_checkpoint(run_dir, console, fresh_optimizer) if resume else None
     if resume and checkpoint is None:
-        console.print(f"no checkpoint in {run_dir}: starting from the beginning")
+        console.print(f"no checkpoint in {run_dir}: " + (f"training continues from the adapter {init_adapter}" if init_adapter
+                                                           else "starting from the base model"), markup=False)
     ensure_dir(run_dir)
     if procs.main:
         for stale in run_dir.glob(".checkpoint-*"):  # temporaries of a save that was killed
