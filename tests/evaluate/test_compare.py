@@ -15,6 +15,9 @@ from edentune.evaluate.runner import CaseResult, EvalResult
 
 SPEC = {s.key: s for s in METRICS}
 SUITE_SHA = hashlib.sha256(b"the suite").hexdigest()
+# These results carry metrics without the per-case answers behind them: they exercise the
+# tolerance rule (the paired rule, which needs the cases, is tested in test_significance.py).
+TOLERANCE = RunConfig().updated({"evaluation.gate_test": "tolerance"})
 SETTINGS = {"max_new_tokens": 256, "temperature": 0.0, "system_prompt": "You are Eden.", "validation": None, "replay": None}
 
 
@@ -64,9 +67,9 @@ def test_ship_when_nothing_is_worse():
 
 
 def test_never_ship_when_a_metric_is_worse():
-    c = compare(result("base"), result("cand", persona=0.5, ppl_val=5.0), RunConfig())
+    c = compare(result("base"), result("cand", persona=0.5, ppl_val=5.0), TOLERANCE)
     assert not c.ship and any("Persona adherence" in r for r in c.reasons)
-    c = compare(result("base"), result("cand", ppl_replay=10.0), RunConfig())  # +25 % replay perplexity
+    c = compare(result("base"), result("cand", ppl_replay=10.0), TOLERANCE)  # +25 % replay perplexity
     assert not c.ship and c.row("forgetting").candidate == pytest.approx(0.25)
     assert c.by_category["coding"][[r.key for r in c.by_category["coding"]].index("persona_adherence")].verdict == "same"
 
@@ -84,7 +87,7 @@ def test_reports(tmp_path):
     assert read_training_curves(curves) == {"loss": [[10, 2.0], [20, 1.5]], "learning_rate": [[10, 1e-4], [20, 2e-4]],
                                             "grad_norm": [[10, 1.5]], "eval_loss": [[20, 1.7]]}
     base, cand = result("base"), result("cand", persona=0.5, failing=["bad-case"])
-    c = compare(base, cand, RunConfig(), curves)
+    c = compare(base, cand, TOLERANCE, curves)
     paths = write_reports(c, tmp_path / "out", base=base, candidate=cand)
     assert paths == {"json": tmp_path / "out" / "comparison.json", "markdown": tmp_path / "out" / "report.md",
                      "html": tmp_path / "out" / "report.html"}
