@@ -112,3 +112,18 @@ def test_suite_hash_is_the_cases_content(tmp_path):
         yaml_suite.write_text(f"cases:\n  - id: {changed}\n    expected_keywords: [a, b]\n", encoding="utf-8")
         assert load_suite(str(yaml_suite)).sha256 != sha
     assert load_suite("default").sha256 == load_suite("default").sha256
+
+
+@pytest.mark.parametrize("keywords", [[], {"any": []}, {"all": []}])
+def test_a_case_without_keywords_has_no_keyword_check(tmp_path, keywords):
+    from edentune.config import RunConfig
+    from edentune.evaluate.backends import Generation
+    from edentune.evaluate.runner import case_metrics, check_answer
+
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "expected_language": "en", "expected_keywords": keywords}) + "\n", encoding="utf-8")
+    (case,) = load_suite(str(path)).cases
+    assert case.expected_keywords is None
+    result = check_answer(case, Generation("Hello! How can I help you today?", 0.1), RunConfig())
+    assert result.keywords_ok is None and not any("keywords" in f for f in result.failures)
+    assert result.passed and case_metrics([result])["keyword_hit_rate"] is None  # n/a, not a failure

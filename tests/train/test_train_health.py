@@ -44,3 +44,15 @@ def test_monitor_reports_each_finding_once_with_remedy():
         mon.on_train_log(train, 0.5)
         found += mon.on_eval(val)
     assert [f.kind for f in found] == ["overfitting"]
+
+
+def test_overfitting_names_the_sign_that_fired():
+    assert is_overfitting(train=[2.0, 1.5, 1.0, 0.6], val=[1.9, 1.7, 1.8, 1.95]) == "rising"
+    assert is_overfitting(train=[0.9, 0.5, 0.3], val=[1.4, 1.3, 1.2]) == "gap"
+    mon = HealthMonitor(max_grad_norm=1.0)
+    found = []
+    for train, val in ((0.9, 1.4), (0.5, 1.3), (0.3, 1.2)):  # validation loss falls, but stays far above training
+        mon.on_train_log(train, 0.5)
+        found += mon.on_eval(val)
+    assert [f.kind for f in found] == ["overfitting"]
+    assert "rising" not in found[0].message and "far above training loss" in found[0].message

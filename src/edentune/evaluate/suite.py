@@ -58,11 +58,12 @@ class Case(_Strict):
     @field_validator("expected_keywords", mode="before")
     @classmethod
     def _keywords(cls, v):
+        # No keywords (`[]`, `{any: []}`): no keyword check (n/a), rather than one that can never pass.
         if isinstance(v, list):
-            return {"mode": "any", "words": v}
+            return {"mode": "any", "words": v} if v else None
         if isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("any", "all"):
             mode, words = next(iter(v.items()))
-            return {"mode": mode, "words": words}
+            return {"mode": mode, "words": words} if words != [] else None
         if v is None:
             return v
         raise ValueError("must be a list of keywords, or {any: [...]} / {all: [...]}")

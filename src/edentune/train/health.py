@@ -26,16 +26,25 @@ def is_non_finite(value: float | None) -> bool:
     return value is not None and not math.isfinite(value)
 
 
-def is_overfitting(train: list[float], val: list[float], rising: int = 2, gap_ratio: float = 1.5) -> bool:
-    """Validation loss rose for `rising` consecutive evals while training loss fell, or val >> train.
+OVERFITTING = {
+    "rising": "validation loss is rising while training loss falls",
+    "gap": "validation loss is far above training loss",
+}
+
+
+def is_overfitting(train: list[float], val: list[float], rising: int = 2, gap_ratio: float = 1.5) -> str | None:
+    """Which sign of overfitting shows (a key of OVERFITTING), None when neither: validation loss
+    rose for `rising` consecutive evals while training loss fell ("rising"), or val >> train ("gap").
 
     `train[i]` is the training loss logged closest to eval `i`.
     """
     if len(val) > rising and len(train) >= len(val):
         v, t = val[-rising - 1 :], train[len(val) - rising - 1 : len(val)]
         if all(b > a for a, b in zip(v, v[1:])) and t[-1] < t[0]:
-            return True
-    return bool(val and train and train[-1] > 0 and val[-1] / train[-1] > gap_ratio and val[-1] - train[-1] > 0.3)
+            return "rising"
+    if val and train and train[-1] > 0 and val[-1] / train[-1] > gap_ratio and val[-1] - train[-1] > 0.3:
+        return "gap"
+    return None
 
 
 def is_underfitting(train: list[float], val: list[float], high: float = 2.0, window: int = 3, flat: float = 0.02) -> bool:
@@ -85,9 +94,10 @@ class HealthMonitor:
         if self.train_loss:
             self.train_at_eval.append(self.train_loss[-1])
         found = []
-        if is_overfitting(self.train_at_eval, self.val_loss):
+        sign = is_overfitting(self.train_at_eval, self.val_loss)
+        if sign:  # the message names the sign that fired: a falling validation loss is never called rising
             found += self._once(Finding(
-                "overfitting", "validation loss is rising while training loss falls (or is far above it)",
+                "overfitting", OVERFITTING[sign],
                 "fewer epochs, lower lora.r, more or more varied data; early stopping keeps the best checkpoint",
             ))
         if is_underfitting(self.train_at_eval, self.val_loss):
