@@ -35,6 +35,24 @@ config_app = typer.Typer(help="Inspect and check run configurations.", no_args_i
 app.add_typer(config_app, name="config")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("edentune")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            number = "unknown (not installed)"
+        print(f"edentune {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                        help="Print the version and exit.")) -> None:
+    pass
+
+
 @app.command()
 def init(
     model: str = typer.Option("qwen2.5-14b", help="qwen2.5-0.5b…32b, llama-3.1-8b, embedded, a hub id or a path"),
@@ -225,6 +243,12 @@ def main() -> None:
     Usage errors (unknown option, bad value) are click's own messages, exit code 2.
     """
     logging.basicConfig(level=os.environ.get("EDENTUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():
+        # Weight-loading and dataset bars redraw one line per tick: in a log file (cron, nohup,
+        # `2> log`) that is thousands of lines. Read by huggingface_hub / transformers / datasets
+        # when they are first imported, which is later, inside the commands.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for category, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     # bitsandbytes tries to fetch an optional CPU kernel from the Hugging Face hub through the

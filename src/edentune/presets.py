@@ -96,6 +96,25 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+def quickstart_recipe(max_steps: int = 60, max_seq_len: int = 384, max_new_tokens: int = 96) -> dict[str, object]:
+    """The embedded model's measured recipe (`edentune quickstart`, and `cycle init --model
+    embedded`), as dotted config updates: whole conversations up to 384 tokens (each <|im_end|>
+    seen), a fixed number of steps with two evaluations/checkpoints, short answers."""
+    every = max(1, max_steps // 2)
+    return {
+        "model.max_seq_len": max_seq_len,
+        "model.overlong": "drop",  # keep whole conversations: the model must see each <|im_end|>
+        "training.max_steps": max_steps,
+        "training.warmup_steps": min(5, max(0, max_steps // 5)),
+        "training.logging_steps": max(1, max_steps // 20),
+        "training.eval_steps": every,
+        "training.save_steps": every,
+        "evaluation.max_new_tokens": max_new_tokens,
+        "export.ollama_base": "smollm2:135m",
+        "export.num_ctx": max(2048, max_seq_len),
+    }
+
+
 # Names users type -> (preset, model id). Anything else is treated as a hub id / path, with the
 # preset chosen by the parameter count in the name.
 MODEL_ALIASES: dict[str, tuple[str, str]] = {

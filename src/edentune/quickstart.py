@@ -48,22 +48,14 @@ class QuickstartResult:
 
 
 def quickstart_config(opts: QuickstartOptions, train_file: Path, val_file: Path) -> RunConfig:
-    steps, every = opts.max_steps, max(1, opts.max_steps // 2)
+    from .presets import quickstart_recipe
+
     return config_for_model("embedded").updated({
-        "model.max_seq_len": opts.max_seq_len,
-        "model.overlong": "drop",  # keep whole conversations: the model must see each <|im_end|>
+        **quickstart_recipe(opts.max_steps, opts.max_seq_len, opts.max_new_tokens),
         "training.output_dir": str(opts.out_dir / "run"),
-        "training.max_steps": steps,
-        "training.warmup_steps": min(5, max(0, steps // 5)),
-        "training.logging_steps": max(1, steps // 20),
-        "training.eval_steps": every,
-        "training.save_steps": every,
         "data.train_files": [str(train_file)],
         "data.validation_files": [str(val_file)],
         "data.replay_files": [str(SAMPLE_DIR / "replay.jsonl")],
-        "evaluation.max_new_tokens": opts.max_new_tokens,
-        "export.ollama_base": "smollm2:135m",
-        "export.num_ctx": max(2048, opts.max_seq_len),
     })
 
 

@@ -17,9 +17,11 @@ from edentune.registry import SHARED
 
 MONTHS = {
     "2026-01": ("accepted", {"val_loss": 2.3456, "korean_consistency": 0.81, "persona_adherence": 0.7, "forgetting": 0.02,
-                             "train_records": 700, "new_records": 700, "replay_records": 0}),
+                             "forgetting_base": 0.02, "train_records": 700, "new_records": 700, "replay_records": 0,
+                             "dropped_for_length": 12, "trained_records": 688, "started_from": "base"}),
     "2026-02": ("accepted", {"val_loss": 2.1234, "korean_consistency": 0.86, "persona_adherence": 0.75, "forgetting": 0.03,
-                             "train_records": 1000, "new_records": 700, "replay_records": 300}),
+                             "forgetting_base": 0.0506, "train_records": 1000, "new_records": 700, "replay_records": 300,
+                             "dropped_for_length": 0, "trained_records": 1000, "started_from": "round 2026-01"}),
     "2026-03": ("refused", {"val_loss": 3.9876, "korean_consistency": 0.2, "persona_adherence": 0.4, "forgetting": 0.5}),
 }
 
@@ -30,7 +32,9 @@ def history(tmp_path):
     with ws.open_registry() as reg:
         for round_id, (st, metrics) in MONTHS.items():
             reg.begin_round(round_id, {})
+            reg.record_step(round_id, SHARED, "ingest", inputs_sha256="x", outputs={}, detail={"seconds": 1.5})
             for persona in ws.persona_names:
+                reg.record_step(round_id, persona, "sft", inputs_sha256="x", outputs={}, detail={"seconds": 61.25})
                 reg.set_run(round_id, persona, status=st, metrics=metrics, verdict={"ship": st == "accepted"},
                             reasons=[] if st == "accepted" else ["validation loss 3.9876 is not below the live round's 2.1234 [worse]"])
                 if st == "accepted":
@@ -54,6 +58,24 @@ def test_status_rows_verdicts_and_live_markers(history):
     assert table.rows[-1].status == "running" and table.rows[-1].last_step == "ingest"
     assert table.live["friendly"]["round_id"] == "2026-01"
     assert [e["kind"] for e in table.to_json()["events"]][-1] == "rollback"
+    first = table.to_json()["rows"][0]
+    assert first["step_seconds"] == {"ingest": 1.5, "sft": 61.25} and first["wall_s"] is not None and first["wall_s"] >= 0
+    assert table.rows[-1].wall_s is None  # still running
+
+
+def test_status_table_shows_what_was_trained_and_where_it_started(history):
+    from rich.console import Console
+
+    from edentune.cycle.cli import print_status
+
+    console = Console(width=250, record=True)
+    print_status(status(history.dir), console)
+    text = console.export_text()
+    line1 = next(line for line in text.splitlines() if line.strip().startswith("2026-01") and "friendly" in line)
+    line2 = next(line for line in text.splitlines() if line.strip().startswith("2026-02") and "friendly" in line)
+    assert "700+0" in line1 and "688 −12" in line1 and " base " in line1
+    assert "700+300" in line2 and "1,000" in line2 and "2026-01" in line2.split("2026-02", 1)[1] and "5.1%" in line2
+    assert "against the original base" in text and "dropped, longer than max_seq_len" in text
 
 
 def test_status_reads_while_a_writer_holds_a_transaction(history):
@@ -74,7 +96,7 @@ def test_html_report_has_a_plot_and_the_numbers_per_trend(history, tmp_path):
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
     assert len(images) == len(TRENDS)
     assert all(base64.b64decode(img).startswith(b"\x89PNG") for img in images)
-    for number in ("2.3456", "2.1234", "3.9876", "81.0%", "86.0%", "75.0%", "3.0%", "50.0%"):
+    for number in ("2.3456", "2.1234", "3.9876", "81.0%", "86.0%", "75.0%", "3.0%", "50.0%", "5.1%", "round 2026-01", "sft 61.25"):
         assert number in text
     assert "refused: validation loss 3.9876 is not below the live round&#x27;s 2.1234 [worse]" in text
     assert "● live" in text

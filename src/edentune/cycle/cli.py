@@ -29,9 +29,12 @@ def _personas(specs: list[str]) -> dict[str, str]:
 
 
 # Short headers so the table fits 80 columns; the legend under the table spells them out.
-SHORT = {"val_loss": "val loss", "korean_consistency": "KO", "persona_adherence": "rules", "forgetting": "forget"}
-LEGEND = ("data: new+replay training records · KO: Korean consistency · rules: persona adherence · "
-          "forget: forgetting (perplexity increase on general data) · ● live now")
+SHORT = {"val_loss": "val loss", "korean_consistency": "KO", "persona_adherence": "rules", "forgetting": "forget",
+         "forgetting_base": "f·base"}
+LEGEND = ("data: new+replay records mixed · trained: kept by training (−N: dropped, longer than max_seq_len) · "
+          "from: the adapter the round continued (base: trained from the base model) · KO: Korean consistency · "
+          "rules: persona adherence · forget: forgetting (perplexity increase on general data) against the live model · "
+          "f·base: the same against the original base · time: the round's wall time · ● live now")
 
 
 def _data_cell(metrics: dict) -> str:
@@ -43,27 +46,39 @@ def _data_cell(metrics: dict) -> str:
     return format_metric("train_records", metrics.get("train_records"))
 
 
+def _trained_cell(metrics: dict) -> str:
+    from .report import format_metric
+
+    trained, dropped = metrics.get("trained_records"), metrics.get("dropped_for_length")
+    return format_metric("trained_records", trained) + (f" −{dropped:,}" if dropped else "")
+
+
 def print_status(table, out: Console, title: str | None = None) -> None:
     """The history as a Rich table, then the reasons of refused/failed runs (cells are plain text,
     never markup: reasons may hold brackets)."""
     from rich import box
     from rich.text import Text
 
-    from .report import format_metric, live_text, verdict_text
+    from .report import format_duration, format_metric, live_text, verdict_text
 
     t = Table(title=Text(title or f"edentune cycle: {table.workspace}"), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     t.add_column("round", no_wrap=True)
     t.add_column("persona", no_wrap=True)
     t.add_column("data", justify="right", no_wrap=True)
+    t.add_column("trained", justify="right", no_wrap=True)
+    t.add_column("from", no_wrap=True)
     for label in SHORT.values():
         t.add_column(label, justify="right", no_wrap=True)
+    t.add_column("time", justify="right", no_wrap=True)
     t.add_column("verdict", no_wrap=True)
     t.add_column("live", no_wrap=True)
     for row in table.rows:
         style = "bold green" if row.live_for else "red" if row.status in ("refused", "failed") else None
-        t.add_row(Text(row.round_id), Text(row.persona), Text(_data_cell(row.metrics)),
-                  *(Text(format_metric(k, row.metrics.get(k))) for k in SHORT),
-                  Text(verdict_text(row, reasons=False)), Text(live_text(row, short=True)), style=style)
+        started = str(row.metrics.get("started_from") or "–").removeprefix("round ")
+        t.add_row(Text(row.round_id), Text(row.persona), Text(_data_cell(row.metrics)), Text(_trained_cell(row.metrics)),
+                  Text(started), *(Text(format_metric(k, row.metrics.get(k))) for k in SHORT),
+                  Text(format_duration(row.wall_s)), Text(verdict_text(row, reasons=False)), Text(live_text(row, short=True)),
+                  style=style)
     out.print(t)
     out.print(Text(LEGEND, style="dim"))
     for row in table.rows:
@@ -82,11 +97,12 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("qwen2.5-14b", help="base model: qwen2.5-0.5b…32b, llama-3.1-8b, embedded, a hub id or a path"),
         persona: list[str] = typer.Option([], "--persona", help="NAME or NAME=OLLAMA_MODEL, repeatable (default: one persona)"),
         force: bool = typer.Option(False, help="rewrite the cycle.yaml of an existing workspace (the old one is kept as .bak)"),
+        host: Optional[str] = typer.Option(None, "--host", help="Ollama URL, written to cycle.yaml's ollama.host (default: $OLLAMA_HOST, then 127.0.0.1:11434)"),
     ) -> None:
         """Create a workspace: a commented cycle.yaml, the registry and the folders."""
         from .workspace import init_workspace
 
-        ws = init_workspace(directory, model=model, personas=_personas(persona), force=force)
+        ws = init_workspace(directory, model=model, personas=_personas(persona), force=force, host=host)
         out = Console()
         # markup=False: paths and model names are the user's text, not Rich markup.
         out.print(f"workspace {ws.dir} (preset {ws.config.run.preset}, base {ws.config.run.model.name_or_path})",
@@ -101,12 +117,13 @@ def register(app: typer.Typer) -> None:
         new: list[Path] = typer.Option(..., "--new", help="this month's conversations (any supported format), repeatable"),
         feedback: list[Path] = typer.Option([], "--feedback", help="thumbs up/down ratings (JSONL), repeatable"),
         round_id: Optional[str] = typer.Option(None, "--round", help="round id (default: this month, YYYY-MM; an unfinished round is continued)"),
+        host: Optional[str] = typer.Option(None, "--host", help="Ollama URL for this round (default: the workspace's ollama.host, then $OLLAMA_HOST)"),
     ) -> None:
         """Run one round: ingest, clean, replay, mix, train, evaluate, gate, export, deploy. Rerun to continue after a crash."""
         from .report import status
         from .round import run_round
 
-        result = run_round(directory, new, feedback=feedback or None, round_id=round_id, console=err_console)
+        result = run_round(directory, new, feedback=feedback or None, round_id=round_id, console=err_console, host=host)
         table = status(directory)
         table.rows = [r for r in table.rows if r.round_id == result.round_id]
         print_status(table, Console(), title=f"round {result.round_id}: {result.status}")

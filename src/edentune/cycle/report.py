@@ -21,17 +21,22 @@ from .workspace import LAYOUT
 
 # metric key -> (label, kind); kind "rate" prints as a percentage, "loss" as a number, "count" as an integer.
 METRICS = {
-    "train_records": ("train", "count"),
+    "train_records": ("mixed", "count"),
     "new_records": ("new", "count"),
     "replay_records": ("replay", "count"),
+    "realised_new_ratio": ("new share of the mix", "rate"),
+    "dropped_for_length": ("dropped for length", "count"),
+    "trained_records": ("trained", "count"),
+    "started_from": ("started from", "text"),
     "val_loss": ("validation loss", "loss"),
     "live_val_loss": ("live round's validation loss", "loss"),
     "korean_consistency": ("Korean consistency", "rate"),
     "persona_adherence": ("persona adherence", "rate"),
-    "forgetting": ("forgetting", "rate"),
+    "forgetting": ("forgetting vs the live model", "rate"),
+    "forgetting_base": ("forgetting vs the original base", "rate"),
     "case_pass_rate": ("cases passed", "rate"),
 }
-TRENDS = ("val_loss", "korean_consistency", "persona_adherence", "forgetting")  # one plot each in the HTML report
+TRENDS = ("val_loss", "korean_consistency", "persona_adherence", "forgetting", "forgetting_base")  # one plot each in the HTML report
 
 
 @dataclass
@@ -49,6 +54,8 @@ class StatusRow:
     export_dir: str | None
     adapter_sha256: str | None
     last_step: str | None  # the last recorded step of this run (progress of a running round)
+    step_seconds: dict[str, float] = field(default_factory=dict)  # step -> seconds (the round's shared steps and this run's)
+    wall_s: float | None = None  # the round's wall time, start to finish (None while running)
 
 
 @dataclass
@@ -67,24 +74,49 @@ def status(ws_dir: str | Path) -> StatusTable:
     ws_dir = Path(ws_dir).expanduser()
     with Registry(ws_dir / REGISTRY_NAME, readonly=True) as reg:
         rounds, runs, live, events = reg.rounds(), reg.runs(), reg.live_rows(), reg.events()
-        last_steps = {(s.round_id, s.persona): s.step for s in reg.list_steps()}  # recording order: the last wins
+        step_rows = reg.list_steps()
+    last_steps = {(s.round_id, s.persona): s.step for s in step_rows}  # recording order: the last wins
+    seconds: dict[tuple[str, str], dict[str, float]] = {}
+    for st in step_rows:
+        if isinstance(st.record.detail.get("seconds"), (int, float)):
+            seconds.setdefault((st.round_id, st.persona), {})[st.step] = st.record.detail["seconds"]
     by_round: dict[str, list] = {}
     for run in runs:
         by_round.setdefault(run.round_id, []).append(run)
     rows = []
     for rnd in rounds:
+        shared = seconds.get((rnd.id, SHARED), {})
+        wall = _seconds_between(rnd.created, rnd.finished)
         if rnd.id not in by_round:
             rows.append(StatusRow(rnd.id, rnd.seq, rnd.created, rnd.status, "", rnd.status, {}, None, [], [], None, None,
-                                  last_steps.get((rnd.id, SHARED))))
+                                  last_steps.get((rnd.id, SHARED)), dict(shared), wall))
         for run in by_round.get(rnd.id, []):
             live_for = [lv.persona for lv in live if lv.round_id == rnd.id and (run.persona in (lv.persona, SHARED))]
             ship = run.verdict.get("ship") if isinstance(run.verdict, dict) else None
             rows.append(StatusRow(rnd.id, rnd.seq, rnd.created, rnd.status, run.persona, run.status, run.metrics, ship,
                                   [str(r) for r in run.reasons or []], live_for, run.export_dir, run.adapter_sha256,
-                                  last_steps.get((rnd.id, run.persona)) or last_steps.get((rnd.id, SHARED))))
+                                  last_steps.get((rnd.id, run.persona)) or last_steps.get((rnd.id, SHARED)),
+                                  {**shared, **seconds.get((rnd.id, run.persona), {})}, wall))
     return StatusTable(workspace=str(ws_dir), rows=rows,
                        live={lv.persona: {"round_id": lv.round_id, "model": lv.model, "since": lv.since} for lv in live},
                        events=[asdict(e) for e in events])
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    import datetime as dt
+
+    try:
+        return round((dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds(), 1)
+    except (TypeError, ValueError):
+        return None
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
 
 
 def format_metric(key: str, value) -> str:
@@ -172,11 +204,13 @@ def _cell(text: str, cls: str = "") -> str:
 
 def render_html(table: StatusTable) -> str:
     keys = list(METRICS)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["round", "persona", *(METRICS[k][0] for k in keys), "verdict", "live"])
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["round", "persona", *(METRICS[k][0] for k in keys), "wall time",
+                                                            "seconds per step", "verdict", "live"])
     body = []
     for row in table.rows:
         cls = "live" if row.live_for else "refused" if row.status == "refused" else ""
         cells = [_cell(row.round_id), _cell(row.persona, "text")] + [_cell(format_metric(k, row.metrics.get(k))) for k in keys]
+        cells += [_cell(format_duration(row.wall_s)), _cell(", ".join(f"{k} {v:g}" for k, v in row.step_seconds.items()), "text")]
         cells += [_cell(verdict_text(row), "text"), _cell(live_text(row), "text")]
         body.append(f"<tr class={cls!r}>{''.join(cells)}</tr>")
     out = ["<!doctype html><html><head><meta charset='utf-8'><title>edentune cycle status</title>",

@@ -171,10 +171,11 @@ class _Steps:
 
 # -- the round -----------------------------------------------------------------------------------
 def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list[str | Path] | str | Path | None = None,
-              round_id: str | None = None, console: Console | None = None, client=None) -> RoundResult:
+              round_id: str | None = None, console: Console | None = None, client=None, host: str | None = None) -> RoundResult:
     """Run (or continue) one round on `new_files` (any supported chat format) and, optionally,
     thumbs up/down `feedback` files. Without `round_id`, a round left unfinished (crash, Ctrl-C)
-    is continued; otherwise a new one is named after the month."""
+    is continued; otherwise a new one is named after the month. `host`: the Ollama URL for this
+    round (`--host`), over the workspace's."""
     from ..export.deploy import ollama_host
 
     console = console or Console(stderr=True)
@@ -184,7 +185,7 @@ def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list
     feedback_files = [Path(f).expanduser().resolve() for f in ([feedback] if isinstance(feedback, (str, Path)) else feedback or [])]
     _check_inputs(new_files, feedback_files)
     template = ws.round_config("preflight", ws.training_units()[0])
-    host = ollama_host(template)
+    host = ollama_host(template, host)
     _ollama_preflight(template, host, client)
 
     with ws.open_registry() as reg:

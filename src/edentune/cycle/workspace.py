@@ -366,7 +366,7 @@ def _persona_items(personas: Mapping[str, str] | list | None) -> list:
 
 
 def init_workspace(path: str | Path, model: str = "qwen2.5-14b", personas: Mapping[str, str] | list | None = None,
-                   force: bool = False) -> Workspace:
+                   force: bool = False, host: str | None = None) -> Workspace:
     """Create a workspace (commented cycle.yaml, registry, folders).
 
     Refuses a non-empty folder that is not a workspace. On an existing workspace, `force` writes a
@@ -389,8 +389,16 @@ def init_workspace(path: str | Path, model: str = "qwen2.5-14b", personas: Mappi
             raise EdentuneError(f"{path} has a {CONFIG_NAME} but no registry",
                                 hint="use --force to write a fresh cycle.yaml (the old one is kept as a .bak)")
     run = config_for_model(model)
+    if run.preset == "embedded":  # the quickstart's measured recipe, not the bare preset
+        from ..presets import quickstart_recipe
+
+        run = run.updated(quickstart_recipe())
+    if host is not None:
+        from ..export.deploy import check_host
+
+        host = check_host(host)
     try:
-        cfg = WorkspaceConfig.model_validate({"run": run, "personas": _persona_items(personas)})
+        cfg = WorkspaceConfig.model_validate({"run": run, "personas": _persona_items(personas), "ollama": {"host": host}})
     except ValidationError as err:
         raise ConfigError(_format_errors(err, "cycle init")) from None
     cfg_path = path / CONFIG_NAME
