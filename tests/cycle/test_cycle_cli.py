@@ -39,6 +39,31 @@ def test_init_with_personas(tmp_path):
     assert ws.config.run.preset == "embedded"
 
 
+def test_init_embedded_takes_the_quickstart_recipe_and_host(tmp_path):
+    from edentune.config import config_for_model
+    from edentune.quickstart import QuickstartOptions, quickstart_config
+
+    res = runner.invoke(app, ["cycle", "init", str(tmp_path / "ws"), "--model", "embedded", "--host", "http://10.0.0.7:11434"])
+    assert res.exit_code == 0, res.output
+    run = load_workspace(tmp_path / "ws").config
+    assert run.ollama.host == "http://10.0.0.7:11434"
+    quick = quickstart_config(QuickstartOptions(), tmp_path / "t.jsonl", tmp_path / "v.jsonl")
+    for section in ("model", "training", "lora", "quantization"):
+        ours, theirs = getattr(run.run, section).model_dump(), getattr(quick, section).model_dump()
+        ours.pop("output_dir", None), theirs.pop("output_dir", None)
+        assert ours == theirs, section
+    assert run.run.model.max_seq_len == 384 != config_for_model("embedded").model.max_seq_len
+    res = runner.invoke(app, ["cycle", "init", str(tmp_path / "ws2"), "--host", "http://bad host"])
+    assert res.exit_code != 0 and not (tmp_path / "ws2").exists()
+
+
+def test_version():
+    from importlib.metadata import version
+
+    res = edentune("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"edentune {version('edentune')}"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--persona", "=x"], "expected NAME or NAME=OLLAMA_MODEL"),
     (["--persona", "a", "--persona", "a=b"], "given twice"),

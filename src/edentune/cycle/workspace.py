@@ -324,12 +324,16 @@ _COMMENTS = {
                 "# with a SYSTEM prompt per persona (adapter_mode: shared). Keys: name, system_prompt, ollama_model,\n"
                 "# select: {field, equals} (train on matching records), files: [its own data], persona: {rule overrides}",
     "adapter_mode": "per_persona | shared",
-    "replay": "the training mix: new_ratio of new data, the rest from the replay buffer of accepted rounds;\n"
-              "# quotas per category (record 'category' field, else the topic rules); seed makes it reproducible",
+    "replay": "the training mix: every new record, plus replay from the buffer of accepted rounds so that new data is\n"
+              "# new_ratio of the mix (0.7: 3 replay per 7 new), drawn in the buffer's category proportions; quotas: the\n"
+              "# most records per category the BUFFER keeps (record 'category' field, else the topic rules); seed: reproducible",
     "continue_from": "live: train on top of the live round's adapter | base: retrain from the base model each round",
-    "validation": "the fixed validation set shared by all rounds (never trained on, never in the replay buffer)",
+    "validation": "the fixed validation set shared by all rounds (never trained on, never in the replay buffer); only\n"
+                  "# conversations within max_seq_len; below min_conversations / min_tokens it grows from each month (max_share)",
     "forgetting_files": "general data never trained on, to measure forgetting (empty: the bundled general sample)",
-    "gate": "deploy only if better: validation loss must improve over the live round's AND `compare` must say ship",
+    "gate": "deploy only if better: validation loss must improve over the live round's AND `compare` must say ship\n"
+            "# (no metric worse beyond noise, run.evaluation.significance) AND forgetting against the original base\n"
+            "# stays within max_cumulative_forgetting",
     "ollama": "where rounds are deployed",
 }
 

@@ -1,6 +1,6 @@
 """Build a training set from the month's new data plus replay drawn from a buffer of earlier data.
 
-The rule (docs/cycle.md): every new record is trained, and replay is added so that it makes up
+The rule (the README's "Every month"): every new record is trained, and replay is added so that it makes up
 `1 - new_ratio` of the training set: `round(new × (1 - new_ratio) / new_ratio)` records (70/30: 3
 replay for every 7 new; 2,000 new records get 857 replay). Replay is drawn from the buffer
 stratified by the buffer's own categories (each category contributes in proportion to what the
