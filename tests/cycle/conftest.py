@@ -117,8 +117,9 @@ def configure(ws_dir: Path, files: dict[str, Path], host: str, **overrides) -> N
     run["evaluation"].update(suite=str(files["suite"]), max_new_tokens=12, tolerance=0.7, max_forgetting=0.5)
     run["export"]["ollama_base"] = OLLAMA_BASE
     data["replay"] = {"new_ratio": 0.7, "quotas": {"persona": 3, "korean": 3, "coding": 4, "general": 3}, "seed": 42}
-    # The 6 fixed conversations are the whole set (the size rule itself: test_validation_size.py).
-    data["validation"] = {"fraction": 0.25, "files": [str(files["validation"])], "min_conversations": 6, "min_tokens": 0}
+    # 6 fixed conversations, below the minimum of 9: round 1 grows the set from its month (the
+    # size rule in a real round; the rule itself: test_validation_size.py).
+    data["validation"] = {"fraction": 0.25, "files": [str(files["validation"])], "min_conversations": 9, "min_tokens": 0}
     data["forgetting_files"] = [str(files["forgetting"])]
     data["ollama"] = {"host": host, "base": None}
     for key, value in overrides.items():

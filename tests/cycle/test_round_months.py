@@ -6,13 +6,14 @@ round 1. Checked in Ollama (the stand-in) and in the registry."""
 from __future__ import annotations
 
 import json
+import math
 
 import yaml
 
-from edentune.cycle import rollback
+from edentune.cycle import rollback, status
 from edentune.cycle.round import run_round
 from edentune.io import file_sha256
-from edentune.registry import Registry
+from edentune.registry import SHARED, Registry
 
 
 def live_digest(server, model: str = "eden:latest") -> str:
@@ -40,6 +41,22 @@ def test_three_months_then_rollback(first_round, cycle_files, short_parity):
         assert reg.step("2026-01", "default", "evaluate").detail["baseline"] == "base model"
     val_records = (ws / "fixed" / "validation.jsonl").read_text(encoding="utf-8").splitlines()
     assert val_records and not set(val_records) & set((ws / "rounds" / "2026-01" / "default" / "data" / "new.jsonl").read_text(encoding="utf-8").splitlines())
+    with Registry(ws / "registry.sqlite", readonly=True) as reg:
+        # The 6 given validation conversations are below the minimum of 9: grown from month 1 (before
+        # training), after the length filter; the best checkpoint was chosen on all of them.
+        size = reg.step("2026-01", SHARED, "fixed").detail["validation"]
+        assert size["met"] and size["conversations"] == len(val_records) >= 9 and size["added"] == len(val_records) - 6
+        sft = reg.step("2026-01", "default", "sft").detail
+        assert sft["data"]["validation"]["kept"] == len(val_records) and sft["data"]["validation"]["dropped_overlong"] == 0
+        run1 = reg.run("2026-01", "default")
+        assert run1.metrics["started_from"] == "base" and run1.metrics["realised_new_ratio"] == 1.0
+        assert run1.metrics["trained_records"] + run1.metrics["dropped_for_length"] == run1.metrics["train_records"]
+    # One validation loss per adapter: the registry, the gate, the status table and the evaluation agree.
+    candidate = json.loads((ws / "rounds" / "2026-01" / "default" / "eval" / "candidate.json").read_text(encoding="utf-8"))
+    (row,) = [r for r in status(ws).rows if r.round_id == "2026-01"]
+    assert u1.val_loss == run1.metrics["val_loss"] == first_round["gate"]["val_loss"] == row.metrics["val_loss"]
+    assert u1.val_loss == math.log(candidate["metrics"]["perplexity_validation"])
+    assert row.step_seconds["sft"] > 0 and row.wall_s > 0
 
     # -- month 2: continues from the live adapter, mixes 70/30 with round 1 from the buffer, KTO on ratings
     buffer = [json.loads(line) for line in (ws / "replay" / "buffer.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -55,6 +72,12 @@ def test_three_months_then_rollback(first_round, cycle_files, short_parity):
     with Registry(ws / "registry.sqlite", readonly=True) as reg:
         mix = reg.step("2026-02", "default", "mix").detail
         assert mix["ratio"] == 0.7 and mix["sources"].get("2026-01/default", 0) > 0
+        # Every new record trained, replay = 3/7 of it (capped by the buffer), the realised ratio recorded.
+        new2 = reg.step("2026-02", "default", "select").detail["records"]
+        assert mix["new"] == new2 and mix["replay"] == min(round(new2 * 3 / 7), len(buffer)) == mix["sources"]["2026-01/default"]
+        run2 = reg.run("2026-02", "default")
+        assert run2.metrics["realised_new_ratio"] == round(new2 / (new2 + mix["replay"]), 4)
+        assert run2.metrics["started_from"] == "round 2026-01" and run2.metrics["forgetting_base"] is not None
         assert reg.step("2026-02", "default", "sft").detail["init_adapter"].endswith("2026-01/default/run/adapter")
         assert reg.step("2026-02", "default", "preference").detail["method"] == "kto"
         assert reg.step("2026-02", "default", "evaluate").detail["baseline_reused_from"] == "rounds/2026-01/default/eval/candidate.json"
