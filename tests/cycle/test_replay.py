@@ -132,6 +132,9 @@ def test_missing_round_file_is_reported_and_buffer_mixes(ws, tmp_path):
     new = tmp_path / "new.jsonl"
     write_jsonl_atomic(new, month("apr"))
     mixed = mix([new], [ws.buffer_path], tmp_path / "mix.jsonl", MixConfig(new_ratio=0.5, quotas=QUOTAS, seed=1))
-    assert not mixed.shortfalls
+    # All 24 new records, and the whole buffer (13) where a 50/50 mix wants 24: said, not hidden.
+    assert (mixed.new, mixed.replay, mixed.replay_wanted) == (24, report.records, 24) and report.records < 24
+    assert mixed.shortfalls == [f"the replay buffer holds {report.records} record(s) of the 24 a 50% new mix of 24 new needs: "
+                                f"trained {24 / (24 + report.records):.0%} new; the buffer grows with every accepted month"]
     replayed = [r for r in load_valid([tmp_path / "mix.jsonl"]) if PROVENANCE_KEY in r]
     assert replayed and all(r[PROVENANCE_KEY]["round"] == "2026-01" for r in replayed)
