@@ -13,9 +13,10 @@ round killed at any moment continues where it stopped, and a finished step is ne
 
 The gate ships a candidate only if its validation loss (log of its perplexity on the fixed
 validation set, measured by the evaluate stage) beats the live round's on the same set AND
-`compare` says ship (language, persona, keywords, code, forgetting within
-`evaluation.max_forgetting`). A refused round is recorded with its reasons; nothing is exported
-or deployed, so the live model is untouched.
+`compare` says ship (no metric worse beyond noise: paired tests over the same cases; forgetting
+within `evaluation.max_forgetting`) AND its forgetting against the original base stays within
+`gate.max_cumulative_forgetting` (cycle/forgetting.py). A refused round is recorded with its
+reasons; nothing is exported or deployed, so the live model is untouched.
 
 Stage calls that other parts of edentune are reshaping go through one small wrapper each
 (`_evaluate`, `_compare`, `_write_reports`, `_export`, `deploy_export`).
@@ -439,6 +440,9 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
     gate = steps.run(unit, "gate", {"evaluate": ev.outputs, "gate": ws.config.gate.model_dump(), "config": cfg_sha},
                      lambda: _gate(ws, cfg, ws.eval_dir(round_id, unit), metrics_jsonl))
     verdict = gate.detail
+    if verdict["val_loss"] is not None and verdict["live_val_loss"] is not None:
+        steps.console.print(f"{unit}: validation loss {verdict['val_loss']:.4f} (live {verdict['live_val_loss']:.4f}) on the fixed "
+                            f"validation set: the figure the gate, the registry and `cycle status` use", markup=False)
     metrics = {"val_loss": verdict["val_loss"], "live_val_loss": verdict["live_val_loss"],
                "korean_consistency": verdict["korean_consistency"], **verdict["metrics"],
                "forgetting_base": verdict.get("forgetting_base")}
