@@ -121,6 +121,8 @@ def configure(ws_dir: Path, files: dict[str, Path], host: str, **overrides) -> N
     # size rule in a real round; the rule itself: test_validation_size.py).
     data["validation"] = {"fraction": 0.25, "files": [str(files["validation"])], "min_conversations": 9, "min_tokens": 0}
     data["forgetting_files"] = [str(files["forgetting"])]
+    # As loose as max_forgetting above: the cumulative limit has its own test (test_cumulative_forgetting.py).
+    data["gate"] = {"max_cumulative_forgetting": 1.0}
     data["ollama"] = {"host": host, "base": None}
     for key, value in overrides.items():
         node = data
