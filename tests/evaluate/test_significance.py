@@ -61,18 +61,20 @@ def test_a_real_drop_is_worse_with_counts_and_flipped_cases():
     c = compare(base, cand, RunConfig())
     assert c.row("persona_adherence").verdict == "worse" and not c.ship
     (reason,) = [r for r in c.reasons if r.startswith("Persona adherence")]
-    assert "12/12 → 3/12" in reason and "p=0.0039" in reason
+    assert "12/12 → 3/12" in reason and "p=0.0039 (level 0.025)" in reason
     assert "lost: case-3, case-4, case-5, case-6, case-7, case-8 and 3 more" in reason
     js = summary(c)["metrics"]["persona_adherence"]
     assert js["verdict"] == "worse" and js["flipped"]["lost"][:2] == ["case-3", "case-4"] and js["p_value"] < 0.05
     assert js["interval"][1] < 0  # the whole bootstrap interval of the rate change is below zero
 
 
-def test_significance_is_configurable():
+def test_significance_is_configurable_and_shared_by_the_metrics():
     base, cand = result("live", [True] * 6), result("cand", [True] + [False] * 5)  # 5 lost: p = 0.0625
     assert compare(base, cand, RunConfig()).row("persona_adherence").verdict == "same"
-    loose = RunConfig().updated({"evaluation.significance": 0.1})
-    assert compare(base, cand, loose).row("persona_adherence").verdict == "worse"
+    # Two metrics are tested (persona adherence, cases passed): each at significance / 2.
+    assert compare(base, cand, RunConfig().updated({"evaluation.significance": 0.1})).row("persona_adherence").verdict == "same"
+    loose = compare(base, cand, RunConfig().updated({"evaluation.significance": 0.2}))
+    assert loose.row("persona_adherence").verdict == "worse" and "(level 0.1)" in loose.row("persona_adherence").detail
 
 
 def test_rate_verdict_ignores_balanced_flips():

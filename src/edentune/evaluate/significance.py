@@ -13,8 +13,9 @@ by case over the cases both models answered:
   the perplexity ratio), so the interval is on the same scale the gate reads.
 
 Each comparison says better / worse / cannot tell at the configured significance level
-(`evaluation.significance`, two-sided). The statistics come from numpy and scipy; only the
-bookkeeping (which cases flipped, the ratio-of-sums resampling) is written here.
+(`evaluation.significance`, two-sided, shared by the metrics tested: Bonferroni, see
+`paired_verdicts`). The statistics come from numpy and scipy; only the bookkeeping (which cases
+flipped, the ratio-of-sums resampling) is written here.
 """
 
 from __future__ import annotations
@@ -136,9 +137,9 @@ def forgetting_verdict(loss: PairedLoss, limit: float, tolerance: float) -> str:
     return "better" if increase < -tolerance and hi < 0 else "same"
 
 
-def describe_rate(r: PairedRate, few: Callable[[list[str]], str]) -> str:
-    """'4/5 → 3/5, p=0.62; lost: a, b; gained: c' (case counts and the cases that flipped)."""
-    text = f"{r.counts()}, p={r.p_value:.2g}"
+def describe_rate(r: PairedRate, few: Callable[[list[str]], str], level: float) -> str:
+    """'4/5 → 3/5, p=0.62 (level 0.025); lost: a, b; gained: c' (case counts and the cases that flipped)."""
+    text = f"{r.counts()}, p={r.p_value:.2g} (level {level:.2g})"
     if r.lost:
         text += f"; lost: {few(r.lost)}"
     if r.gained:
@@ -172,15 +173,27 @@ def _flags(result, key: str, category: str | None) -> dict[str, bool]:
     return {c.id: bool(v) for c in result.cases if (category is None or c.category == category) and (v := flag(c)) is not None}
 
 
+def _testable(row, base, cand, category: str | None) -> bool:
+    if row.verdict in ("n/a", "invalid"):
+        return False
+    if row.key in RATE_FLAGS:
+        return True
+    name = {"perplexity_validation": "validation", "forgetting": "replay"}.get(row.key)
+    return category is None and name is not None and bool(base.perplexity_terms.get(name)) and bool(cand.perplexity_terms.get(name))
+
+
 def paired_verdicts(rows: list, base, cand, evaluation, category: str | None = None) -> None:
     """Replace the verdicts of `rows` (compare.MetricRow, measured on both sides) by paired tests of
     `base` / `cand` (runner.EvalResult): rates by exact McNemar, validation perplexity and forgetting
     by the paired loss interval (when both results carry per-conversation terms; older files keep
-    the tolerance verdict). `category`: the rows are one suite category's."""
-    alpha = evaluation.significance
-    for row in rows:
-        if row.verdict in ("n/a", "invalid"):
-            continue
+    the tolerance verdict). `category`: the rows are one suite category's.
+
+    The gate refuses when ANY tested metric is worse, so each of the m tested metrics is tested at
+    significance / m (Bonferroni): the chance that a no-change candidate is refused for noise stays
+    at or below the configured level however many metrics the suite measures."""
+    tested = [r for r in rows if _testable(r, base, cand, category)]
+    alpha = evaluation.significance / max(1, len(tested))
+    for row in tested:
         if row.key in RATE_FLAGS:
             flag = RATE_FLAGS[row.key]
             r = paired_rate(_flags(base, flag, category), _flags(cand, flag, category), alpha)
@@ -188,12 +201,12 @@ def paired_verdicts(rows: list, base, cand, evaluation, category: str | None = N
                 continue
             row.verdict = rate_verdict(r, True, alpha)
             label = "in the expected language " if row.key == "language_mixing" else ""
-            row.detail, row.p_value = label + describe_rate(r, _few), r.p_value
+            row.detail, row.p_value = label + describe_rate(r, _few, alpha), r.p_value
             row.interval = list(r.interval) if flag == row.key else [-r.interval[1], -r.interval[0]]
             row.flipped = {"lost": r.lost, "gained": r.gained}
-        elif category is None and row.key in ("perplexity_validation", "forgetting"):
+        else:
             name = "validation" if row.key == "perplexity_validation" else "replay"
-            loss = paired_loss(base.perplexity_terms.get(name, []), cand.perplexity_terms.get(name, []), alpha)
+            loss = paired_loss(base.perplexity_terms[name], cand.perplexity_terms[name], alpha)
             if loss is None:
                 continue
             row.verdict = (loss_verdict(loss) if row.key == "perplexity_validation"
