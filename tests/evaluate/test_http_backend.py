@@ -214,3 +214,35 @@ def test_spec_takes_the_configured_timeout():
     assert (backend.url, backend.model, backend.timeout, backend.connect_timeout) == (
         "http://127.0.0.1:11434/v1/chat/completions", "eden", 7.5, 7.5)
     assert backend_from_spec("https://example.org/openai/v1/", cfg).url == "https://example.org/openai/v1/chat/completions"
+
+
+def _edentune(*args: str, cwd) -> subprocess.CompletedProcess:
+    import os
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    return subprocess.run([sys.executable, "-m", "edentune.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": src, "COLUMNS": "200"})
+
+
+@pytest.mark.parametrize("trickles", ["probe", "answer"])
+def test_eval_against_a_trickling_server_ends_at_the_deadline(trickle_server, tmp_path, trickles):
+    """Headers at once, then one byte every 0.25 s: each byte is inside the read timeout, so only
+    the overall deadline (evaluation.http_deadline_s) ends it, with a message naming it."""
+    url = trickle_server.url
+    if trickles == "answer":  # the chat completion itself trickles (the probe is passed)
+        backend = HttpBackend(url, "eden", timeout=30.0, deadline=1.0)
+        backend._probed = True
+        message, elapsed = timed_error(backend)
+        assert "did not finish its answer within the deadline of 1 s (POST" in message and "evaluation.http_deadline_s" in message
+        assert elapsed < 10
+        return
+    config = tmp_path / "run.yaml"
+    config.write_text("evaluation:\n  http_deadline_s: 1.5\n  http_timeout_s: 30\n")
+    suite = tmp_path / "s.yaml"
+    suite.write_text("- prompt: Say hello.\n  expected_language: en\n", encoding="utf-8")
+    out = tmp_path / "results.json"
+    res = _edentune("eval", "-m", url + "#eden", "-c", str(config), "--suite", str(suite), "-o", str(out), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "did not finish its answer within the deadline of 1.5 s (GET" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists() and trickle_server.requests[0].startswith(b"GET /v1/models")
