@@ -29,6 +29,7 @@ from ..config import (MixConfig, PersonaConfig, RunConfig, config_for_model, for
                       render_config_yaml)
 from ..errors import ConfigError, EdentuneError
 from ..io import write_text_atomic
+from ..models import model_reference_problem
 from ..registry import REGISTRY_NAME, SHARED, Registry
 
 CONFIG_NAME = "cycle.yaml"
@@ -382,6 +383,8 @@ def init_workspace(path: str | Path, model: str = "qwen2.5-14b", personas: Mappi
             raise EdentuneError(f"{path} has a {CONFIG_NAME} but no registry",
                                 hint="use --force to write a fresh cycle.yaml (the old one is kept as a .bak)")
     run = config_for_model(model)
+    if (problem := model_reference_problem(run.model.name_or_path)) and problem[0] == "error":
+        raise ConfigError(f"--model: {problem[1]}", hint="a preset alias (qwen2.5-14b, embedded), a hub id org/name, a model folder or a .gguf file")
     try:
         cfg = WorkspaceConfig.model_validate({"run": run, "personas": _persona_items(personas)})
     except ValidationError as err:
