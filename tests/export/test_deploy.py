@@ -564,3 +564,27 @@ def test_a_create_that_trickles_ends_at_its_deadline_and_the_previous_model_is_b
         assert "export.ollama_create_deadline_s" in str(err.value)
         server.models.pop("eden:previous", None)  # the copy kept while deploying (restored from)
         assert json.dumps(server.models, sort_keys=True) == before
+
+
+def test_another_programs_database_as_registry_is_refused_untouched(exported, tmp_path):
+    """`deploy --registry other.sqlite`: checked read-only before any write or pragma, so it is
+    not even switched to WAL: the file stays byte for byte as it was, and no -wal file appears."""
+    cfg, result = exported
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as raw:  # another program's database, in SQLite's default rollback-journal mode
+        raw.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        raw.execute("INSERT INTO notes (text) VALUES ('keep me')")
+    raw.close()
+    before = other.read_bytes()
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(cfg.updated({"training.output_dir": str(tmp_path / "run")}).model_dump(mode="json")))
+    with OllamaStandIn(QWEN_BASE) as server:
+        for args in (["-e", str(result.out_dir), "--no-smoke-check"], ["--rollback"]):
+            res = _edentune("deploy", str(config), *args, "--host", server.host, "--registry", str(other))
+            message = " ".join(res.stderr.split())
+            assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+            assert f"{other}: not an edentune registry (a database of another program, with the table(s) notes)" in message
+            assert "nothing was changed in Ollama" in message
+        assert server.requests == []
+    assert other.read_bytes() == before and before[18:20] == b"\x01\x01"  # header bytes 18-19: 1 = rollback journal, 2 = WAL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.sqlite", "run.yaml"]
