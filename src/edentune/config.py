@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .ollama_names import check_ollama_name
 from .presets import ALL_PROJECTIONS, DATA_ROUNDS, DEFAULT_SYSTEM_PROMPT, OLLAMA_TAGS, PRESETS, RANGE_REASONS, Preset, resolve_model
 
 
@@ -243,7 +244,13 @@ class ExportConfig(_Section):
         for name, system in v.items():
             if not name.strip() or not system.strip():
                 raise ValueError(f"persona {name!r}: needs a model name and a non-empty system prompt")
+            check_ollama_name(name)
         return v
+
+    @field_validator("model_name", "ollama_base")
+    @classmethod
+    def _ollama_name(cls, v: str) -> str:
+        return check_ollama_name(v)
 
 
 class RunConfig(_Section):

@@ -30,6 +30,7 @@ from ..config import (MixConfig, PersonaConfig, RunConfig, config_for_model, for
 from ..errors import ConfigError, EdentuneError
 from ..io import write_text_atomic
 from ..models import model_reference_problem
+from ..ollama_names import check_ollama_name
 from ..registry import REGISTRY_NAME, SHARED, Registry
 
 CONFIG_NAME = "cycle.yaml"
@@ -65,6 +66,11 @@ class WorkspacePersona(_Section):
             raise ValueError(f"{SHARED!r} is reserved (the registry's name for steps shared by all personas)")
         return v
 
+    @field_validator("ollama_model")
+    @classmethod
+    def _ollama_model(cls, v: str | None) -> str | None:
+        return v if v is None else check_ollama_name(v)
+
 
 class ValidationPolicy(_Section):
     fraction: float = Field(0.1, gt=0, lt=1, description="share of the first round's clean data frozen as the validation set")
@@ -79,6 +85,11 @@ class GatePolicy(_Section):
 class OllamaPolicy(_Section):
     host: str | None = Field(None, description="Ollama URL (default: run.export.ollama_host, $OLLAMA_HOST, 127.0.0.1:11434)")
     base: str | None = Field(None, description="Ollama base model tag (default: run.export.ollama_base)")
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: str | None) -> str | None:
+        return v if v is None else check_ollama_name(v)
 
 
 def _default_personas() -> list[WorkspacePersona]:
