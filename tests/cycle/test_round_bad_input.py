@@ -4,6 +4,11 @@ round reaches the export.)"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -66,6 +71,10 @@ def test_feedback_that_gives_nothing_to_learn_stops_before_the_sft_step(workspac
     garbage.write_bytes(bytes(range(1, 256)) * 4)  # no NUL byte: read as lines, none of them a rating
     with pytest.raises(DataError, match=r"garbage.bin: no usable rating in 5 line\(s\): invalid JSON \(1\), invalid UTF-8 \(4\)"):
         run_round(ws, [cycle_files["month1"]], feedback=garbage)
+    res = subprocess.run([sys.executable, "-m", "edentune.cli", "cycle", "run", str(ws), "--new", str(cycle_files["month1"]),
+                          "--feedback", str(garbage)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "COLUMNS": "200"})
+    assert res.returncode == 2 and "garbage.bin: no usable rating" in res.stderr and "Traceback" not in res.stderr, res.stderr
     garbage.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(DataError, match="garbage.bin is binary data"):
         run_round(ws, [cycle_files["month1"]], feedback=garbage)
