@@ -63,3 +63,15 @@ def tiny_qwen2_dir(tmp_path_factory, embedded_dir) -> str:
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "src" / "edentune" / "data" / "sample"
+
+
+@pytest.fixture
+def trickle_server():
+    """An HTTP server that sends its headers, then one byte every 0.25 s forever (tests/trickle_server.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from trickle_server import TrickleServer
+
+    with TrickleServer() as server:
+        yield server

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .ollama_names import check_ollama_name
 from .presets import ALL_PROJECTIONS, DATA_ROUNDS, DEFAULT_SYSTEM_PROMPT, OLLAMA_TAGS, PRESETS, RANGE_REASONS, Preset, resolve_model
 
 
@@ -217,6 +218,8 @@ class EvaluationConfig(_Section):
         "auto", description="model-written code: auto = in the sandbox if one works here, else not run; "
                             "sandbox = an error without one; never; unsafe-no-sandbox = run even without isolation (docs/security.md)")
     http_timeout_s: float = Field(120.0, gt=0, le=3600, description="`eval -m http://…`: longest wait for one answer (connecting: at most 10 s)")
+    http_deadline_s: float = Field(180.0, gt=0, le=7200, description="`eval -m http://…`: longest a request may take in all, "
+                                   "however slowly the server sends (http_timeout_s bounds each wait)")
 
 
 class ExportConfig(_Section):
@@ -233,6 +236,10 @@ class ExportConfig(_Section):
     ollama_host: str | None = Field(None, description="Ollama URL; `--host` wins, then this, then $OLLAMA_HOST, then http://127.0.0.1:11434")
     ollama_timeout_s: float = Field(30.0, gt=0, description="connect/read timeout of ordinary Ollama API calls (seconds)")
     ollama_create_timeout_s: float = Field(600.0, gt=0, description="read timeout for blob upload, create and the first chat (model load)")
+    ollama_deadline_s: float = Field(60.0, gt=0, description="longest an ordinary Ollama call may take in all, however slowly "
+                                     "the server sends (ollama_timeout_s bounds each wait)")
+    ollama_create_deadline_s: float = Field(1200.0, gt=0, description="the same for blob upload, create and the first chat; an "
+                                            "upload gets 1 s more for every MiB it moves (a trickle earns nothing)")
     # Extra Ollama models on the same adapter, one per persona: model name -> SYSTEM prompt. Empty:
     # one model, `model_name`, with the training system prompt.
     personas: dict[str, str] = Field(default_factory=dict)
@@ -243,7 +250,13 @@ class ExportConfig(_Section):
         for name, system in v.items():
             if not name.strip() or not system.strip():
                 raise ValueError(f"persona {name!r}: needs a model name and a non-empty system prompt")
+            check_ollama_name(name)
         return v
+
+    @field_validator("model_name", "ollama_base")
+    @classmethod
+    def _ollama_name(cls, v: str) -> str:
+        return check_ollama_name(v)
 
 
 class RunConfig(_Section):

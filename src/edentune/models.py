@@ -171,10 +171,35 @@ def _check_hub_repo(repo_id: str) -> None:
                             hint="check the network or proxy, or name a local directory or .gguf file") from None
 
 
-def model_reference_problem(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str] | None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _folder_problem(folder: Path, name: str, for_tokenizer: bool) -> str | None:
+    """What a local folder lacks to be a transformers model (or, `for_tokenizer`, a tokenizer), or None."""
+    try:
+        present = {e.name for e in folder.iterdir()}
+    except OSError as err:
+        return f"model {name}: cannot read the folder ({err.strerror or err})"
+    has_tokenizer = bool(present & set(TOKENIZER_FILES))
+    if for_tokenizer and has_tokenizer:
+        return None
+    if "config.json" not in present:
+        missing = ["config.json"] + ([] if has_tokenizer else [f"tokenizer ({', '.join(TOKENIZER_FILES)})"])
+        return f"model {name}: a folder that is not a model: no {', no '.join(missing)}"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"model {name}: config.json is not readable JSON ({err})"
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        return f"model {name}: config.json names no model_type (not a transformers model config)"
+    return None
+
+
+def model_reference_problem(name_or_path: str, gguf_file: str | None = None, *, for_tokenizer: bool = False) -> tuple[str, str] | None:
     """Check what `model.name_or_path` names, offline: ("error" | "warning", message) or None if fine.
 
-    Accepted: `embedded`, a preset alias (qwen2.5-14b, ...), an existing directory or .gguf file,
+    Accepted: `embedded`, a preset alias (qwen2.5-14b, ...), an existing model directory (a
+    config.json with a model_type; `for_tokenizer`: tokenizer files are enough) or .gguf file,
     or a hub id `org/name` (a warning when it is not in the local Hugging Face cache yet).
     """
     if name_or_path.strip().lower() in MODEL_ALIASES:
@@ -185,8 +210,8 @@ def model_reference_problem(name_or_path: str, gguf_file: str | None = None) -> 
             return "error", f"model {name_or_path}: a file that is not a .gguf model"
         if p.is_dir() and gguf_file and not (p / gguf_file).is_file():
             return "error", f"model {name_or_path}: no GGUF file {gguf_file} in this directory"
-        if p.is_dir() and not gguf_file and not (p / "config.json").is_file():
-            return "error", f"model {name_or_path}: a directory without config.json (not a transformers model folder)"
+        if p.is_dir() and not gguf_file and (problem := _folder_problem(p, name_or_path, for_tokenizer)):
+            return "error", problem
         return None
     if HUB_ID.match(name_or_path) and not name_or_path.startswith(("./", "../", "~")):
         if _cached_snapshot(name_or_path) is None:
@@ -221,12 +246,15 @@ def _resolve_hub_id(repo_id: str) -> str:
     )
 
 
-def resolve_model_dir(name_or_path: str, gguf_file: str | None = None, architecture: str = "auto") -> str:
+def resolve_model_dir(name_or_path: str, gguf_file: str | None = None, architecture: str = "auto", *,
+                      for_tokenizer: bool = False) -> str:
     """Return something `from_pretrained` can load without GGUF handling: a hub id or a directory.
 
     Preset aliases (qwen2.5-14b) name their hub id. GGUF inputs (and `embedded`) are converted
     once into the cache. Hub ids come from the local HF cache when complete there; otherwise the
-    hub must be reachable (checked with one short connect, so offline fails at once).
+    hub must be reachable (checked with one short connect, so offline fails at once). A local
+    folder that is not a model (`for_tokenizer`: not a tokenizer either) is an error naming what
+    it lacks, before anything tries to load it.
     """
     alias = MODEL_ALIASES.get(name_or_path.strip().lower())
     if alias is not None:
@@ -244,11 +272,12 @@ def resolve_model_dir(name_or_path: str, gguf_file: str | None = None, architect
         else:
             if gguf_file:
                 raise EdentuneError(f"{name_or_path}: gguf_file is set but this is not a local directory")
+            problem = model_reference_problem(name_or_path, for_tokenizer=for_tokenizer)
+            if problem is not None and problem[0] == "error":
+                raise EdentuneError(problem[1], hint="name a model folder (config.json, tokenizer, weights), a .gguf file, a preset "
+                                                     "alias or a hub id; `edentune init --help` lists the presets")
             if p.exists():
                 return str(p)
-            problem = model_reference_problem(name_or_path)
-            if problem is not None and problem[0] == "error":
-                raise EdentuneError(problem[1], hint="fix model.name_or_path (or --model); `edentune init --help` lists the presets")
             return _resolve_hub_id(name_or_path)
         if not gguf.exists():
             raise EdentuneError(f"{gguf}: no such GGUF file")

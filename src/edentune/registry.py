@@ -178,6 +178,10 @@ class LiveRow:
     since: str
 
 
+# The tables of every schema version (sqlite_sequence is SQLite's own, for AUTOINCREMENT).
+OWN_TABLES = {"schema_version", "rounds", "runs", "steps", "events", "live", "sqlite_sequence"}
+
+
 class Registry:
     """The registry of one workspace. Every write method is one transaction."""
 
@@ -191,6 +195,8 @@ class Registry:
                 self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
                                              timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             else:
+                if self.path.is_file() and self.path.stat().st_size:
+                    self._check_before_writing()  # another program's database must not even be switched to WAL
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             self._conn.row_factory = sqlite3.Row
@@ -208,6 +214,24 @@ class Registry:
                                 hint="the file is not an edentune registry, or it is damaged; restore it from a backup") from None
 
     # -- plumbing ----------------------------------------------------------------------------
+    def _check_before_writing(self) -> None:
+        """Read-only, before any write or pragma: the existing file is an edentune registry (of a
+        schema version this edentune can use), else an error that leaves it byte for byte as it was."""
+        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            foreign = sorted(tables - OWN_TABLES)
+            if tables and (foreign or "schema_version" not in tables):
+                names = foreign or sorted(tables)
+                shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+                raise EdentuneError(f"{self.path}: not an edentune registry (a database of another program, with the "
+                                    f"table(s) {shown}); it was not changed",
+                                    hint="give --registry a new file, a cycle workspace or an edentune registry.sqlite")
+            if tables:
+                self._check_version(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
+        finally:
+            conn.close()
+
     def close(self) -> None:
         self._conn.close()
 

@@ -204,7 +204,7 @@ def test_config_check_model_references(tmp_path, monkeypatch, model, ok, warning
 
 def test_config_check_accepts_a_local_model_folder_and_gguf(tmp_path):
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     (tmp_path / "t.jsonl").write_text("")
     for model in (str(tmp_path / "model"), str(tmp_path / "m.gguf")):
@@ -212,7 +212,10 @@ def test_config_check_accepts_a_local_model_folder_and_gguf(tmp_path):
         assert result.exit_code == 0, result.output
     (tmp_path / "empty").mkdir()
     result = _check(tmp_path, f"model:\n  name_or_path: {tmp_path / 'empty'}\ndata:\n  train_files: [t.jsonl]\n")
-    assert isinstance(result.exception, ConfigError) and "without config.json" in str(result.exception)
+    assert isinstance(result.exception, ConfigError) and "a folder that is not a model: no config.json" in str(result.exception)
+    (tmp_path / "empty" / "config.json").write_text("{}")  # AutoConfig cannot tell what model this is
+    result = _check(tmp_path, f"model:\n  name_or_path: {tmp_path / 'empty'}\ndata:\n  train_files: [t.jsonl]\n")
+    assert isinstance(result.exception, ConfigError) and "config.json names no model_type" in str(result.exception)
 
 
 def test_init_force_onto_a_directory_is_a_clear_error(tmp_path):

@@ -148,3 +148,55 @@ def test_run_passes_its_arguments_and_prints_the_round(ws, tmp_path, monkeypatch
     assert res.exit_code == 0, res.output
     assert calls == [(ws.dir, [Path("a.jsonl"), Path("b.jsonl")], [Path("r.jsonl")], "2026-02", "http://10.0.0.2:11434")]
     assert "round 2026-02: refused" in res.stdout and "2026-01" not in res.stdout
+
+
+def test_run_preflight_against_a_trickling_ollama_ends_at_the_deadline(tmp_path, trickle_server):
+    """Ollama's headers at once, then one byte every 0.25 s: the preflight ends at
+    export.ollama_deadline_s with a message naming it; nothing in the workspace changes."""
+    from conftest import month_records, write_jsonl
+    from edentune.cycle.workspace import init_workspace
+
+    ws = init_workspace(tmp_path / "ws", model="embedded")
+    text = ws.config_path.read_text(encoding="utf-8")
+    assert text.count("ollama_deadline_s: 60.0\n") == 1 and text.count("\nollama:\n  host: null\n") == 1
+    text = text.replace("ollama_deadline_s: 60.0\n", "ollama_deadline_s: 1.5\n")
+    ws.config_path.write_text(text.replace("\nollama:\n  host: null\n", f"\nollama:\n  host: {trickle_server.url}\n"), encoding="utf-8")
+    new = write_jsonl(tmp_path / "new.jsonl", month_records(1))
+    before = snapshot(ws.dir)
+    res = edentune("cycle", "run", str(ws.dir), "--new", str(new))
+    message = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "did not finish GET /api/version within the deadline of 1.5 s" in message and "nothing was started" in message
+    assert snapshot(ws.dir) == before
+
+
+@pytest.mark.parametrize("model", ["../../etc/x", "$(id)", "eden pro", "a/b/c/d", "ns.x/eden", ":latest", "eden:" + "t" * 72])
+def test_init_refuses_names_ollama_would_refuse(tmp_path, model):
+    res = edentune("cycle", "init", str(tmp_path / "ws"), "--model", "embedded", "--persona", f"pro={model}")
+    message = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "personas.0.ollama_model" in message and "Traceback" not in res.stderr, res.stderr
+    assert repr(model) in message
+    assert not (tmp_path / "ws").exists()
+
+
+def test_names_in_a_config_are_checked_against_ollamas_rules(tmp_path):
+    import yaml
+
+    from edentune.config import load_config
+    from edentune.errors import ConfigError
+    from edentune.cycle.workspace import init_workspace
+
+    for key, value in (("model_name", "$(id)"), ("ollama_base", "../../etc/x"), ("personas", {"eden/../x": "hi"})):
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(yaml.safe_dump({"export": {key: value}}))
+        with pytest.raises(ConfigError, match=rf"export.{key}: .*not valid for Ollama|export.{key}: .*at most host"):
+            load_config(path)
+    for ok in ("eden", "eden-pro:v2", "hf.co/bartowski/Qwen2.5-7B-Instruct-GGUF:Q4_K_M", "localhost:5000/team/eden:latest"):
+        path = tmp_path / "ok.yaml"
+        path.write_text(yaml.safe_dump({"export": {"model_name": ok, "ollama_base": ok}}))
+        assert load_config(path).export.model_name == ok
+    ws = init_workspace(tmp_path / "ws", model="embedded")
+    text = ws.config_path.read_text(encoding="utf-8")
+    ws.config_path.write_text(text.replace("ollama:\n  host: null\n  base: null", "ollama:\n  host: null\n  base: $(id)"))
+    with pytest.raises(ConfigError, match=r"ollama.base: '\$\(id\)': its model"):
+        load_workspace(ws.dir)

@@ -187,3 +187,25 @@ def test_shared_adapter_mode_rolls_back_every_persona_with_one_export(tiny_qwen2
             assert server.models[f"eden-{p}:latest"]["adapters"] == {"adapter.gguf": blob}
     with ws.open_registry(readonly=True) as reg:
         assert {lv.persona: lv.round_id for lv in reg.live_rows()} == {"friendly": "2026-01", "professional": "2026-01"}
+
+
+def test_rollback_against_a_trickling_ollama_ends_at_the_deadline_and_changes_nothing(months, trickle_server):
+    import os
+    import subprocess
+
+    ws, _ = months
+    before = _live(ws)
+    frozen = ws.frozen_config_path("2026-01", "default")
+    original = frozen.read_text(encoding="utf-8")
+    assert original.count("ollama_deadline_s: 60.0\n") == 1
+    try:
+        frozen.write_text(original.replace("ollama_deadline_s: 60.0\n", "ollama_deadline_s: 1.5\n"), encoding="utf-8")
+        res = subprocess.run([sys.executable, "-m", "edentune.cli", "cycle", "rollback", str(ws.dir), "--to", "2026-01",
+                              "--host", trickle_server.url], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "COLUMNS": "200"})
+    finally:
+        frozen.write_text(original, encoding="utf-8")
+    message = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "did not finish GET /api/version within the deadline of 1.5 s" in message and "export.ollama_deadline_s" in message
+    assert _live(ws) == before

@@ -4,6 +4,11 @@ round reaches the export.)"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -54,6 +59,37 @@ def test_new_file_that_is_all_garbage(workspace, tmp_path):
     with pytest.raises(DataError, match="no such file"):
         run_round(ws, [tmp_path / "missing.jsonl"])
     nothing_happened(ws, server)
+
+
+def test_feedback_that_gives_nothing_to_learn_stops_before_the_sft_step(workspace, cycle_files, tmp_path):
+    """`--feedback garbage.bin` used to train the whole SFT step and only then fail at the
+    preference step: every input is checked before the first expensive step."""
+    import json
+
+    ws, server = workspace
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(bytes(range(1, 256)) * 4)  # no NUL byte: read as lines, none of them a rating
+    with pytest.raises(DataError, match=r"garbage.bin: no usable rating in 5 line\(s\): invalid JSON \(1\), invalid UTF-8 \(4\)"):
+        run_round(ws, [cycle_files["month1"]], feedback=garbage)
+    res = subprocess.run([sys.executable, "-m", "edentune.cli", "cycle", "run", str(ws), "--new", str(cycle_files["month1"]),
+                          "--feedback", str(garbage)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "COLUMNS": "200"})
+    assert res.returncode == 2 and "garbage.bin: no usable rating" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    garbage.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match="garbage.bin is binary data"):
+        run_round(ws, [cycle_files["month1"]], feedback=garbage)
+    text = tmp_path / "notes.txt"
+    text.write_text("not json\n{\"messages\": 3}\n[1, 2]\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"notes.txt: no usable rating in 3 line\(s\)") as err:
+        run_round(ws, [cycle_files["month1"]], feedback=text)
+    assert "nothing was started" in str(err.value)
+    liked = tmp_path / "liked.jsonl"
+    liked.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+                                         "rating": "up"}) + "\n" for i in range(4)), encoding="utf-8")
+    with pytest.raises(DataError, match=r"only thumbs-up ratings \(4\): KTO learns from the contrast"):
+        run_round(ws, [cycle_files["month1"]], feedback=liked)
+    nothing_happened(ws, server)
+    assert server.requests == []  # refused before the Ollama preflight, too
 
 
 def test_ollama_down(make_workspace, standin_factory, cycle_files, tmp_path):

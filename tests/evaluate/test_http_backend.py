@@ -5,6 +5,7 @@ answering, a web page instead of the API, the wrong JSON. Every failure is a cle
 import contextlib
 import http.server
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -214,3 +215,58 @@ def test_spec_takes_the_configured_timeout():
     assert (backend.url, backend.model, backend.timeout, backend.connect_timeout) == (
         "http://127.0.0.1:11434/v1/chat/completions", "eden", 7.5, 7.5)
     assert backend_from_spec("https://example.org/openai/v1/", cfg).url == "https://example.org/openai/v1/chat/completions"
+
+
+def _edentune(*args: str, cwd) -> subprocess.CompletedProcess:
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    return subprocess.run([sys.executable, "-m", "edentune.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": src, "COLUMNS": "200"})
+
+
+@pytest.mark.parametrize("trickles", ["probe", "answer"])
+def test_eval_against_a_trickling_server_ends_at_the_deadline(trickle_server, tmp_path, trickles):
+    """Headers at once, then one byte every 0.25 s: each byte is inside the read timeout, so only
+    the overall deadline (evaluation.http_deadline_s) ends it, with a message naming it."""
+    url = trickle_server.url
+    if trickles == "answer":  # the chat completion itself trickles (the probe is passed)
+        backend = HttpBackend(url, "eden", timeout=30.0, deadline=1.0)
+        backend._probed = True
+        message, elapsed = timed_error(backend)
+        assert "did not finish its answer within the deadline of 1 s (POST" in message and "evaluation.http_deadline_s" in message
+        assert elapsed < 10
+        return
+    config = tmp_path / "run.yaml"
+    config.write_text("evaluation:\n  http_deadline_s: 1.5\n  http_timeout_s: 30\n")
+    suite = tmp_path / "s.yaml"
+    suite.write_text("- prompt: Say hello.\n  expected_language: en\n", encoding="utf-8")
+    out = tmp_path / "results.json"
+    res = _edentune("eval", "-m", url + "#eden", "-c", str(config), "--suite", str(suite), "-o", str(out), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "did not finish its answer within the deadline of 1.5 s (GET" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists() and trickle_server.requests[0].startswith(b"GET /v1/models")
+
+
+def test_eval_of_a_hostile_server_cannot_write_the_hosts_sysctls(tmp_path):
+    """`eval -m http://…` runs the code a server sends in the sandbox; as root (CI) that code is
+    not host root: writing kernel.core_pattern (piped, it would run a command as root) is refused.
+    The code writes back the value the host already has, so even a failure changes nothing."""
+    from edentune.evaluate import sandbox
+
+    host_value = open("/proc/sys/kernel/core_pattern").read()
+    code = f"import os\nfd = os.open('/proc/sys/kernel/core_pattern', os.O_WRONLY)\nos.write(fd, {host_value.encode()!r})\n"
+    answer = {"choices": [{"message": {"role": "assistant", "content": f"Here:\n```python\n{code}```"}}]}
+    routes = {("GET", "/v1/models"): MODELS, ("POST", "/v1/chat/completions"): (200, "application/json", json.dumps(answer))}
+    suite = tmp_path / "s.yaml"
+    suite.write_text("- prompt: Write a Python program.\n  expected_behavior: provides_running_code\n", encoding="utf-8")
+    out = tmp_path / "results.json"
+    with web_server(routes) as url:
+        res = _edentune("eval", "-m", url + "#eden", "--suite", str(suite), "-o", str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (case,) = json.loads(out.read_text())["cases"]
+    assert open("/proc/sys/kernel/core_pattern").read() == host_value
+    if sandbox.find_sandbox() is None:  # then it must not run at all, and eval says why
+        assert os.geteuid() != 0 and case["code_status"] == "not_run" and "code not run (no sandbox)" in res.stderr
+        return
+    assert case["code_status"] == "fail" and any(s in case["code_error"] for s in ("Permission denied", "Read-only file system"))

@@ -125,7 +125,8 @@ print(open('/etc/passwd').read())
 raise RuntimeError(' '.join(seen))  # the error text goes into the results too
 """
     r = run_python(code, FAST)
-    assert r.status == "fail" and r.stdout.endswith(f"\nsandbox:x:{os.getuid()}:{os.getgid()}::/sandbox:/bin/false\n\n")  # synthetic
+    uid, gid = sandbox.find_sandbox().run_as or (os.getuid(), os.getgid())
+    assert r.status == "fail" and r.stdout.endswith(f"\nsandbox:x:{uid}:{gid}::/sandbox:/bin/false\n\n")  # synthetic
     text = _host_text(r)
     assert value not in text and "root:x:0:0" not in text
     if os.access("/etc/shadow", os.R_OK):
@@ -178,6 +179,82 @@ def test_no_network_even_to_localhost():
         with pytest.raises(TimeoutError):
             listener.accept()
     assert r.status == "fail" and "Connection refused" in r.error
+
+
+# -- as root (CI runs as root): the sandbox is never host uid 0 -------------------------------------
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="checks what root's sandbox may do; an ordinary user's "
+                             "sandbox is that user, covered by the tests above")
+
+
+@as_root
+def test_as_root_a_sandbox_is_found_and_runs_as_nobody():
+    box = sandbox.find_sandbox()
+    assert box is not None, sandbox.why_no_sandbox()  # as root the sandbox must work, else code is not run
+    assert box.run_as is not None and 0 not in box.run_as
+
+
+def test_sysctls_cannot_be_written():
+    """kernel.core_pattern piped to a program runs it as host root: the sandbox must not open it
+    for writing. The snippet writes back what the host already has, so a failure changes nothing."""
+    host = {}
+    for path in ("/proc/sys/kernel/core_pattern", "/proc/sys/vm/drop_caches"):
+        try:
+            host[path] = open(path).read()
+        except OSError:  # drop_caches is write-only, even for root
+            host[path] = "0"  # not a valid value: the kernel refuses it, nothing is dropped
+    code = f"""
+import os
+for path, value in {host!r}.items():
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as err:
+        print(path, 'refused', err.strerror)
+        continue
+    try:
+        os.write(fd, value.encode())
+    except OSError:
+        pass
+    print(path, 'OPENED FOR WRITING')
+"""
+    r = run_python(code, FAST)
+    if sandbox.find_sandbox() is None:
+        assert os.geteuid() != 0, sandbox.why_no_sandbox()  # as root the sandbox must work
+        assert r.status == "not_run"
+        return
+    assert r.status == "pass", r.error
+    assert "OPENED" not in r.stdout and r.stdout.count(" refused ") == 2, r.stdout
+    assert open("/proc/sys/kernel/core_pattern").read() == host["/proc/sys/kernel/core_pattern"]
+
+
+@needs_sandbox
+def test_sandboxed_process_is_not_host_root():
+    """Judged from the host: the sandbox's processes have no host uid 0 and their user namespace
+    maps no id to host 0 (read from inside, uid_map is relative to bwrap's own first namespace)."""
+    import threading
+
+    marker = _marker()
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(r=run_python(
+        f"import os\nprint(os.getuid(), flush=True)\nos.execv('/bin/sleep', ['sleep', '{marker}'])", Limits(wall_seconds=5))))
+    runner.start()
+    seen = []
+    try:
+        for _ in range(100):
+            seen = _host_processes_with(marker)
+            if seen:
+                break
+            threading.Event().wait(0.05)
+        assert seen, "the sandboxed sleep never appeared"
+        for pid in seen:
+            status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines())
+            uids = {int(u) for u in status["Uid"].split()}
+            maps = [line.split() for line in open(f"/proc/{pid}/uid_map").read().splitlines()]
+            assert 0 not in uids and all(int(outside) != 0 for _, outside, _ in maps), (status["Uid"], maps)
+            if os.geteuid() == 0:
+                assert uids == {sandbox.find_sandbox().run_as[0]}
+    finally:
+        runner.join()
+    assert result["r"].status == "timeout"
 
 
 # -- resource floods ----------------------------------------------------------------------------
@@ -268,7 +345,13 @@ def no_sandbox(monkeypatch):
     monkeypatch.setattr(sandbox, "find_sandbox", lambda: None)
 
 
-def test_without_sandbox_code_is_not_run(no_sandbox, tmp_path):
+@pytest.fixture
+def ordinary_user(monkeypatch):
+    """The unsandboxed opt-in as a user would run it (as root it never runs; CI is root)."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+
+
+def test_without_sandbox_code_is_not_run(no_sandbox, tmp_path, monkeypatch):
     canary = tmp_path / "ran.txt"
     code = f"open({str(canary)!r}, 'w').write('ran')"
     r = run_python(code, FAST)
@@ -276,11 +359,16 @@ def test_without_sandbox_code_is_not_run(no_sandbox, tmp_path):
     assert run_python(code, FAST, mode="never").status == "not_run" and not canary.exists()
     with pytest.raises(EdentuneError, match="no sandbox"):
         run_python(code, FAST, mode="sandbox")
-    # The explicit opt-in runs it, with limits and a clean environment but no isolation.
+    # As root even the explicit opt-in runs nothing.
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    r = run_python(code, FAST, mode="unsafe-no-sandbox")
+    assert (r.status, r.error) == ("not_run", sandbox.NOT_RUN_AS_ROOT) and not canary.exists()
+    # For a user, the explicit opt-in runs it, with limits and a clean environment but no isolation.
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert run_python(code, FAST, mode="unsafe-no-sandbox").status == "pass" and canary.read_text() == "ran"
 
 
-def test_unsandboxed_opt_in_still_has_limits_and_no_secrets(no_sandbox, monkeypatch):
+def test_unsandboxed_opt_in_still_has_limits_and_no_secrets(no_sandbox, ordinary_user, monkeypatch):
     name, value = SECRET.split("=", 1)
     monkeypatch.setenv(name, value)
     assert value not in run_python("import os; print(os.environ)", FAST, mode="unsafe-no-sandbox").stdout

@@ -12,7 +12,7 @@ at scale 1 (or the model's own GGUF blob), the prompt rendered from the model's 
 SYSTEM by the Go-template renderer; it always decodes greedily (sampling options other than
 num_predict are ignored). Switches simulate known failures: `drop_adapters` (answers from the
 base alone, as when an adapter is silently not applied) and `refuse_adapters` (create refuses a
-GGUF adapter, as a newer Ollama may).
+GGUF adapter, as a newer Ollama may); `trickle_create` (create sends its answer one byte at a time, forever).
 """
 
 from __future__ import annotations
@@ -35,14 +35,16 @@ def _full(name: str) -> str:
 
 class OllamaStandIn:
     def __init__(self, base_models: dict[str, dict] | None = None, *, version: str = "0.13.0",
-                 drop_adapters: bool = False, refuse_adapters: bool = False):
+                 drop_adapters: bool = False, refuse_adapters: bool = False, trickle_create: bool = False):
         self.blobs: dict[str, bytes] = {}
         self.models: dict[str, dict] = {_full(k): dict(v) for k, v in (base_models or {}).items()}
         self.requests: list[tuple[str, str]] = []
         self.create_requests: list[dict] = []
         self.version, self.drop_adapters, self.refuse_adapters = version, drop_adapters, refuse_adapters
+        self.trickle_create = trickle_create  # create answers its headers, then one byte every 0.25 s, forever
         self._llamas: dict[tuple, object] = {}
         self._blob_dir = Path(tempfile.mkdtemp(prefix="ollama-standin-"))
+        self.stopped = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.host = f"http://127.0.0.1:{self._server.server_address[1]}"
 
@@ -51,6 +53,7 @@ class OllamaStandIn:
         return self
 
     def __exit__(self, *exc):
+        self.stopped.set()
         self._server.shutdown()
         self._server.server_close()
         self._llamas.clear()
@@ -206,6 +209,8 @@ class OllamaStandIn:
 
             def _create(self, req: dict):
                 standin.create_requests.append(req)
+                if standin.trickle_create:
+                    return self._trickle()
                 unknown = set(req) - CREATE_FIELDS
                 if unknown:  # e.g. the old `modelfile` text field, which Ollama no longer accepts
                     return self._send(400, {"error": f"unknown field(s) {sorted(unknown)}"})
@@ -227,5 +232,17 @@ class OllamaStandIn:
                 standin.models[_full(req["model"])] = model
                 status = [{"status": "using existing layer"}, {"status": "writing manifest"}, {"status": "success"}]
                 self._send(200, lines=status if req.get("stream", True) else None, obj=status[-1])
+
+            def _trickle(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(10 ** 9))
+                self.end_headers()
+                try:
+                    while not standin.stopped.wait(0.25):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                except OSError:  # the client gave up
+                    pass
 
         return Handler

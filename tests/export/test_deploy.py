@@ -522,3 +522,69 @@ def test_deploy_cli_writes_the_registry(exported, tmp_path):
     assert event.kind == "deploy" and record["model"] == "eden:latest" and record["smoke"] == {"status": "skipped"}
     (event,) = history(workspace / "registry.sqlite")
     assert event.kind == "rollback" and f"recorded in {workspace / 'registry.sqlite'}" in " ".join(out.output.split())
+
+
+# -- a server that trickles: the overall deadline (export.ollama_deadline_s / _create_deadline_s) --
+
+def _edentune(*args: str) -> subprocess.CompletedProcess:
+    import os
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    return subprocess.run([sys.executable, "-m", "edentune.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": src, "COLUMNS": "200"})
+
+
+def test_deploy_and_rollback_against_a_trickling_server_end_at_the_deadline(exported, tmp_path, trickle_server):
+    """Headers at once, then one byte every 0.25 s: inside the 30 s read timeout each time, so
+    only the overall deadline ends `deploy` and `deploy --rollback`, with a message naming it."""
+    cfg, result = exported
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(cfg.updated({"training.output_dir": str(tmp_path / "run"),
+                                              "export.ollama_deadline_s": 1.5}).model_dump(mode="json")))
+    for args in (["-e", str(result.out_dir), "--no-smoke-check"], ["--rollback"]):
+        start = time.monotonic()
+        res = _edentune("deploy", str(config), *args, "--host", trickle_server.url)
+        assert time.monotonic() - start < 60  # a 2 s deadline plus the start of Python; the body alone would take years
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        message = " ".join(res.stderr.split())
+        assert f"Ollama at {trickle_server.url} did not finish GET /api/version within the deadline of 1.5 s" in message
+        assert "export.ollama_deadline_s" in message
+    registry = tmp_path / "run" / "registry.sqlite"
+    assert not registry.exists() or history(registry) == []  # nothing was deployed or rolled back
+
+
+def test_a_create_that_trickles_ends_at_its_deadline_and_the_previous_model_is_back(exported):
+    cfg, result = exported
+    with OllamaStandIn(QWEN_BASE) as server:
+        server.models["eden:latest"] = {"from": "qwen2.5:14b", "system": "the old persona"}
+        before = json.dumps(server.models, sort_keys=True)
+        server.trickle_create = True
+        with pytest.raises(EdentuneError, match="did not finish creating eden:latest within the deadline of 1.5 s") as err:
+            deploy(cfg.updated({"export.ollama_create_deadline_s": 1.5}), result.out_dir, host=server.host, smoke=False)
+        assert "export.ollama_create_deadline_s" in str(err.value)
+        server.models.pop("eden:previous", None)  # the copy kept while deploying (restored from)
+        assert json.dumps(server.models, sort_keys=True) == before
+
+
+def test_another_programs_database_as_registry_is_refused_untouched(exported, tmp_path):
+    """`deploy --registry other.sqlite`: checked read-only before any write or pragma, so it is
+    not even switched to WAL: the file stays byte for byte as it was, and no -wal file appears."""
+    cfg, result = exported
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as raw:  # another program's database, in SQLite's default rollback-journal mode
+        raw.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        raw.execute("INSERT INTO notes (text) VALUES ('keep me')")
+    raw.close()
+    before = other.read_bytes()
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(cfg.updated({"training.output_dir": str(tmp_path / "run")}).model_dump(mode="json")))
+    with OllamaStandIn(QWEN_BASE) as server:
+        for args in (["-e", str(result.out_dir), "--no-smoke-check"], ["--rollback"]):
+            res = _edentune("deploy", str(config), *args, "--host", server.host, "--registry", str(other))
+            message = " ".join(res.stderr.split())
+            assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+            assert f"{other}: not an edentune registry (a database of another program, with the table(s) notes)" in message
+            assert "nothing was changed in Ollama" in message
+        assert server.requests == []
+    assert other.read_bytes() == before and before[18:20] == b"\x01\x01"  # header bytes 18-19: 1 = rollback journal, 2 = WAL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.sqlite", "run.yaml"]

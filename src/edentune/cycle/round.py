@@ -184,7 +184,7 @@ def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list
     ws = load_workspace(ws_dir)  # a config with errors stops here, before anything is written
     new_files = [Path(f).expanduser().resolve() for f in new_files]
     feedback_files = [Path(f).expanduser().resolve() for f in ([feedback] if isinstance(feedback, (str, Path)) else feedback or [])]
-    _check_inputs(new_files, feedback_files)
+    _check_inputs(new_files, feedback_files, ws.config.run.preference.method)
     template = ws.round_config("preflight", ws.training_units()[0])
     host = ollama_host(template, host)
     _ollama_preflight(template, host, client)
@@ -216,9 +216,12 @@ def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list
     return result
 
 
-def _check_inputs(new_files: list[Path], feedback_files: list[Path]) -> None:
-    """Refuse before the round starts: missing files, or new files without one usable conversation."""
+def _check_inputs(new_files: list[Path], feedback_files: list[Path], method: str) -> None:
+    """Refuse before the round starts: missing files, new files without one usable conversation,
+    or feedback the preference step (`method`) could not learn from: every input is checked
+    before the first expensive step."""
     from ..data.convert import convert
+    from ..data.feedback import feedback_problem
 
     if not new_files:
         raise DataError("no new data given", hint="pass this month's conversations with --new FILE.jsonl")
@@ -231,6 +234,9 @@ def _check_inputs(new_files: list[Path], feedback_files: list[Path]) -> None:
         raise DataError(f"{', '.join(map(str, new_files))}: no usable conversation in {report.lines} line(s)"
                         + (f": {reasons}" if reasons else ""),
                         hint="pass ChatML, alpaca, sharegpt or OpenAI chat JSONL (`edentune data validate FILE` shows each problem); nothing was started")
+    if feedback_files and (problem := feedback_problem(feedback_files, method)):
+        raise DataError(problem, hint="pass thumbs up/down JSONL (`edentune data feedback FILE -o DIR` shows each line's problem); "
+                                      "nothing was started")
 
 
 def _pick_round(reg: Registry, round_id: str | None, console: Console) -> str:

@@ -29,6 +29,8 @@ from ..config import (MixConfig, PersonaConfig, RunConfig, config_for_model, for
                       render_config_yaml)
 from ..errors import ConfigError, EdentuneError
 from ..io import write_text_atomic
+from ..models import model_reference_problem
+from ..ollama_names import check_ollama_name
 from ..registry import REGISTRY_NAME, SHARED, Registry
 
 CONFIG_NAME = "cycle.yaml"
@@ -64,6 +66,11 @@ class WorkspacePersona(_Section):
             raise ValueError(f"{SHARED!r} is reserved (the registry's name for steps shared by all personas)")
         return v
 
+    @field_validator("ollama_model")
+    @classmethod
+    def _ollama_model(cls, v: str | None) -> str | None:
+        return v if v is None else check_ollama_name(v)
+
 
 class ValidationPolicy(_Section):
     fraction: float = Field(0.1, gt=0, lt=1, description="share of the first round's clean data frozen as the validation set")
@@ -85,6 +92,11 @@ class GatePolicy(_Section):
 class OllamaPolicy(_Section):
     host: str | None = Field(None, description="Ollama URL (default: run.export.ollama_host, $OLLAMA_HOST, 127.0.0.1:11434)")
     base: str | None = Field(None, description="Ollama base model tag (default: run.export.ollama_base)")
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: str | None) -> str | None:
+        return v if v is None else check_ollama_name(v)
 
 
 def _default_personas() -> list[WorkspacePersona]:
@@ -393,6 +405,8 @@ def init_workspace(path: str | Path, model: str = "qwen2.5-14b", personas: Mappi
             raise EdentuneError(f"{path} has a {CONFIG_NAME} but no registry",
                                 hint="use --force to write a fresh cycle.yaml (the old one is kept as a .bak)")
     run = config_for_model(model)
+    if (problem := model_reference_problem(run.model.name_or_path)) and problem[0] == "error":
+        raise ConfigError(f"--model: {problem[1]}", hint="a preset alias (qwen2.5-14b, embedded), a hub id org/name, a model folder or a .gguf file")
     if run.preset == "embedded":  # the quickstart's measured recipe, not the bare preset
         from ..presets import quickstart_recipe
 

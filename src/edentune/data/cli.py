@@ -138,7 +138,7 @@ def register(root: typer.Typer) -> None:
         from edentune.models import load_tokenizer, resolve_model_dir
 
         check_outputs(files, [json_out])  # before loading a tokenizer, which can take a while
-        tok = load_tokenizer(resolve_model_dir(tokenizer, gguf_file), require_chat_template=False) if tokenizer else None
+        tok = load_tokenizer(resolve_model_dir(tokenizer, gguf_file, for_tokenizer=True), require_chat_template=False) if tokenizer else None
         st = run(files, tokenizer=tok, max_seq_len=max_seq_len, json_path=json_out)
         table = Table(title="dataset", show_header=False)
         table.add_row("conversations", str(st.conversations))

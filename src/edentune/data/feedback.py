@@ -218,6 +218,36 @@ def _warnings(n_up: int, n_down: int, n_pairs: int) -> list[str]:
     return out
 
 
+def _ratings(paths: list[Path], max_pairs_per_prompt: int = MAX_PAIRS_PER_PROMPT,
+             max_line_bytes: int = MAX_LINE_BYTES) -> tuple[Report, list[dict], list[dict]]:
+    """(report, the usable ratings, the DPO pairs) of feedback files, nothing written."""
+    report = Report()
+    items = load(paths, parse_feedback, report, max_line_bytes)
+    items = apply_check(items, report, scrubber(report, "redact"))
+    items = _drop_conflicts(_drop_duplicates(items, report), report)
+    redact_quarantine(report)
+    records = report.finish(items)
+    return report, records, dpo_pairs(records, max_pairs_per_prompt)
+
+
+def feedback_problem(paths: list[str | Path], method: str) -> str | None:
+    """Why the feedback in `paths` gives preference training with `method` (kto | dpo) nothing to
+    learn from, or None: what that step would find, known before any training starts."""
+    paths = [Path(p) for p in paths]
+    report, records, pairs = _ratings(paths)
+    names = ", ".join(map(str, paths))
+    if not records:
+        reasons = ", ".join(f"{r} ({n})" for r, n in list(report.reasons.items())[:3])
+        return f"{names}: no usable rating in {report.lines} line(s)" + (f": {reasons}" if reasons else "")
+    n_up = sum(1 for r in records if r["label"])
+    if method == "kto" and n_up in (0, len(records)):
+        return (f"{names}: only thumbs-{'up' if n_up else 'down'} ratings ({len(records)}): "
+                "KTO learns from the contrast and needs both")
+    if method == "dpo" and not pairs:
+        return f"{names}: no prompt has both a thumbs-up and a thumbs-down answer: DPO has no pair to learn from"
+    return None
+
+
 def prepare_feedback(paths: list[str | Path], out_dir: str | Path, *, max_pairs_per_prompt: int = MAX_PAIRS_PER_PROMPT,
                      max_line_bytes: int = MAX_LINE_BYTES) -> FeedbackResult:
     """Read feedback JSONL files and write kto.jsonl, dpo.jsonl, quarantine.jsonl and
@@ -231,16 +261,9 @@ def prepare_feedback(paths: list[str | Path], out_dir: str | Path, *, max_pairs_
     out = Path(out_dir)
     outputs = {"kto": out / KTO_FILE, "dpo": out / DPO_FILE, "quarantine": out / QUARANTINE_FILE, "stats": out / STATS_FILE}
     check_outputs(paths, outputs.values())  # before reading: `-o` holding an input is refused up front
-    report = Report()
-    items = load(paths, parse_feedback, report, max_line_bytes)
-    items = apply_check(items, report, scrubber(report, "redact"))
-    items = _drop_conflicts(_drop_duplicates(items, report), report)
-    redact_quarantine(report)
-    records = report.finish(items)
-
+    report, records, pairs = _ratings(paths, max_pairs_per_prompt, max_line_bytes)
     n_up = sum(1 for r in records if r["label"])
     n_down = len(records) - n_up
-    pairs = dpo_pairs(records, max_pairs_per_prompt)
     w_up, w_down = kto_weights(n_up, n_down)
     result = FeedbackResult(report, n_up, n_down, len(pairs), w_up, w_down, _warnings(n_up, n_down, len(pairs)), outputs)
     # The four files appear together or not at all.

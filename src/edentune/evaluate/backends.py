@@ -128,13 +128,17 @@ class HttpBackend:
     after a full generation timeout. A refused or dropped connection, 429 and 5xx are retried
     `retries` times with exponential backoff (a server starting up or busy); an answer that does not
     come within `timeout` is not retried (waiting again would take as long); other 4xx are the
-    caller's mistake and fail at once with the server's message."""
+    caller's mistake and fail at once with the server's message. However slowly the server sends,
+    a request ends within `deadline` (the probe within three connect timeouts), see netdeadline."""
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 120.0,
                  connect_timeout: float | None = None, retries: int = 2, backoff: float = 0.5,
-                 temperature: float = 0.0, seed: int = 0):
+                 temperature: float = 0.0, seed: int = 0, deadline: float = 180.0):
         import httpx
 
+        from edentune.netdeadline import client_transport
+
+        self.deadline = deadline
         self.base, self.host = server_url(base_url)
         self.url = self.base + "/chat/completions"
         self.model, self.retries, self.backoff, self.timeout = model, retries, backoff, timeout
@@ -142,7 +146,8 @@ class HttpBackend:
         self.temperature, self.seed = temperature, seed
         self.name = f"{self.url} ({model})"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=self.connect_timeout), headers=headers)
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=self.connect_timeout), headers=headers,
+                                   transport=client_transport())
         self._probed = False
 
     def generate(self, conversations: list[list[dict]], max_new_tokens: int) -> list[Generation]:
@@ -180,14 +185,28 @@ class HttpBackend:
     def _request(self, method: str, url: str, *, timeout: float | None = None, probe: bool = False, **kwargs):
         import httpx
 
+        from edentune.netdeadline import deadline
+
         wait = timeout if timeout is not None else self.timeout
+        overall = min(self.deadline, 3 * self.connect_timeout) if probe else self.deadline
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                resp = self.client.request(method, url, timeout=httpx.Timeout(wait, connect=self.connect_timeout), **kwargs)
-            except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
+                with deadline(overall) as limit:
+                    resp = self.client.request(method, url, timeout=httpx.Timeout(wait, connect=self.connect_timeout), **kwargs)
+            except httpx.TimeoutException as err:
+                if limit.expired:  # a server that trickles its answer: never retried, it would trickle again
+                    raise EdentuneError(
+                        f"{self.host} did not finish its answer within the deadline of {overall:g} s ({method} {url}): "
+                        "it sends too slowly or never stops",
+                        hint=("is it an OpenAI-compatible server (Ollama, llama.cpp server, vLLM) and not hung? " if probe else
+                              "the model may be too slow for this machine: raise evaluation.http_deadline_s, or lower "
+                              "evaluation.max_new_tokens. ") + SERVER_HINT) from None
+                if isinstance(err, httpx.ConnectTimeout):  # the server may be starting: retried below
+                    last = f"{type(err).__name__}: {err}"
+                    continue
                 raise EdentuneError(
                     f"{self.host} accepted the connection but sent no answer within {wait:g} s ({method} {url})",
                     hint=("is it an OpenAI-compatible server (Ollama, llama.cpp server, vLLM) and not hung? " if probe else
@@ -241,7 +260,7 @@ def backend_from_spec(spec: str, cfg, *, batch_size: int = 8, temperature: float
     if spec.startswith(("http://", "https://")) or "://" in spec:
         url, _, model = spec.partition("#")
         return HttpBackend(url, model or cfg.export.model_name, temperature=temperature, seed=cfg.training.seed,
-                           timeout=cfg.evaluation.http_timeout_s)
+                           timeout=cfg.evaluation.http_timeout_s, deadline=cfg.evaluation.http_deadline_s)
     from edentune.models import check_adapter_dir, resolve_model_dir
 
     m = cfg.model

@@ -57,8 +57,11 @@ def register(app: typer.Typer) -> None:
             if value is not None and key != "n":
                 console.print(f"  {key:24} {value:.3f}")
         if any(c.code_status == "not_run" for c in result.cases):
-            console.print(f"  {'code_pass_rate':24} n/a: {next(c.code_error for c in result.cases if c.code_status == 'not_run')} "
-                          "(docs/security.md, evaluation.run_code)")
+            from .sandbox import why_no_sandbox
+
+            why = next(c.code_error for c in result.cases if c.code_status == "not_run")
+            why += f": {why_no_sandbox()}" if "(no sandbox" in why else ""
+            console.print(f"  {'code_pass_rate':24} n/a: {why} (docs/security.md, evaluation.run_code)", markup=False, highlight=False)
         failed = sum(not c.passed for c in result.cases)
         console.print(f"wrote {output}: {len(result.cases) - failed}/{len(result.cases)} cases passed", markup=False, highlight=False)
 

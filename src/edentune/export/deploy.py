@@ -132,39 +132,53 @@ def check_host(host: str) -> str:
     return text
 
 
+UPLOAD_MIN_RATE = 1 << 20  # bytes/s: an upload moving at least this fast is given more time than its deadline
+
+
 class _Server:
     """The Ollama a deploy talks to: a client for quick calls, one with the long read timeout for
     blob upload, create and chat (which loads the model), and errors that name the host."""
 
-    def __init__(self, host: str, timeout: float, long_timeout: float, client=None):
+    def __init__(self, host: str, timeout: float, long_timeout: float, client=None, deadline: float = 60.0,
+                 long_deadline: float = 1200.0):
         self.host, self.timeout, self.long_timeout = check_host(host), timeout, long_timeout
+        self.deadline, self.long_deadline = deadline, long_deadline  # overall, however slowly it trickles (netdeadline)
         if client is not None:
             self.quick = self.slow = client
             return
         import httpx
         import ollama
 
+        from ..netdeadline import client_transport
+
         try:
-            self.quick = ollama.Client(host=self.host, timeout=httpx.Timeout(self.timeout))
-            self.slow = ollama.Client(host=self.host, timeout=httpx.Timeout(self.long_timeout, connect=self.timeout))
+            self.quick = ollama.Client(host=self.host, timeout=httpx.Timeout(self.timeout), transport=client_transport())
+            self.slow = ollama.Client(host=self.host, timeout=httpx.Timeout(self.long_timeout, connect=self.timeout),
+                                      transport=client_transport())
         except (ValueError, httpx.InvalidURL) as err:
             raise EdentuneError(f"malformed Ollama host {self.host!r}: {err}", hint=_HOST_HINT) from None
 
     @classmethod
     def for_config(cls, cfg, host: str | None = None, client=None) -> _Server:
-        return cls(ollama_host(cfg, host), cfg.export.ollama_timeout_s, cfg.export.ollama_create_timeout_s, client)
+        return cls(ollama_host(cfg, host), cfg.export.ollama_timeout_s, cfg.export.ollama_create_timeout_s, client,
+                   cfg.export.ollama_deadline_s, cfg.export.ollama_create_deadline_s)
 
     @classmethod
     def for_plan(cls, plan: DeployPlan, client=None) -> _Server:
-        return cls(plan.host, plan.timeout_s, plan.create_timeout_s, client)
+        deadlines = (plan.cfg.export.ollama_deadline_s, plan.cfg.export.ollama_create_deadline_s) if plan.cfg else ()
+        return cls(plan.host, plan.timeout_s, plan.create_timeout_s, client, *deadlines)
 
     def call(self, method: str, *args, slow: bool = False, what: str = "the request", **kwargs):
         import httpx
         import ollama
 
+        from ..netdeadline import deadline
+
         client, timeout = (self.slow, self.long_timeout) if slow else (self.quick, self.timeout)
+        overall = self.long_deadline if slow else self.deadline
         try:
-            return getattr(client, method)(*args, **kwargs)
+            with deadline(overall, min_rate=UPLOAD_MIN_RATE if slow else None) as limit:
+                return getattr(client, method)(*args, **kwargs)
         except ollama.ResponseError as err:
             if _looks_like_html(err.error):
                 raise self.not_ollama(f"it answered {what} with HTTP {err.status_code}") from None
@@ -174,6 +188,11 @@ class _Server:
             raise EdentuneError(f"cannot reach Ollama at {self.host}: {_connect_reason(err)}",
                                 hint="start it with `ollama serve`, or check --host / export.ollama_host / $OLLAMA_HOST") from None
         except httpx.TimeoutException as err:
+            if limit.expired:
+                key = "export.ollama_create_deadline_s" if slow else "export.ollama_deadline_s"
+                raise EdentuneError(f"Ollama at {self.host} did not finish {what} within the deadline of {overall:g} s: it answers "
+                                    "too slowly or never stops", hint=f"check that Ollama (not another program) listens at that host "
+                                    f"and port; for a slow server raise {key}") from None
             key = "export.ollama_create_timeout_s" if slow else "export.ollama_timeout_s"
             raise EdentuneError(
                 f"Ollama at {self.host} did not answer {what} within {timeout:g} s ({type(err).__name__})",
