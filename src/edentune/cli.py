@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import os
 import sys
+import types
+import typing
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -168,6 +171,43 @@ def _register_stages() -> None:
 
 
 _register_stages()
+
+
+def _nonempty_path(value: str) -> Path:
+    if not value.strip():
+        raise typer.BadParameter("an empty path is not a file or folder name")
+    return Path(value)
+
+
+def _refuse_empty_paths(typer_app: typer.Typer) -> None:
+    """Every path option and argument of every command refuses an empty value: Path('') is
+    Path('.'), so `data feedback -o ''` wrote into the current folder. typer converts the text
+    with the parameter's `parser`; one is set here on each path parameter that has none, so no
+    command can forget it."""
+    for info in typer_app.registered_commands:
+        hints = typing.get_type_hints(info.callback, include_extras=True)
+        signature = inspect.signature(info.callback)
+        for name, param in signature.parameters.items():
+            hint = hints.get(name)
+            metadata = list(getattr(hint, "__metadata__", ())) + [param.default]
+            base = typing.get_args(hint)[0] if hasattr(hint, "__metadata__") else hint
+            while typing.get_origin(base) in (list, typing.Union, types.UnionType):
+                base = next(a for a in typing.get_args(base) if a is not type(None))
+            if base is not Path:
+                continue
+            for param_info in metadata:
+                if isinstance(param_info, typer.models.ParameterInfo) and getattr(param_info, "parser", None) is None \
+                        and getattr(param_info, "click_type", None) is None:
+                    param_info.parser = _nonempty_path
+                    if param_info.metavar is None:
+                        param_info.metavar = "PATH" if isinstance(param_info, typer.models.OptionInfo) else name.upper()
+                    # String annotations (PEP 563) are evaluated anew on every read: keep this object.
+                    info.callback.__annotations__[name] = hint
+    for group in typer_app.registered_groups:
+        _refuse_empty_paths(group.typer_instance)
+
+
+_refuse_empty_paths(app)
 
 
 # Library warnings that say nothing the user can act on, each already handled by edentune: peft

@@ -30,9 +30,10 @@ from ..config import (MixConfig, PersonaConfig, RunConfig, config_for_model, for
 from ..errors import ConfigError, EdentuneError
 from ..io import write_text_atomic
 from ..registry import REGISTRY_NAME, SHARED, Registry
+from .lock import LOCK_NAME, holds_workspace_lock
 
 CONFIG_NAME = "cycle.yaml"
-LAYOUT = (CONFIG_NAME, REGISTRY_NAME, f"{REGISTRY_NAME}-wal", f"{REGISTRY_NAME}-shm", "fixed", "replay", "rounds")
+LAYOUT = (CONFIG_NAME, REGISTRY_NAME, f"{REGISTRY_NAME}-wal", f"{REGISTRY_NAME}-shm", "fixed", "replay", "rounds", LOCK_NAME)
 BUNDLED_FORGETTING = Path(__file__).resolve().parents[1] / "data" / "sample" / "replay.jsonl"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 ROUND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -358,6 +359,7 @@ def _persona_items(personas: Mapping[str, str] | list | None) -> list:
     return list(personas)
 
 
+@holds_workspace_lock("cycle init --force")  # an existing workspace only: never beside a running round
 def init_workspace(path: str | Path, model: str = "qwen2.5-14b", personas: Mapping[str, str] | list | None = None,
                    force: bool = False) -> Workspace:
     """Create a workspace (commented cycle.yaml, registry, folders).
