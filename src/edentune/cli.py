@@ -46,7 +46,7 @@ def init(
 ) -> None:
     """Write a commented run config with the guide's preset for MODEL."""
     from .config import config_for_model, render_config_yaml
-    from .io import write_text_atomic
+    from .io import check_outputs, write_text_atomic
     from .models import model_reference_problem
 
     if output.is_dir():
@@ -57,6 +57,7 @@ def init(
                           hint="-o another path")
     if output.exists() and not force:
         raise EdentuneError(f"{output} exists", hint="use --force to overwrite, or -o another path")
+    check_outputs([], [output], user_paths=True)  # --force never replaces a workspace's or an export's file
     cfg = config_for_model(model)
     problem = model_reference_problem(cfg.model.name_or_path)
     if problem is not None and problem[0] == "error":
@@ -91,8 +92,11 @@ def quickstart(
     verify: bool = typer.Option(True, help="check the exported GGUF adapter against the PEFT model in llama.cpp"),
 ) -> None:
     """Clean the bundled data, QLoRA-fine-tune the embedded model, compare before/after, export for Ollama."""
+    from .io import managed_owner
     from .quickstart import QuickstartOptions, run_quickstart
 
+    if (owner := managed_owner(out_dir, folder=True)) is not None:
+        raise EdentuneError(f"--out {out_dir} is inside {owner}, whose files edentune manages", hint="give a folder outside it")
     run_quickstart(QuickstartOptions(out_dir=out_dir, max_steps=max_steps, eval_cases=eval_cases, verify_export=verify),
                    Console())
 
