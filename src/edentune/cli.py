@@ -177,10 +177,16 @@ def _register_stages() -> None:
 _register_stages()
 
 
-def _nonempty_path(value: str) -> Path:
-    if not value.strip():
+def _nonempty_path(value: str | Path) -> Path:
+    if isinstance(value, str) and not value.strip():  # typer also passes the default (a Path) through here
         raise typer.BadParameter("an empty path is not a file or folder name")
     return Path(value)
+
+
+def _path_checks(info) -> bool:
+    """Does typer check this path itself (exists=, dir_okay=False, ...)? A parser would replace
+    those checks, and they refuse an empty path already ('' does not exist / is a folder)."""
+    return bool(info.exists or not info.file_okay or not info.dir_okay or info.writable or info.resolve_path)
 
 
 def _refuse_empty_paths(typer_app: typer.Typer) -> None:
@@ -201,7 +207,7 @@ def _refuse_empty_paths(typer_app: typer.Typer) -> None:
                 continue
             for param_info in metadata:
                 if isinstance(param_info, typer.models.ParameterInfo) and getattr(param_info, "parser", None) is None \
-                        and getattr(param_info, "click_type", None) is None:
+                        and getattr(param_info, "click_type", None) is None and not _path_checks(param_info):
                     param_info.parser = _nonempty_path
                     if param_info.metavar is None:
                         param_info.metavar = "PATH" if isinstance(param_info, typer.models.OptionInfo) else name.upper()

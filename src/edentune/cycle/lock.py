@@ -7,9 +7,9 @@ message naming the holder (PID, command, start time). `cycle status` only reads 
 
 The lock is `fcntl.flock` on DIR/.edentune-lock: the kernel drops it when the holder's last file
 descriptor closes, so a process killed with SIGKILL (or a crash, or a reboot) never leaves a lock
-behind, and the next command simply takes it over. What the file holds (the holder's PID, command
-and start time, written after the lock is taken) is only for the message; a holder recorded
-there whose PID is gone is reported as such. flock is advisory and per open file description:
+behind, only the file, and the next command simply takes it over. What the file holds (the
+holder's PID, command and start time, written after the lock is taken) is only for the message;
+a holder recorded there whose PID is gone is reported as such. A clean exit removes the file. flock is advisory and per open file description:
 the descriptor is opened close-on-exec (Python's default), so programs the holder starts do not
 inherit the lock. Where the file system has no flock (some network mounts), locking is refused
 with that reason rather than silently skipped.
@@ -70,22 +70,18 @@ def _holder_text(holder: dict | None) -> str:
     return text
 
 
-@contextlib.contextmanager
-def workspace_lock(ws_dir: str | Path, command: str) -> Iterator[None]:
-    """Hold the workspace's exclusive lock for the block; refused at once if another process holds it."""
-    path = Path(ws_dir) / LOCK_NAME
-    if fcntl is None:  # pragma: no cover - Windows
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as err:
-        raise EdentuneError(f"cannot open the workspace lock {path}: {err.strerror}",
-                            hint="check the workspace folder's permissions; nothing was changed") from None
-    try:
+def _open_locked(path: Path, ws_dir, command: str) -> int:
+    """A descriptor of the lock file holding the flock; refused at once when another process holds it."""
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            raise EdentuneError(f"cannot open the workspace lock {path}: {err.strerror}",
+                                hint="check the workspace folder's permissions; nothing was changed") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise EdentuneError(f"cannot lock the workspace {ws_dir} ({err.strerror}): the file system may not support locks",
                                     hint="keep the workspace on a local disk; nothing was changed") from None
@@ -93,17 +89,35 @@ def workspace_lock(ws_dir: str | Path, command: str) -> Iterator[None]:
                                 f"refusing to start `{command}` beside it",
                                 hint="wait for it to finish (`edentune cycle status DIR` shows its progress), "
                                      "or stop that process; nothing was changed") from None
+        # The holder before us removes the file when it lets go: locked an unlinked file, try the new one.
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise EdentuneError(f"cannot take the lock of the workspace {ws_dir}: it keeps changing hands", hint="try again")
+
+
+@contextlib.contextmanager
+def workspace_lock(ws_dir: str | Path, command: str) -> Iterator[None]:
+    """Hold the workspace's exclusive lock for the block; refused at once if another process holds
+    it. The lock file exists only while it is held (removed before the lock is let go), so a
+    command leaves the workspace as it found it."""
+    path = Path(ws_dir) / LOCK_NAME
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    fd = _open_locked(path, ws_dir, command)
+    try:
         holder = {"pid": os.getpid(), "command": command,
                   "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
-        # Rewritten in place (not atomically replaced): the lock belongs to this very inode.
-        os.ftruncate(fd, 0)
+        # Written in place (not atomically replaced): the lock belongs to this very inode.
         os.pwrite(fd, (json.dumps(holder, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"), 0)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # released: no stale holder for the next message
+        yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # still holding it: whoever opened this inode meanwhile sees it is gone and retries
         os.close(fd)  # releases the flock
 
 

@@ -375,7 +375,8 @@ def plan_deploy(cfg, export_dir: str | Path, *, host: str | None = None, gate: s
     route = report.get("route")
     if route not in ("adapter", "merged"):
         raise EdentuneError(f"{export_dir}: export_report.json has no known route ({route!r})", hint="run `edentune export` again")
-    files = check_export_files(export_dir, report, required=gate is not None)  # every file as exported (gate.py)
+    # With the gate: every file as exported, and the verdict re-derived for this adapter (gate.py).
+    files = check_export_files(export_dir, report) if gate is not None else {}
     gate_record = check_gate(gate, report, cfg, files) if gate is not None else None
     if registry is not None:
         with open_registry(registry) as reg:

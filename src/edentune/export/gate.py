@@ -6,8 +6,8 @@ Two records meet here, and neither is trusted on its word:
   export wrote (`files`: adapter.gguf or model.gguf, each Modelfile) and of the PEFT adapter it
   was made from (`adapter_sha256`), tied together by `binding_sha256` (the hash of both): an
   edited `adapter_sha256` or files map no longer matches its binding, and a file swapped in (say
-  another round's adapter.gguf) no longer matches its hash. Deploy re-hashes every file before
-  it touches Ollama, and compares the digest Ollama's client computed while uploading the blob
+  another round's adapter.gguf) no longer matches its hash. `deploy --gate` re-hashes every file
+  before it touches Ollama, and compares the digest Ollama's client computed while uploading the blob
   with the recorded hash, so what is uploaded is what was exported.
 - `comparison.json` from `edentune compare` only points at what was compared: the verdict is
   re-derived from the two results files it names (present, sha256 unchanged, not the same
@@ -49,12 +49,10 @@ def record_export_files(folder: Path, report: dict, names: list[str]) -> None:
     report["binding_sha256"] = binding_sha256(report.get("adapter_sha256"), report["files"])
 
 
-def check_export_files(export_dir: Path, report: dict, *, required: bool) -> dict[str, str]:
-    """The export's recorded file hashes, verified against its binding and the files on disk; {}
-    for an export that predates them (refused when `required`, i.e. with --gate)."""
+def check_export_files(export_dir: Path, report: dict) -> dict[str, str]:
+    """The export's recorded file hashes, verified against its binding and the files on disk
+    (an export that predates them is refused)."""
     files = report.get("files")
-    if files is None and not required:
-        return {}
     if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
         raise EdentuneError(f"not deploying: {export_dir} records no sha256 of its files (an export of an older edentune), "
                             "so the gate cannot tell that they are what was scored", hint=_REEXPORT)
@@ -83,7 +81,8 @@ def _results_file(recorded, comparison_dir: Path) -> Path | None:
     if not isinstance(recorded, str) or not recorded:
         return None
     p = Path(recorded)
-    for candidate in ([p] if p.is_absolute() else [p, comparison_dir / p]):
+    # Beside the comparison under its name: a workspace or report folder that was moved (the sha256 decides).
+    for candidate in ([p] if p.is_absolute() else [p, comparison_dir / p]) + [comparison_dir / p.name]:
         if candidate.is_file():
             return candidate
     return None
