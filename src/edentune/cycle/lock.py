@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import EdentuneError
+from ..io import WORKSPACE_CONFIG
 
 LOCK_NAME = ".edentune-lock"
 F = TypeVar("F", bound=Callable)
@@ -127,10 +128,8 @@ def holds_workspace_lock(command: str) -> Callable[[F], F]:
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def locked(ws_dir, *args, **kwargs):
-            from .workspace import CONFIG_NAME
-
             folder = Path(ws_dir).expanduser()
-            if not (folder / CONFIG_NAME).is_file():
+            if not (folder / WORKSPACE_CONFIG).is_file():
                 return fn(ws_dir, *args, **kwargs)
             with workspace_lock(folder, command):
                 return fn(ws_dir, *args, **kwargs)
