@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import os
 import sys
+import types
+import typing
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -61,7 +64,7 @@ def init(
 ) -> None:
     """Write a commented run config with the guide's preset for MODEL."""
     from .config import config_for_model, render_config_yaml
-    from .io import write_text_atomic
+    from .io import check_outputs, write_text_atomic
     from .models import model_reference_problem
 
     if output.is_dir():
@@ -72,6 +75,7 @@ def init(
                           hint="-o another path")
     if output.exists() and not force:
         raise EdentuneError(f"{output} exists", hint="use --force to overwrite, or -o another path")
+    check_outputs([], [output], user_paths=True)  # --force never replaces a workspace's or an export's file
     cfg = config_for_model(model)
     problem = model_reference_problem(cfg.model.name_or_path)
     if problem is not None and problem[0] == "error":
@@ -106,8 +110,11 @@ def quickstart(
     verify: bool = typer.Option(True, help="check the exported GGUF adapter against the PEFT model in llama.cpp"),
 ) -> None:
     """Clean the bundled data, QLoRA-fine-tune the embedded model, compare before/after, export for Ollama."""
+    from .io import managed_owner
     from .quickstart import QuickstartOptions, run_quickstart
 
+    if (owner := managed_owner(out_dir, folder=True)) is not None:
+        raise EdentuneError(f"--out {out_dir} is inside {owner}, whose files edentune manages", hint="give a folder outside it")
     run_quickstart(QuickstartOptions(out_dir=out_dir, max_steps=max_steps, eval_cases=eval_cases, verify_export=verify),
                    Console())
 
@@ -186,6 +193,49 @@ def _register_stages() -> None:
 
 
 _register_stages()
+
+
+def _nonempty_path(value: str | Path) -> Path:
+    if isinstance(value, str) and not value.strip():  # typer also passes the default (a Path) through here
+        raise typer.BadParameter("an empty path is not a file or folder name")
+    return Path(value)
+
+
+def _path_checks(info) -> bool:
+    """Does typer check this path itself (exists=, dir_okay=False, ...)? A parser would replace
+    those checks, and they refuse an empty path already ('' does not exist / is a folder)."""
+    return bool(info.exists or not info.file_okay or not info.dir_okay or info.writable or info.resolve_path)
+
+
+def _refuse_empty_paths(typer_app: typer.Typer) -> None:
+    """Every path option and argument of every command refuses an empty value: Path('') is
+    Path('.'), so `data feedback -o ''` wrote into the current folder. typer converts the text
+    with the parameter's `parser`; one is set here on each path parameter that has none, so no
+    command can forget it."""
+    for info in typer_app.registered_commands:
+        hints = typing.get_type_hints(info.callback, include_extras=True)
+        signature = inspect.signature(info.callback)
+        for name, param in signature.parameters.items():
+            hint = hints.get(name)
+            metadata = list(getattr(hint, "__metadata__", ())) + [param.default]
+            base = typing.get_args(hint)[0] if hasattr(hint, "__metadata__") else hint
+            while typing.get_origin(base) in (list, typing.Union, types.UnionType):
+                base = next(a for a in typing.get_args(base) if a is not type(None))
+            if base is not Path:
+                continue
+            for param_info in metadata:
+                if isinstance(param_info, typer.models.ParameterInfo) and getattr(param_info, "parser", None) is None \
+                        and getattr(param_info, "click_type", None) is None and not _path_checks(param_info):
+                    param_info.parser = _nonempty_path
+                    if param_info.metavar is None:
+                        param_info.metavar = "PATH" if isinstance(param_info, typer.models.OptionInfo) else name.upper()
+                    # String annotations (PEP 563) are evaluated anew on every read: keep this object.
+                    info.callback.__annotations__[name] = hint
+    for group in typer_app.registered_groups:
+        _refuse_empty_paths(group.typer_instance)
+
+
+_refuse_empty_paths(app)
 
 
 # Library warnings that say nothing the user can act on, each already handled by edentune: peft

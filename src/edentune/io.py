@@ -87,10 +87,47 @@ def _check_target(path: Path) -> None:
             break
 
 
-def check_outputs(inputs: Iterable[PathLike | None], outputs: Iterable[PathLike | None]) -> None:
+# Folders whose files belong to edentune, never to be written by a command's user-named output
+# (`user_paths=True`): a cycle workspace (cycle.yaml + registry.sqlite; its managed parts below),
+# an export folder (holds EXPORT_MARKER) and a PEFT adapter folder. Names kept here, not imported
+# from the stages, because io sits below them all.
+WORKSPACE_CONFIG, WORKSPACE_REGISTRY = "cycle.yaml", "registry.sqlite"
+WORKSPACE_MANAGED = ("fixed", "replay", "rounds")  # subfolders; plus its cycle.yaml*, registry.sqlite*, .edentune-*
+EXPORT_MARKER = ".edentune-export"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def managed_owner(path: PathLike, *, folder: bool = False) -> str | None:
+    """What owns `path` (a file, or with `folder` a folder to be written) if it lies in a folder
+    edentune manages, as words for a message; else None."""
+    real = Path(os.path.realpath(path))
+    parent = real.parent
+    if (parent / EXPORT_MARKER).is_file():
+        return f"the export folder {parent}"
+    for adapter in ([parent, real] if folder else [parent]):
+        if any((adapter / name).is_file() for name in ADAPTER_FILES):
+            return f"the adapter folder {adapter}"
+    for ws in real.parents:
+        if (ws / WORKSPACE_CONFIG).is_file() and (ws / WORKSPACE_REGISTRY).is_file():
+            rel = real.relative_to(ws).parts
+            top = rel[0]
+            if ((folder or len(rel) > 1) and top in WORKSPACE_MANAGED) or top.startswith((WORKSPACE_CONFIG, WORKSPACE_REGISTRY, ".edentune")):
+                return f"the cycle workspace {ws} ({top})"
+            return None
+    return None
+
+
+def check_outputs(inputs: Iterable[PathLike | None], outputs: Iterable[PathLike | None], *, user_paths: bool = False) -> None:
     """Refuse outputs that would destroy data: an output that is (by resolved path or by inode,
     so symlinks and hard links count) one of the inputs or another output, an existing directory
-    where a file is written, or a non-regular file. `None` entries (an option not given) are skipped."""
+    where a file is written, an empty path, or a non-regular file. `None` entries (an option not
+    given) are skipped. With `user_paths` (outputs a user named on the command line), also any
+    file that belongs to a workspace, export or adapter folder (`managed_owner`): only the stage
+    that made those folders writes in them."""
+    outputs = list(outputs)
+    for out in outputs:
+        if out is not None and not str(out).strip():
+            raise EdentuneError("an output path is empty", hint="give a file path")
     ins = [Path(p) for p in inputs if p is not None]
     in_real = {os.path.realpath(p): p for p in ins}
     in_ids = {i: p for p in ins if (i := _identity(p)) is not None}
@@ -107,6 +144,9 @@ def check_outputs(inputs: Iterable[PathLike | None], outputs: Iterable[PathLike 
             raise EdentuneError(f"outputs {other} and {out} are the same file: one would overwrite the other",
                                 hint="give each output its own path")
         _check_target(out)
+        if user_paths and (owner := managed_owner(out)) is not None:
+            raise EdentuneError(f"output {out} is inside {owner}, whose files edentune manages; writing it would damage them",
+                                hint="write the output somewhere else, e.g. beside that folder")
         seen_real[real] = out
         if ident:
             seen_ids[ident] = out
@@ -278,13 +318,47 @@ def _is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def check_output_dir(path: PathLike, *, marker: str | None = None, inputs: Iterable[PathLike | None] = ()) -> Path:
+def _marker_files(marker: Path) -> set[str] | None:
+    """The files a previous output folder was written with (listed in its marker), or None for a
+    marker of an older edentune, which lists nothing."""
+    try:
+        last = marker.read_text(encoding="utf-8").splitlines()[-1]
+        listed = json.loads(last)["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return {str(f) for f in listed} if isinstance(listed, list) else None
+
+
+def foreign_entries(folder: Path, marker: str) -> list[str]:
+    """Files and folders in a previous output `folder` that its own write did not put there."""
+    listed = _marker_files(folder / marker)
+    if listed is None:
+        return []
+    parents = {str(Path(f).parent) for f in listed} | {str(p) for f in listed for p in Path(f).parents}
+    out = []
+    for entry in sorted(folder.rglob("*")):
+        rel = str(entry.relative_to(folder))
+        if rel == marker or rel in listed or (entry.is_dir() and rel in parents):
+            continue
+        if any(rel.startswith(o + os.sep) for o in out):
+            continue  # inside a folder already named
+        out.append(rel)
+    return out
+
+
+def check_output_dir(path: PathLike, *, marker: str | None = None, inputs: Iterable[PathLike | None] = (),
+                     user_paths: bool = False) -> Path:
     """Refuse an output folder that would destroy data; returns its resolved path.
 
-    Refused: the current folder or one above it, an input folder, a folder inside an input or
-    containing one, an existing non-folder, and (with `marker`) a non-empty folder without the
-    marker file, i.e. anything but an empty folder or a previous output of the same kind.
+    Refused: an empty path, the current folder or one above it, an input folder, a folder inside
+    an input or containing one, an existing non-folder, (with `marker`) a non-empty folder
+    without the marker file, i.e. anything but an empty folder or a previous output of the same
+    kind, and a previous output holding files it was not written with (named in the message).
+    With `user_paths` (a folder named on the command line), also a folder inside a workspace's
+    managed parts or an adapter folder (`managed_owner`).
     """
+    if not str(path).strip():
+        raise EdentuneError("the output folder path is empty", hint="give a folder path, e.g. -o export")
     real = os.path.realpath(path)
     cwd = os.path.realpath(os.getcwd())
     if _is_within(cwd, real):
@@ -302,6 +376,14 @@ def check_output_dir(path: PathLike, *, marker: str | None = None, inputs: Itera
         raise EdentuneError(f"output folder {path} is not empty and was not written by edentune (no {marker}); "
                             "refusing to replace it",
                             hint="give a new or empty folder, or remove this one yourself if it holds nothing you need")
+    if marker is not None and p.is_dir() and (p / marker).is_file() and (foreign := foreign_entries(p, marker)):
+        raise EdentuneError(f"output folder {path} holds files its earlier write did not put there: "
+                            f"{', '.join(foreign[:5])}{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}; "
+                            "replacing the folder would delete them",
+                            hint="move those files out, or give a new folder")
+    if user_paths and (owner := managed_owner(p, folder=True)) is not None:
+        raise EdentuneError(f"output folder {path} is inside {owner}, whose files edentune manages",
+                            hint="give a folder outside it")
     return p
 
 
@@ -325,6 +407,10 @@ def atomic_dir(path: PathLike, *, marker: str | None = None, inputs: Iterable[Pa
         if marker is not None:
             (tmp / marker).write_text("Written by edentune; the next run writing here replaces this folder.\n")
         yield tmp
+        if marker is not None:  # what this write put there: the next one refuses to delete anything else
+            written = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file() and f.name != marker)
+            with open(tmp / marker, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"files": written}, ensure_ascii=False) + "\n")
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:

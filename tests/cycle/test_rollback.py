@@ -25,10 +25,9 @@ from edentune.registry import SHARED
 
 EXPORT_TESTS = Path(__file__).resolve().parents[1] / "export"
 sys.path.insert(0, str(EXPORT_TESTS))  # ollama_standin
+from gate_results import scored_comparison  # noqa: E402
 from ollama_standin import OllamaStandIn  # noqa: E402
 
-# The hashes `edentune compare` records and deploy's gate requires (no results paths: nothing to re-hash).
-COMPARED = {"suite_sha256": "0" * 64, "base_results_sha256": "1" * 64, "candidate_results_sha256": "2" * 64}
 BASE = {"qwen2.5:14b": {"parameters": {"stop": ["<|im_start|>", "<|im_end|>"]}}}
 
 
@@ -62,8 +61,7 @@ def months(tiny_qwen2_dir, tmp_path_factory):
                 export = export_adapter(cfg, make_adapter(tiny_qwen2_dir, tmp / f"adapter-{round_id}", seed=seed),
                                         ws.export_dir(round_id, "default"), verify=False)
                 digests[round_id] = export.report["adapter_sha256"]
-                write_json_atomic(ws.eval_dir(round_id, "default") / "comparison.json",
-                                  {"ship": True, "reasons": [], "candidate_adapter_sha256": digests[round_id], **COMPARED})
+                scored_comparison(ws.eval_dir(round_id, "default"), digests[round_id], cfg=cfg)
                 reg.set_run(round_id, "default", status="accepted", export_dir=str(export.out_dir))
                 reg.set_live("default", round_id, "eden:latest")
             else:
@@ -172,8 +170,7 @@ def test_shared_adapter_mode_rolls_back_every_persona_with_one_export(tiny_qwen2
             reg.begin_round(round_id, {})
             export = export_adapter(ws.round_config(round_id, SHARED), make_adapter(tiny_qwen2_dir, tmp_path / f"a{seed}", seed=seed),
                                     ws.export_dir(round_id, SHARED), verify=False)
-            write_json_atomic(ws.eval_dir(round_id, SHARED) / "comparison.json",
-                              {"ship": True, "candidate_adapter_sha256": export.report["adapter_sha256"], **COMPARED})
+            scored_comparison(ws.eval_dir(round_id, SHARED), export.report["adapter_sha256"], cfg=ws.round_config(round_id, SHARED))
             reg.set_run(round_id, SHARED, status="accepted", export_dir=str(export.out_dir))
             for p in ws.persona_names:
                 reg.set_live(p, round_id, ws.ollama_model(p))

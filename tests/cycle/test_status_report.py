@@ -108,7 +108,7 @@ def test_html_without_metrics_and_bad_paths(tmp_path):
     assert text.count("no values yet") == len(TRENDS) and "<img" not in text
     with pytest.raises(EdentuneError, match="is a folder"):
         write_html(status(ws.dir), tmp_path)
-    with pytest.raises(EdentuneError, match="workspace's own files"):
+    with pytest.raises(EdentuneError, match="inside the cycle workspace .*whose files edentune manages"):
         write_html(status(ws.dir), ws.dir / "registry.sqlite")
     with pytest.raises(EdentuneError, match="no registry here"):
         status(tmp_path / "nowhere")

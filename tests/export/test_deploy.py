@@ -19,6 +19,7 @@ from threading import Thread
 import httpx
 import pytest
 from conftest import make_adapter
+from gate_results import SUITE_SHA, scored_comparison
 from ollama_standin import OllamaStandIn
 from qwen25_template import QWEN25_OLLAMA_TEMPLATE
 
@@ -425,24 +426,9 @@ def test_a_persona_without_a_prompt_is_a_config_error():
 
 
 # -- the gate ---------------------------------------------------------------------------------------
+# The gate's tampering cases through the real command line are in test_gate_binding.py.
 
-def write_comparison(path: Path, ship: bool, sha: str | None, **fields) -> Path:
-    """The part of `edentune compare`'s comparison.json the gate reads (the full file is tested in tests/evaluate)."""
-    path.write_text(json.dumps({"ship": ship, "reasons": [] if ship else ["Persona adherence is worse (1 → 0.5)"],
-                                "candidate_adapter_sha256": sha} | fields))
-    return path
-
-
-@pytest.fixture
-def results_files(tmp_path):
-    base, cand = tmp_path / "base.json", tmp_path / "cand.json"
-    base.write_text('{"cases": 31}')
-    cand.write_text('{"cases": 31, "model": "tuned"}')
-    return {"suite_sha256": "5" * 64, "base_results_sha256": file_sha256(base), "candidate_results_sha256": file_sha256(cand),
-            "base_results_path": str(base), "candidate_results_path": str(cand)}
-
-
-def test_deploy_gate_ships_only_a_better_model_and_only_this_adapter(exported, tmp_path, results_files):
+def test_deploy_gate_ships_only_a_better_model_and_only_this_adapter(exported, tmp_path):
     cfg, result = exported
     sha = json.loads(result.report_path.read_text())["adapter_sha256"]
     assert sha == file_sha256(Path(result.report["adapter_dir"]) / "adapter_model.safetensors")
@@ -450,42 +436,41 @@ def test_deploy_gate_ships_only_a_better_model_and_only_this_adapter(exported, t
     with OllamaStandIn(QWEN_BASE) as server:
         with pytest.raises(EdentuneError, match="not deploying: the comparison says .*Persona adherence is worse"):
             deploy(cfg, result.out_dir, host=server.host, registry=registry,
-                   gate=write_comparison(tmp_path / "worse.json", False, sha, **results_files))
+                   gate=scored_comparison(tmp_path / "worse", sha, better=False))
         with pytest.raises(EdentuneError, match="not deploying: .* scored adapter 000000000000"):
-            deploy(cfg, result.out_dir, host=server.host, gate=write_comparison(tmp_path / "other.json", True, "0" * 64, **results_files))
+            deploy(cfg, result.out_dir, host=server.host, gate=scored_comparison(tmp_path / "other", "0" * 64))
         with pytest.raises(EdentuneError, match="not a comparison.json"):
             deploy(cfg, result.out_dir, host=server.host, gate=tmp_path / "missing.json")
         assert "eden:latest" not in server.models and server.requests == [] and not registry.exists()
 
-        ok = write_comparison(tmp_path / "ok.json", True, sha, **results_files)
+        ok = scored_comparison(tmp_path / "ok", sha)
         (record,) = deploy(cfg, result.out_dir, host=server.host, gate=ok, registry=registry, smoke=False)
         assert "eden:latest" in server.models
-        assert record["gate"] == {"comparison": str(ok), "adapter_sha256": sha, "suite_sha256": "5" * 64,
-                                  "results_checked": {"base": results_files["base_results_path"],
-                                                      "candidate": results_files["candidate_results_path"]}}
+        report = json.loads(result.report_path.read_text())
+        assert record["gate"] == {"comparison": str(ok), "adapter_sha256": sha, "suite_sha256": SUITE_SHA,
+                                  "results_checked": {"base": str(tmp_path / "ok" / "baseline.json"),
+                                                      "candidate": str(tmp_path / "ok" / "candidate.json")},
+                                  "files_sha256": report["files"]}
+        assert record["digest"] == "sha256:" + report["files"]["adapter.gguf"]
 
 
 @pytest.mark.parametrize("missing", ["suite_sha256", "base_results_sha256", "candidate_results_sha256", "candidate_adapter_sha256"])
-def test_gate_refuses_an_old_comparison_without_hashes(tmp_path, results_files, missing):
-    fields = {k: v for k, v in results_files.items() if k != missing}
-    sha = None if missing == "candidate_adapter_sha256" else "a" * 64
+def test_gate_refuses_an_old_comparison_without_hashes(tmp_path, missing):
+    comparison = scored_comparison(tmp_path, "a" * 64)
+    verdict = json.loads(comparison.read_text())
+    verdict[missing] = None
+    comparison.write_text(json.dumps(verdict))
     with pytest.raises(EdentuneError, match=f"has no {missing}.*older `edentune compare`") as err:
-        check_gate(write_comparison(tmp_path / "c.json", True, sha, **fields), {"adapter_sha256": "a" * 64})
+        check_gate(comparison, {"adapter_sha256": "a" * 64}, RunConfig())
     assert "re-run `edentune compare`" in str(err.value)
 
 
-def test_gate_refuses_results_changed_after_compare(tmp_path, results_files):
-    comparison = write_comparison(tmp_path / "c.json", True, "a" * 64, **results_files)
-    assert check_gate(comparison, {"adapter_sha256": "a" * 64})["results_checked"]
-    Path(results_files["candidate_results_path"]).write_text('{"cases": 2}')  # re-scored on another suite
-    with pytest.raises(EdentuneError, match=r"cand.json changed after `edentune compare` scored it"):
-        check_gate(comparison, {"adapter_sha256": "a" * 64})
-
-
-def test_gate_with_results_not_from_files_or_moved(tmp_path, results_files):
-    moved = dict(results_files, base_results_path=None, candidate_results_path=str(tmp_path / "gone.json"))
-    record = check_gate(write_comparison(tmp_path / "c.json", True, "a" * 64, **moved), {"adapter_sha256": "a" * 64})
-    assert record["results_checked"] == {}
+def test_gate_refuses_results_changed_after_compare(tmp_path):
+    comparison = scored_comparison(tmp_path, "a" * 64)
+    assert check_gate(comparison, {"adapter_sha256": "a" * 64}, RunConfig())["results_checked"]
+    (tmp_path / "candidate.json").write_text((tmp_path / "candidate.json").read_text().replace('"tuned"', '"other"'))
+    with pytest.raises(EdentuneError, match=r"candidate.json changed after `edentune compare` scored it"):
+        check_gate(comparison, {"adapter_sha256": "a" * 64}, RunConfig())
 
 
 # -- the CLI ----------------------------------------------------------------------------------------

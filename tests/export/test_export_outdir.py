@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 
 import pytest
 from conftest import embedded_cfg, make_adapter
@@ -28,10 +29,32 @@ def test_export_replaces_only_its_own_folder(adapter_and_cfg, tmp_path):
     out = tmp_path / "export"
     first = export_adapter(cfg, adapter, out, verify=False)
     assert (out / EXPORT_MARKER).is_file() and first.gguf.is_file()
-    (out / "stale.txt").write_text("left by an older export")
-    export_adapter(cfg, adapter, out, verify=False)  # a previous export: replaced as a whole
-    assert not (out / "stale.txt").exists() and (out / "adapter.gguf").is_file()
-    assert sorted(os.listdir(tmp_path)) == ["export"]  # no temporaries or old copies left
+    export_adapter(cfg, adapter, out, verify=False)  # a previous export holding only its own files: replaced as a whole
+    assert (out / "adapter.gguf").is_file() and sorted(os.listdir(tmp_path)) == ["export"]  # no temporaries or old copies left
+    (out / "notes.txt").write_text("the user's notes on this export")
+    (out / "mine").mkdir()
+    (out / "mine" / "eval.json").write_text("{}")
+    _refused(cfg, adapter, out, r"holds files its earlier write did not put there: mine, notes.txt; replacing the folder would delete them",
+             tmp_path)
+    res = _cli(cfg, adapter, out, tmp_path)  # the command line says the same, and writes nothing
+    assert res.exit_code != 0 and "mine, notes.txt" in str(res.exception)
+    (out / "notes.txt").unlink()
+    shutil.rmtree(out / "mine")
+    export_adapter(cfg, adapter, out, verify=False)
+    assert sorted(os.listdir(tmp_path)) == ["export", "run.yaml"]
+
+
+def _cli(cfg, adapter, out, config_dir):
+    from typer.testing import CliRunner
+
+    from edentune.cli import app
+    from edentune.config import render_config_yaml
+
+    (config_dir / "run.yaml").write_text(render_config_yaml(cfg))
+    before = snapshot(out)
+    res = CliRunner().invoke(app, ["export", str(config_dir / "run.yaml"), "--adapter", str(adapter), "-o", str(out)])
+    assert snapshot(out) == before
+    return res
 
 
 def _refused(cfg, adapter, out, message, root):

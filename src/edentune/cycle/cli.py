@@ -135,8 +135,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     ) -> None:
         """The history: rounds, data counts, validation loss, key metrics, verdicts, what is live."""
+        from ..io import check_outputs
         from .report import status, write_html
 
+        if html is not None:  # refused before the registry is opened
+            check_outputs([], [html], user_paths=True)
         table = status(directory)
         if html is not None:
             write_html(table, html)

@@ -18,6 +18,7 @@ from ..errors import EdentuneError
 from ..export.api import REPORT_NAME, load_export
 from ..export.deploy import check_gate, full_name, ollama_host
 from ..registry import SHARED, Registry, RunRow
+from .lock import holds_workspace_lock
 from .workspace import Workspace, load_workspace
 
 
@@ -52,7 +53,7 @@ def _check(ws: Workspace, reg: Registry, round_id: str, persona: str) -> RunRow:
         raise EdentuneError(f"the comparison of round {round_id} ({comparison}) is gone: its deploy gate cannot be re-checked",
                             hint="an accepted round can only be made live again while its eval folder exists")
     report = load_export(run.export_dir)
-    check_gate(comparison, report)
+    check_gate(comparison, report, _frozen_config(ws, round_id, run.persona))  # its files are re-hashed by the deploy itself
     model = ws.ollama_model(persona)
     if report.get("models") and full_name(model) not in {full_name(m) for m in report["models"]}:
         raise EdentuneError(f"the export of round {round_id} has no Ollama model {model} for persona {persona} "
@@ -83,6 +84,7 @@ def _frozen_config(ws: Workspace, round_id: str, unit: str) -> RunConfig:
     return load_config(path) if path.is_file() else ws.round_config(round_id, unit)
 
 
+@holds_workspace_lock("cycle rollback")  # never beside a running round (cycle/lock.py)
 def rollback(ws_dir: str | Path, to_round: str | None = None, persona: str | None = None, *,
              host: str | None = None, client=None) -> list[dict]:
     """Make `to_round` (default: the accepted round before the live one) live again for `persona`

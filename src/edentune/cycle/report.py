@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import EdentuneError
-from ..io import write_text_atomic
+from ..io import check_outputs, write_text_atomic
 from ..registry import REGISTRY_NAME, SHARED, Registry
-from .workspace import LAYOUT
 
 # metric key -> (label, kind); kind "rate" prints as a percentage, "loss" as a number, "count" as an integer.
 METRICS = {
@@ -242,8 +241,7 @@ def write_html(table: StatusTable, path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise EdentuneError(f"{path} is a folder", hint="give a file path for the report, e.g. cycle-report.html")
-    ws = Path(table.workspace).resolve()
-    if path.resolve() in {ws / name for name in LAYOUT}:
-        raise EdentuneError(f"{path}: refusing to write the report over the workspace's own files", hint="write it beside, e.g. DIR/report.html")
+    # Never a file the workspace manages (its rounds, exports, fixed sets, registry, config): io.managed_owner.
+    check_outputs([], [path], user_paths=True)
     write_text_atomic(path, render_html(table))
     return path

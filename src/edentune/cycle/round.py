@@ -41,6 +41,7 @@ from ..config import RunConfig, render_config_yaml
 from ..errors import DataError, EdentuneError
 from ..io import file_sha256, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ..registry import SHARED, Registry, StepRecord, now
+from .lock import holds_workspace_lock
 from .workspace import Workspace, check_round_id, load_workspace
 
 INPUTS_MARKER = ".edentune-inputs"  # in a training run folder: which inputs its checkpoints belong to
@@ -171,6 +172,7 @@ class _Steps:
 
 
 # -- the round -----------------------------------------------------------------------------------
+@holds_workspace_lock("cycle run")  # one round per workspace at a time (cycle/lock.py)
 def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list[str | Path] | str | Path | None = None,
               round_id: str | None = None, console: Console | None = None, client=None, host: str | None = None) -> RoundResult:
     """Run (or continue) one round on `new_files` (any supported chat format) and, optionally,
@@ -190,7 +192,7 @@ def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list
     _ollama_preflight(template, host, client)
 
     with ws.open_registry() as reg:
-        round_id = _pick_round(reg, round_id, console)
+        round_id = _pick_round(reg, round_id, console, new_files)
         seq = reg.begin_round(round_id, ws.config.model_dump(mode="json"))
         steps = _Steps(ws, reg, round_id, console)
         console.print(f"round [bold]{round_id}[/] (#{seq}) in {escape(str(ws.dir))}")
@@ -239,14 +241,37 @@ def _check_inputs(new_files: list[Path], feedback_files: list[Path], method: str
                                       "nothing was started")
 
 
-def _pick_round(reg: Registry, round_id: str | None, console: Console) -> str:
-    if round_id is not None:
-        return check_round_id(round_id)
+def _pick_round(reg: Registry, round_id: str | None, console: Console, new_files: list[Path]) -> str:
+    """The round to run. Without `round_id`: a new one named after the month, unless rounds are
+    left `running` (a run that failed, was killed, or ran beside another): one of those is
+    continued only when it is unambiguous (exactly one, ingested from these very files); anything
+    else is refused with what is unfinished and what to do, never filed over with a new month."""
     running = [r for r in reg.rounds() if r.status == "running"]
-    if running:
-        console.print(f"continuing the unfinished round {running[-1].id} (started {running[-1].created})", markup=False)
-        return running[-1].id
-    return reg.next_round_id()
+    if round_id is not None:
+        others = [r.id for r in running if r.id != round_id]
+        if others:
+            console.print(f"note: round(s) {', '.join(others)} are still unfinished", markup=False)
+        return check_round_id(round_id)
+    if not running:
+        return reg.next_round_id()
+    ingest_sha = _sha({"step": "ingest", "files": {str(f): file_sha256(f) for f in new_files}})
+    ingested = {r.id: reg.step(r.id, SHARED, "ingest") for r in running}
+    if len(running) == 1 and ((rec := ingested[running[0].id]) is None or rec.inputs_sha256 == ingest_sha):
+        console.print(f"continuing the unfinished round {running[0].id} (started {running[0].created})", markup=False)
+        return running[0].id
+
+    def describe(r) -> str:
+        rec, failed = ingested[r.id], [run.persona for run in reg.runs(r.id) if run.status == "failed"]
+        files = ", ".join(rec.detail.get("files") or []) if rec is not None else "nothing ingested yet"
+        return f"{r.id} (started {r.created}, new data: {files}{'; failed: ' + ', '.join(failed) if failed else ''})"
+
+    ids = [r.id for r in running]
+    raise EdentuneError(
+        f"unfinished round{'s' if len(running) > 1 else ''} {'; '.join(describe(r) for r in running)}: "
+        + ("more than one round is unfinished" if len(running) > 1 else "this run's --new files are not the ones it ingested")
+        + ", so edentune does not guess which to continue or start a new round over it",
+        hint=f"continue one with `edentune cycle run DIR --round {ids[-1]} --new ...` (other --new files redo its data and training), "
+             "or start another round beside it with --round NEW_ID; nothing was changed")
 
 
 def _user_error(err: Exception, unit: str, steps: _Steps) -> EdentuneError:

@@ -32,9 +32,10 @@ from ..io import write_text_atomic
 from ..models import model_reference_problem
 from ..ollama_names import check_ollama_name
 from ..registry import REGISTRY_NAME, SHARED, Registry
+from .lock import LOCK_NAME, holds_workspace_lock
 
 CONFIG_NAME = "cycle.yaml"
-LAYOUT = (CONFIG_NAME, REGISTRY_NAME, f"{REGISTRY_NAME}-wal", f"{REGISTRY_NAME}-shm", "fixed", "replay", "rounds")
+LAYOUT = (CONFIG_NAME, REGISTRY_NAME, f"{REGISTRY_NAME}-wal", f"{REGISTRY_NAME}-shm", "fixed", "replay", "rounds", LOCK_NAME)
 BUNDLED_FORGETTING = Path(__file__).resolve().parents[1] / "data" / "sample" / "replay.jsonl"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 ROUND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -381,6 +382,7 @@ def _persona_items(personas: Mapping[str, str] | list | None) -> list:
     return list(personas)
 
 
+@holds_workspace_lock("cycle init --force")  # an existing workspace only: never beside a running round
 def init_workspace(path: str | Path, model: str = "qwen2.5-14b", personas: Mapping[str, str] | list | None = None,
                    force: bool = False, host: str | None = None) -> Workspace:
     """Create a workspace (commented cycle.yaml, registry, folders).

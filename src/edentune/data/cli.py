@@ -63,6 +63,13 @@ def _show(report: Report, title: str, more: str = "see --quarantine / --report")
         console.print(_printable(f"  ... {len(report.problems) - SHOWN_PROBLEMS} more ({more})"), markup=False)
 
 
+def _guard(inputs, outputs) -> None:
+    """The outputs named on the command line: never an input, nor a file of a workspace, export or adapter folder."""
+    from edentune.io import check_outputs
+
+    check_outputs(inputs, outputs, user_paths=True)
+
+
 def _quotas(specs: list[str] | None) -> dict[str, int] | None:
     if not specs:
         return None
@@ -89,6 +96,7 @@ def register(root: typer.Typer) -> None:
         """Check ChatML records; report every problem as file:line: reason."""
         from edentune.data.validate import validate as run
 
+        _guard(files, [out, quarantine, report])
         _, rep = run(files, write=out, quarantine=quarantine, max_line_bytes=max_line_bytes, report_path=report)
         _show(rep, "validate")
 
@@ -100,6 +108,7 @@ def register(root: typer.Typer) -> None:
         """Convert alpaca / ShareGPT / OpenAI records to ChatML."""
         from edentune.data.convert import convert as run
 
+        _guard(files, [out, quarantine, report])
         _, rep = run(files, fmt=fmt, system=system, write=out, quarantine=quarantine, max_line_bytes=max_line_bytes,
                      report_path=report)
         _show(rep, f"convert --from {fmt}")
@@ -120,6 +129,7 @@ def register(root: typer.Typer) -> None:
         settings = _section(config, "clean", {"scrub": scrub, "near_duplicate_threshold": near_dup, "min_chars": min_chars,
                                               "max_chars": max_chars, "max_turn_chars": max_turn_chars,
                                               "language_mismatch": language_check})
+        _guard([*files, config], [out, quarantine, report])
         _, rep = run(files, write=out, quarantine=quarantine, config=settings, report_path=report,
                      max_line_bytes=max_line_bytes)
         _show(rep, "clean")
@@ -134,10 +144,9 @@ def register(root: typer.Typer) -> None:
               json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the statistics as JSON.")] = None) -> None:
         """Sizes, token lengths, language and topic mix, duplicates."""
         from edentune.data.stats import stats as run
-        from edentune.io import check_outputs
         from edentune.models import load_tokenizer, resolve_model_dir
 
-        check_outputs(files, [json_out])  # before loading a tokenizer, which can take a while
+        _guard(files, [json_out])  # before loading a tokenizer, which can take a while
         tok = load_tokenizer(resolve_model_dir(tokenizer, gguf_file, for_tokenizer=True), require_chat_template=False) if tokenizer else None
         st = run(files, tokenizer=tok, max_seq_len=max_seq_len, json_path=json_out)
         table = Table(title="dataset", show_header=False)
@@ -172,6 +181,7 @@ def register(root: typer.Typer) -> None:
         """Deterministic train/validation split by content hash (stable when data is appended)."""
         from edentune.data.split import split as run
 
+        _guard(files, [train, val])
         n_train, n_val = run(files, train, val, val_fraction)
         console.print(_printable(f"train: {n_train} -> {train}\nvalidation: {n_val} -> {val}"), markup=False)
 
@@ -188,6 +198,7 @@ def register(root: typer.Typer) -> None:
         from edentune.data.mix import mix as run
 
         settings = _section(config, "mix", {"new_ratio": ratio, "quotas": _quotas(quota), "seed": seed})
+        _guard([*new, *(replay or []), config], [out, report])
         rep = run(new, replay or [], out, settings, report_path=report)
         table = Table(title=f"mix (ratio {rep.ratio:.0%} new, seed {rep.seed})")
         for col in ("category", "source", "wanted", "available", "drawn"):
@@ -209,6 +220,9 @@ def register(root: typer.Typer) -> None:
         """Turn thumbs-up/down feedback logs into KTO (unpaired) and DPO (paired) preference datasets."""
         from edentune.data.feedback import prepare_feedback as run
 
+        from edentune.data.feedback import DPO_FILE, KTO_FILE, QUARANTINE_FILE, STATS_FILE
+
+        _guard(files, [out_dir / name for name in (KTO_FILE, DPO_FILE, QUARANTINE_FILE, STATS_FILE)])
         res = run(files, out_dir, max_pairs_per_prompt=max_pairs, max_line_bytes=max_line_bytes)
         _show(res.report, "feedback", more=f"see {res.paths['quarantine']}")
         console.print(f"ratings: {res.desirable} up, {res.undesirable} down; DPO pairs: {res.pairs}\n"

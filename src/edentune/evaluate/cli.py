@@ -19,6 +19,29 @@ def _config(path: Path | None):
     return load_config(path) if path else RunConfig()
 
 
+def _check_eval_outputs(spec: str, cfg, config: Path | None, suite_name: str | None, validation: list[Path],
+                        replay: list[Path], outputs: list[Path], extra_inputs: tuple = ()) -> None:
+    """Before any model loads: no output may be an input of the evaluation (the config, suite,
+    perplexity sets, a file of the model or adapter scored) or lie in a folder edentune manages."""
+    from edentune.errors import EdentuneError
+    from edentune.io import check_outputs
+
+    from .suite import resolve_suite_path
+
+    inputs: list = [config, *validation, *replay, *cfg.data.train_files, *cfg.data.validation_files,
+                    *cfg.data.replay_files, *extra_inputs]
+    try:
+        inputs.append(resolve_suite_path(suite_name or cfg.evaluation.suite))
+    except EdentuneError:
+        pass  # reported by load_suite, with its hint
+    model = Path(spec.partition("#")[0]).expanduser() if "://" not in spec else None
+    if model is not None and model.is_dir():
+        inputs += [p for p in model.iterdir() if p.is_file()]
+    elif model is not None and model.is_file():
+        inputs.append(model)
+    check_outputs(inputs, outputs, user_paths=True)
+
+
 def _run_eval(spec: str, cfg, suite_name: str | None, validation: list[Path], replay: list[Path], batch_size: int):
     from rich.progress import Progress
 
@@ -50,6 +73,7 @@ def register(app: typer.Typer) -> None:
         from .runner import EvalResult
 
         cfg = _config(config)
+        _check_eval_outputs(model, cfg, config, suite, validation, replay, [output])
         result: EvalResult = _run_eval(model, cfg, suite, validation, replay, batch_size)
         result.save(output)
         m = result.metrics
@@ -85,6 +109,15 @@ def register(app: typer.Typer) -> None:
         from .runner import EvalResult
 
         cfg = _config(config)
+        same = base == candidate or (Path(base).is_file() and Path(candidate).is_file() and Path(base).samefile(candidate))
+        if same:
+            raise EdentuneError(f"--base {base} and --candidate {candidate} are the same results: a comparison with itself says nothing",
+                                hint="compare the base model's results with the fine-tuned model's")
+        reports = [out_dir / "report.md", out_dir / "report.html", out_dir / "comparison.json"]
+        evaluated = [out_dir / f"{name}-results.json" for name, spec in (("base", base), ("candidate", candidate))
+                     if not spec.endswith(".json")]
+        for spec in (base, candidate):
+            _check_eval_outputs(spec, cfg, config, suite, [], [], [*reports, *evaluated], extra_inputs=(metrics_jsonl,))
 
         def result(spec: str, name: str) -> EvalResult:
             if spec.endswith(".json"):
@@ -94,6 +127,9 @@ def register(app: typer.Typer) -> None:
             return evaluated
 
         base_result, cand_result = result(base, "base"), result(candidate, "candidate")
+        if base_result.results_sha256 is not None and base_result.results_sha256 == cand_result.results_sha256:
+            raise EdentuneError(f"--base {base} and --candidate {candidate} are the same results (identical files)",
+                                hint="compare the base model's results with the fine-tuned model's")
         problems = comparability(base_result, cand_result)
         if problems:  # a user mistake, not a verdict: no report that could be taken for one
             raise EdentuneError(f"cannot compare {base} with {candidate}: " + "; ".join(problems),

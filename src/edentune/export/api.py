@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import EdentuneError
-from ..io import atomic_dir, check_output_dir, write_json_atomic, write_text_atomic
+from ..io import EXPORT_MARKER, atomic_dir, check_output_dir, write_json_atomic, write_text_atomic
+from .gate import record_export_files
 
 REPORT_NAME = "export_report.json"
-# In every export folder: only a folder holding it is ever replaced by the next export (io.atomic_dir).
-EXPORT_MARKER = ".edentune-export"
+# EXPORT_MARKER, in every export folder: only a folder holding it is ever replaced by the next
+# export (io.atomic_dir), and only while it holds nothing but the files that export wrote.
 
 
 @dataclass
@@ -145,6 +146,7 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
             template = template_parity(CHATML_TEMPLATE, cfg.model.system_prompt, _tokenizer(base_dir), refs[0])
             report["logits"] = {str(ref): asdict(rep) for ref, rep in zip(refs, logits)}
             report["template"] = asdict(template)
+        record_export_files(tmp, report, [gguf_path.name, *(p.name for p in modelfiles.values())])
         write_json_atomic(tmp / REPORT_NAME, report)
     return _finish(out_dir, out_dir / "adapter.gguf", modelfiles, report, logits, template)
 
@@ -173,6 +175,7 @@ def export_merged(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: 
             logits = [model_parity(model, tok, gguf_path, cfg.model.system_prompt)]
             template = template_parity(CHATML_TEMPLATE, cfg.model.system_prompt, tok, gguf_path)
             report.update(logits={"model.gguf": asdict(logits[0])}, template=asdict(template))
+        record_export_files(tmp, report, [gguf_path.name, *(p.name for p in modelfiles.values())])
         write_json_atomic(tmp / REPORT_NAME, report)
     return _finish(out_dir, out_dir / "model.gguf", modelfiles, report, logits, template)
 

@@ -21,8 +21,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export an adapter for Ollama: adapter.gguf + Modelfile (or model.gguf with --merged)."""
         from ..config import load_config
-        from .api import export_adapter, export_merged
+        from ..io import check_output_dir
+        from .api import EXPORT_MARKER, export_adapter, export_merged
 
+        check_output_dir(output, marker=EXPORT_MARKER, inputs=[adapter, config], user_paths=True)  # before any work
         cfg = load_config(config)
         result = (export_merged if merged else export_adapter)(cfg, adapter, output, verify=verify)
         console.print(f"[green]exported[/] {result.gguf} and {len(result.modelfiles)} Modelfile(s); report {result.report_path}")

@@ -1,7 +1,8 @@
 """Deploy an export to Ollama over its HTTP API (the `ollama` client): plan, apply, smoke check, rollback.
 
 `plan_deploy` reads and checks everything and changes nothing in Ollama:
-1. the export report, the gate (comparison.json re-checked against its files and this adapter) and
+1. the export report and its files (re-hashed against the hashes the export recorded), the gate
+   (its verdict re-derived from the results files comparison.json names, for this adapter; gate.py) and
    the SQLite registry a standalone deploy records in (opened, upgraded and any legacy
    deployments.json imported: a broken registry is an error before any model exists);
 2. the server: a well-formed host that answers `/api/version` like Ollama within the configured
@@ -36,6 +37,7 @@ from typing import Any
 from ..errors import EdentuneError
 from ..io import file_sha256
 from ..registry import REGISTRY_NAME, Registry
+from .gate import GATE_HASH_FIELDS, check_export_files, check_gate, check_uploaded  # noqa: F401 - re-exported
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 # /api/create with from/files/adapters (the only form this module sends) exists since Ollama
@@ -43,7 +45,6 @@ DEFAULT_HOST = "http://127.0.0.1:11434"
 MIN_OLLAMA_VERSION = (0, 5, 5)
 SMOKE_PROMPT = "Introduce yourself in one sentence, then name three colours."
 SMOKE_OPTIONS = {"temperature": 0, "top_k": 1, "seed": 0, "num_predict": 24}
-GATE_HASH_FIELDS = ("suite_sha256", "base_results_sha256", "candidate_results_sha256", "candidate_adapter_sha256")
 _HOST_HINT = "give --host (or export.ollama_host / $OLLAMA_HOST) as http://HOST:PORT, e.g. http://127.0.0.1:11434"
 
 
@@ -91,6 +92,7 @@ class DeployPlan:
     create_timeout_s: float
     base_dir: str  # HF base: tokenizer, and the reference GGUF for the smoke check
     cfg: Any = field(default=None, repr=False)
+    files_sha256: dict[str, str] = field(default_factory=dict)  # the export's file hashes, verified (gate.py)
 
 
 def full_name(name: str) -> str:
@@ -288,52 +290,6 @@ def base_template_matches(template: str | None, tok, system: str | None) -> bool
     return True
 
 
-def check_gate(comparison_json: str | Path, export_report: dict) -> dict:
-    """The deploy gate: the comparison must say ship, carry the hashes of what it compared (suite,
-    both results files, adapter), the results files must still be those, and the adapter scored
-    must be the one this export holds."""
-    path = Path(comparison_json)
-    try:
-        verdict = json.loads(path.read_text(encoding="utf-8"))
-        ship, reasons = verdict["ship"], verdict.get("reasons") or []
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
-        raise EdentuneError(f"{path}: not a comparison.json from `edentune compare` ({err})") from None
-    if ship is not True:
-        raise EdentuneError(f"not deploying: the comparison says the fine-tuned model is not better ({'; '.join(map(str, reasons)) or 'ship: false'})",
-                            hint=f"see {path.parent / 'report.html'}; Ollama was not changed")
-    missing = [f for f in GATE_HASH_FIELDS if not isinstance(verdict.get(f), str) or not verdict.get(f)]
-    if missing:
-        raise EdentuneError(f"not deploying: {path} has no {', '.join(missing)}: it was written by an older `edentune compare`, "
-                            "so the gate cannot check what was compared",
-                            hint="re-run `edentune compare` on the results, then deploy with the new comparison.json")
-    checked = {}
-    for side in ("base", "candidate"):
-        recorded = verdict.get(f"{side}_results_path")
-        results = _existing(recorded, path.parent) if isinstance(recorded, str) and recorded else None
-        if results is None:
-            continue  # not compared from files, or moved away: the recorded hash is all there is
-        if file_sha256(results) != verdict[f"{side}_results_sha256"]:
-            raise EdentuneError(f"not deploying: {results} changed after `edentune compare` scored it "
-                                f"(sha256 differs from {side}_results_sha256 in {path})",
-                                hint="re-run `edentune compare` on the current results")
-        checked[side] = str(results)
-    scored, exported = verdict["candidate_adapter_sha256"], export_report.get("adapter_sha256")
-    if not exported or scored != exported:
-        raise EdentuneError(
-            f"not deploying: {path} scored adapter {scored[:12]}, the export holds {(exported or 'unknown')[:12]}",
-            hint=f"compare the exported adapter itself: `edentune compare --base base --candidate {export_report.get('adapter_dir')}`",
-        )
-    return {"comparison": str(path), "adapter_sha256": exported, "suite_sha256": verdict["suite_sha256"], "results_checked": checked}
-
-
-def _existing(recorded: str, comparison_dir: Path) -> Path | None:
-    p = Path(recorded)
-    for candidate in ([p] if p.is_absolute() else [p, comparison_dir / p]):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def check_base(cfg, *, host: str | None = None, client=None) -> str:
     """Ollama answers at the host and has `export.ollama_base` locally (a missing base is never
     pulled silently); returns Ollama's version. Touches nothing."""
@@ -438,7 +394,9 @@ def plan_deploy(cfg, export_dir: str | Path, *, host: str | None = None, gate: s
     route = report.get("route")
     if route not in ("adapter", "merged"):
         raise EdentuneError(f"{export_dir}: export_report.json has no known route ({route!r})", hint="run `edentune export` again")
-    gate_record = check_gate(gate, report) if gate is not None else None
+    # With the gate: every file as exported, and the verdict re-derived for this adapter (gate.py).
+    files = check_export_files(export_dir, report) if gate is not None else {}
+    gate_record = check_gate(gate, report, cfg, files) if gate is not None else None
     if registry is not None:
         with open_registry(registry) as reg:
             registry = reg.path
@@ -493,8 +451,9 @@ def plan_deploy(cfg, export_dir: str | Path, *, host: str | None = None, gate: s
     fallback = export_dir / "model.gguf"
     return DeployPlan(host=server.host, ollama_version=version, export_dir=export_dir, route=route, gguf=gguf, models=models,
                       adapter_sha256=report.get("adapter_sha256"), gate=gate_record,
-                      merged_fallback=fallback if route == "adapter" and fallback.is_file() else None, registry=registry,
-                      timeout_s=server.timeout, create_timeout_s=server.long_timeout, base_dir=base_dir, cfg=cfg)
+                      merged_fallback=fallback if route == "adapter" and fallback.is_file() and (gate is None or fallback.name in files) else None,
+                      registry=registry, timeout_s=server.timeout, create_timeout_s=server.long_timeout, base_dir=base_dir, cfg=cfg,
+                      files_sha256=files)
 
 
 def _remote_refusal(base: str, why: str) -> EdentuneError:
@@ -515,6 +474,7 @@ def apply_deploy(plan: DeployPlan, *, client=None, smoke: bool = True) -> list[d
     route, gguf, digest = plan.route, plan.gguf, None
     try:
         digest = server.call("create_blob", gguf, slow=True, what=f"the upload of {gguf.name}")
+        check_uploaded(digest, gguf, plan.files_sha256)
         for mp in plan.models:
             if mp.previous:
                 server.call("copy", mp.name, mp.previous, what=f"keeping {mp.name} as {mp.previous}")
@@ -532,6 +492,7 @@ def apply_deploy(plan: DeployPlan, *, client=None, smoke: bool = True) -> list[d
                 if smoke:
                     references = smoke_references(plan, route=route, gguf=gguf)
                 digest = server.call("create_blob", gguf, slow=True, what=f"the upload of {gguf.name}")
+                check_uploaded(digest, gguf, plan.files_sha256)
                 _create(server, mp, route, gguf, digest)
             _confirm(server, mp, adapter=route == "adapter")
             record = _record(plan, mp, route, gguf, digest)

@@ -12,6 +12,18 @@ from rich.console import Console
 console = Console(stderr=True)
 
 
+def _check_run_dir(run_dir: str | Path) -> None:
+    """A run folder from the config is an output too: never inside a workspace's rounds (the cycle
+    writes those, under its lock), an export or an adapter folder (io.managed_owner)."""
+    from edentune.errors import EdentuneError
+    from edentune.io import managed_owner
+
+    if (owner := managed_owner(run_dir, folder=True)) is not None:
+        raise EdentuneError(f"training.output_dir {run_dir} is inside {owner}, whose files edentune manages",
+                            hint="set training.output_dir (or preference.output_dir) to a folder outside it; "
+                                 "a workspace's rounds are trained by `edentune cycle run`")
+
+
 def train_command(
     config: Path = typer.Argument(..., help="run config YAML"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint in training.output_dir "
@@ -31,6 +43,7 @@ def train_command(
     from .recipe import train
 
     cfg = load_config(config)
+    _check_run_dir(cfg.training.output_dir)
     if fresh_optimizer and not resume:
         raise typer.BadParameter("only meaningful with --resume", param_hint="--fresh-optimizer")
     if accelerate_config is not None and num_processes is None:
@@ -75,6 +88,7 @@ def train_feedback_command(
     cfg = load_config(config)
     if method is not None:
         cfg = cfg.updated({"preference.method": method})
+    _check_run_dir(cfg.preference.output_dir or f"{cfg.training.output_dir}-{cfg.preference.method}")
     result = train_preferences(cfg, data, adapter=adapter, console=console)
     last = result.metrics.get("last_log", {})
     shown = {k: v for k, v in last.items() if k.startswith(("rewards/", "kl")) and isinstance(v, float)}
