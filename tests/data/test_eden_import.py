@@ -167,10 +167,15 @@ def test_older_17_value_persona_layout(tmp_path):
     assert prompt == expected and "Anticipate needs" in prompt and "plain words" in prompt
 
 
-def test_untouched_default_persona_warns(tmp_path):
-    db = EdenDB(tmp_path / "data.db")
+OLD_LAYOUT_DEFAULTS = dict(formality=50, humor=40, verbosity=50, emoji_usage=30, enthusiasm=60, empathy=70, directness=60,
+                           technicality=50, creativity=50, proactivity=40, patience=80, encouragement=70)
+
+
+@pytest.mark.parametrize("layout, values", [("tauri", {}), ("tauri17", OLD_LAYOUT_DEFAULTS)])
+def test_untouched_default_persona_warns(tmp_path, layout, values):
+    db = EdenDB(tmp_path / "data.db", layout=layout)
     db.turn(db.conversation(), "hi", "hello")
-    db.persona()  # the row the app inserts at first start
+    db.persona(**values)  # the row the app inserts at first start: its column defaults
     db.close()
     res = import_eden(db.path, tmp_path / "c.jsonl", personas_path=tmp_path / "p.yaml")
     assert any("untouched defaults" in w for w in res.warnings)

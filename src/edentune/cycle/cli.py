@@ -101,18 +101,20 @@ def register(app: typer.Typer) -> None:
         new: list[Path] = typer.Option([], "--new", help="this month's conversations (any supported format), repeatable"),
         feedback: list[Path] = typer.Option([], "--feedback", help="thumbs up/down ratings (JSONL), repeatable"),
         round_id: Optional[str] = typer.Option(None, "--round", help="round id (default: this month, YYYY-MM; an unfinished round is continued)"),
-        from_eden: Optional[str] = typer.Option(None, "--from-eden", is_flag=False, flag_value="", metavar="[DB]",
-                                                help="import Garden of Eden V3's conversations and thumbs since the last round (DB: default the app's database)"),
+        from_eden: bool = typer.Option(False, "--from-eden", help="import Garden of Eden V3's conversations and thumbs since the last round"),
+        eden_db: Optional[Path] = typer.Argument(None, help="with --from-eden: the app's database (default: its path on this OS)", show_default=False),
     ) -> None:
         """Run one round: ingest, clean, replay, mix, train, evaluate, gate, export, deploy. Rerun to continue after a crash."""
         from .report import status
         from .round import run_round
 
         eden = None
-        if from_eden is not None:
+        if eden_db is not None and not from_eden:
+            raise EdentuneError(f"{eden_db}: a database is read only with --from-eden", hint=f"edentune cycle run {directory} --from-eden {eden_db}")
+        if from_eden:
             from . import eden as eden_import
 
-            eden = eden_import.prepare(directory, from_eden or None, round_id, err_console)
+            eden = eden_import.prepare(directory, eden_db, round_id, err_console)
             new, feedback, round_id = [*new, *eden.new], [*feedback, *eden.feedback], eden.round_id
         result = run_round(directory, new, feedback=feedback or None, round_id=round_id, console=err_console)
         if eden is not None:

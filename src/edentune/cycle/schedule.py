@@ -130,7 +130,7 @@ def systemd_units(s: Schedule) -> dict[str, str]:
     service = (f"[Unit]\nDescription=edentune monthly cycle round for {ws}\n\n"
                "[Service]\nType=oneshot\n"
                f"ExecStart={' '.join(_systemd_quote(a) for a in s.argv())}\n"
-               f"WorkingDirectory={_systemd_quote(str(s.workspace))}\n"
+               f"WorkingDirectory={ws}\n"  # a path setting: the rest of the line, no quotes
                "Nice=10\n")
     timer = (f"[Unit]\nDescription=Run the edentune cycle round for {ws} on day {s.day} of every month\n\n"
              f"[Timer]\nOnCalendar=*-*-{s.day:02d} {hour:02d}:{minute:02d}:00\nPersistent=true\n"

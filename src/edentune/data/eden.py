@@ -82,6 +82,9 @@ OLD_LAYOUT_ONLY = ("enthusiasm", "directness", "patience", "encouragement", "for
                    "reasoning_depth", "context_awareness")
 OLD_RENAMED = {"proactiveness": "proactivity", "technical_depth": "technicality"}
 OLD_FIXED = {"code_examples": 70, "questioning": 40}
+# The older layout's own column defaults (the values the mapping reads), to spot an untouched row.
+OLD_DEFAULTS = {"formality": 50, "humor": 40, "verbosity": 50, "emoji_usage": 30, "empathy": 70, "technicality": 50,
+                "creativity": 50, "proactivity": 40}
 
 
 # -- where the database is -----------------------------------------------------------------
@@ -199,6 +202,7 @@ class Tables:
     feedback: list[dict]
     persona: dict | None
     persona_layout: str | None
+    persona_untouched: bool
     custom_prompt: str | None
     layout: dict[str, list[str]]
 
@@ -219,7 +223,7 @@ def read_tables(conn: sqlite3.Connection, path: Path) -> Tables:
                    "ORDER BY timestamp, rowid")
     feedback = (_select(conn, "feedback", ["id", "conversation_id", "satisfaction", "timestamp"], "ORDER BY timestamp, rowid")
                 if "feedback" in tables else [])
-    persona, persona_layout = None, None
+    persona, persona_layout, untouched = None, None, False
     if "persona_settings" in tables:
         cols = layout["persona_settings"]
         old = any(c in cols for c in OLD_LAYOUT_ONLY)
@@ -228,12 +232,13 @@ def read_tables(conn: sqlite3.Connection, path: Path) -> Tables:
         rows = _select(conn, "persona_settings", wanted, order + " LIMIT 1")
         if rows:
             persona, persona_layout = _persona_values(rows[0], old), "17-value" if old else "10-value"
+            untouched = persona == (_persona_values(OLD_DEFAULTS, True) if old else PERSONA_DEFAULTS)
     custom = None
     if "onboarding_state" in tables and "custom_prompt" in layout["onboarding_state"]:
         rows = _select(conn, "onboarding_state", ["custom_prompt"], "ORDER BY rowid DESC LIMIT 1")
         text = rows[0]["custom_prompt"] if rows else None
         custom = text.strip() if isinstance(text, str) and text.strip() else None
-    return Tables(convs, msgs, feedback, persona, persona_layout, custom, layout)
+    return Tables(convs, msgs, feedback, persona, persona_layout, untouched, custom, layout)
 
 
 def _persona_values(row: dict, old: bool) -> dict[str, int]:
@@ -290,7 +295,7 @@ def personas_from(tables: Tables, scrub: bool) -> tuple[list[dict], list[str]]:
     personas, warnings = [], []
     if tables.persona is not None:
         personas.append({"name": "settings", "system_prompt": render_persona(tables.persona)})
-        if tables.persona == PERSONA_DEFAULTS:
+        if tables.persona_untouched:
             warnings.append("persona_settings holds the app's untouched defaults: the 'settings' persona says nothing "
                             "about this user (change the persona in the app, or use the onboarding one)")
     if tables.custom_prompt:
