@@ -90,3 +90,40 @@ def test_from_eden_without_a_path_reads_the_apps_default_database(tmp_path):
     expected = tmp_path / "share" / "garden-of-eden-v3" / "data.db"
     assert res.returncode == 2 and f"{expected}: no such database file" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and not any((ws / "rounds").iterdir())
+
+
+def test_watermark_and_resume_without_training(tmp_path):
+    """The import side of --from-eden alone (the round itself is the slow test above): the watermark
+    moves only when a round finished, and a continued round keeps its first import."""
+    from rich.console import Console
+
+    from edentune.cycle import eden
+    from edentune.cycle.workspace import init_workspace, load_workspace
+
+    ws = tmp_path / "ws"
+    init_workspace(ws, model="embedded")
+    db = EdenDB(tmp_path / "data.db")
+    conv = db.conversation()
+    db.turn(conv, "january question", "january answer")
+    quiet = Console(quiet=True)
+
+    jan = eden.prepare(ws, db.path, "2026-01", quiet)
+    with load_workspace(ws).open_registry() as reg:
+        reg.begin_round("2026-01", {})
+        reg.finish_round("2026-01", "refused")  # a refused month still moves the watermark: it was trained on
+    eden.record(ws, jan)
+
+    db.turn(conv, "february question", "february answer")
+    feb = eden.prepare(ws, db.path, "2026-02", quiet)
+    assert [r["messages"][0]["content"] for r in chats(ws, "2026-02")] == ["february question"]
+    assert feb.detail["since_ms"] == jan.detail["watermark_ms"] and not feb.feedback
+    with load_workspace(ws).open_registry() as reg:
+        reg.begin_round("2026-02", {})  # the round crashed: still running
+
+    db.turn(conv, "a question after the crash", "its answer")
+    again = eden.prepare(ws, db.path, None, quiet)  # continues 2026-02 on the same import
+    assert again.round_id == "2026-02" and again.reused
+    assert [r["messages"][0]["content"] for r in chats(ws, "2026-02")] == ["february question"]
+    with load_workspace(ws).open_registry(readonly=True) as reg:
+        assert eden.last_watermark(reg) == jan.detail["watermark_ms"]  # 2026-02 has not finished
+    db.close()
