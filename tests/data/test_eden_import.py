@@ -342,3 +342,20 @@ def test_since_parsing():
     assert parse_since("2026-01-01T00:00:00+00:00") == T0
     with pytest.raises(DataError, match="not a date"):
         parse_since("last month")
+
+
+def test_since_keeps_a_late_click_on_an_earlier_reply(tmp_path):
+    db = EdenDB(tmp_path / "data.db")
+    conv = db.conversation()
+    _, old_reply = db.turn(conv, "an old question", "an old answer")
+    db.thumbs(conv, True)  # rated before the cut: belongs to the earlier import
+    cut = db.clock
+    db.thumbs(conv, False)  # the user came back after the cut and changed the rating
+    other = db.conversation()
+    _, new_reply = db.turn(other, "a new question", "a new answer")
+    db.close()
+    res = import_eden(db.path, tmp_path / "c.jsonl", feedback=tmp_path / "r.jsonl", since_ms=cut)
+    assert [r["meta"]["assistant_message_id"] for r in read_jsonl(tmp_path / "c.jsonl")] == [new_reply]
+    ratings = read_jsonl(tmp_path / "r.jsonl")
+    assert [(r["meta"]["assistant_message_id"], r["rating"]) for r in ratings] == [(old_reply, "down")]
+    assert res.counts["records_written"] == 1 and balanced(res)  # the rated old reply is not a new chat record
