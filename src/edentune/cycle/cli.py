@@ -114,16 +114,28 @@ def register(app: typer.Typer) -> None:
     @group.command("run")
     def run(
         directory: Path = typer.Argument(..., help="workspace folder"),
-        new: list[Path] = typer.Option(..., "--new", help="this month's conversations (any supported format), repeatable"),
+        new: list[Path] = typer.Option([], "--new", help="this month's conversations (any supported format), repeatable"),
         feedback: list[Path] = typer.Option([], "--feedback", help="thumbs up/down ratings (JSONL), repeatable"),
         round_id: Optional[str] = typer.Option(None, "--round", help="round id (default: this month, YYYY-MM; an unfinished round is continued)"),
         host: Optional[str] = typer.Option(None, "--host", help="Ollama URL for this round (default: the workspace's ollama.host, then $OLLAMA_HOST)"),
+        from_eden: bool = typer.Option(False, "--from-eden", help="import Garden of Eden V3's conversations and thumbs since the last round"),
+        eden_db: Optional[Path] = typer.Argument(None, help="with --from-eden: the app's database (default: its path on this OS)", show_default=False),
     ) -> None:
         """Run one round: ingest, clean, replay, mix, train, evaluate, gate, export, deploy. Rerun to continue after a crash."""
         from .report import status
         from .round import run_round
 
+        eden = None
+        if eden_db is not None and not from_eden:
+            raise EdentuneError(f"{eden_db}: a database is read only with --from-eden", hint=f"edentune cycle run {directory} --from-eden {eden_db}")
+        if from_eden:
+            from . import eden as eden_import
+
+            eden = eden_import.prepare(directory, eden_db, round_id, err_console)
+            new, feedback, round_id = [*new, *eden.new], [*feedback, *eden.feedback], eden.round_id
         result = run_round(directory, new, feedback=feedback or None, round_id=round_id, console=err_console, host=host)
+        if eden is not None:
+            eden_import.record(directory, eden)
         table = status(directory)
         table.rows = [r for r in table.rows if r.round_id == result.round_id]
         print_status(table, Console(), title=f"round {result.round_id}: {result.status}")
@@ -137,6 +149,7 @@ def register(app: typer.Typer) -> None:
         """The history: rounds, data counts, validation loss, key metrics, verdicts, what is live."""
         from ..io import check_outputs
         from .report import status, write_html
+        from .schedule import status_lines as schedule_lines
 
         if html is not None:  # refused before the registry is opened
             check_outputs([], [html], user_paths=True)
@@ -153,6 +166,8 @@ def register(app: typer.Typer) -> None:
                 out.print(f"no rounds yet: edentune cycle run {directory} --new NEW.jsonl", markup=False, highlight=False)
             for persona, lv in table.live.items():
                 out.print(f"live: {persona} -> round {lv['round_id']} ({lv['model']}, since {lv['since']})", markup=False, highlight=False)
+            for line in schedule_lines(directory):
+                out.print(line, markup=False, highlight=False)
         if html is not None:
             err_console.print(f"wrote {html}", markup=False, highlight=False)
 
@@ -169,3 +184,19 @@ def register(app: typer.Typer) -> None:
         for rec in rollback(directory, to_round=to, persona=persona, host=host):
             Console().print(f"{rec['persona']}: {rec['model']} is round {rec['round_id']} again (was {rec['from_round'] or '-'})",
                             markup=False, highlight=False)
+
+    @group.command("schedule")
+    def schedule_cmd(
+        directory: Path = typer.Argument(..., help="workspace folder"),
+        day: int = typer.Option(1, "--day", help="day of the month, 1-28"),
+        at: str = typer.Option("03:00", "--at", help="local time, HH:MM"),
+        db: Optional[Path] = typer.Option(None, "--db", help="Garden of Eden's database (default: the app's path on this OS)"),
+        remove: bool = typer.Option(False, "--remove", help="unregister the schedule and delete its files"),
+        print_only: bool = typer.Option(False, "--print", help="show the scheduler file(s) instead of installing"),
+        platform: Optional[str] = typer.Option(None, "--platform", help="macos, linux or windows (default: this OS); with --print"),
+    ) -> None:
+        """Run `cycle run --from-eden` every month by itself: a launchd agent, systemd user timer or Task Scheduler task."""
+        from .schedule import schedule_command
+
+        for line in schedule_command(directory, day=day, at=at, db=db, remove=remove, print_only=print_only, platform=platform):
+            Console().print(line, markup=False, highlight=False, soft_wrap=True)

@@ -68,6 +68,22 @@ def _guard(inputs, outputs) -> None:
     from edentune.io import check_outputs
 
     check_outputs(inputs, outputs, user_paths=True)
+def show_eden_import(res, out: Console | None = None) -> None:
+    """The counts of an import from the Garden of Eden database, its ratings and its warnings."""
+    out = out or console
+    table = Table(title=_printable(f"import-eden {res.db}"), show_header=False)
+    for key in ("conversations", "messages", "user_messages", "assistant_messages", "pairs", "orphans",
+                "replies_without_user", "screen_context_blocks", "records_written", "quarantined"):
+        table.add_row(key.replace("_", " "), str(res.counts.get(key, 0)))
+    for reason, n in sorted(res.report.reasons.items(), key=lambda kv: -kv[1]):
+        table.add_row(f"  quarantined: {reason}", str(n))
+    r = res.ratings
+    table.add_row("ratings", f"{r['written']} ({r['up']} up, {r['down']} down; {r['exact']} exact, {r['by_time']} by time)")
+    for reason, n in sorted(r["dropped"].items(), key=lambda kv: -kv[1]):
+        table.add_row(f"  ratings dropped: {reason}", str(n))
+    out.print(table)
+    for warning in res.warnings:
+        out.print(_printable(f"warning: {warning}"), style="yellow", markup=False, highlight=False)
 
 
 def _quotas(specs: list[str] | None) -> dict[str, int] | None:
@@ -232,5 +248,27 @@ def register(root: typer.Typer) -> None:
             console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
         for name, path in res.paths.items():
             console.print(_printable(f"{name}: {path}"), markup=False, highlight=False, soft_wrap=True)
+
+    @group.command("import-eden")
+    def import_eden(
+            db: Annotated[Optional[Path], typer.Argument(help="The app's data.db, or the Electron prototype's eden.db. Default: the app's path on this OS.", show_default=False)] = None,
+            out: Annotated[Path, typer.Option("--out", "-o", help="Chat records, one per assistant reply (ChatML JSONL).")] = ...,
+            feedback_out: Annotated[Optional[Path], typer.Option("--feedback", help="Write the thumbs up/down ratings here (JSONL for `data feedback`).")] = None,
+            since: Annotated[Optional[str], typer.Option(help="Only replies after this date or date-time (ISO, local time).")] = None,
+            report: ReportPath = None,
+            personas: Annotated[Optional[Path], typer.Option(help="Write edentune personas (YAML) from the app's persona settings and onboarding prompt.")] = None,
+            quarantine: Quarantine = None,
+            screen_context: Annotated[str, typer.Option(help="[Screen Context] blocks in questions: keep (personal data scrubbed), strip, or drop the record.")] = "keep",
+            scrub: Annotated[str, typer.Option(help="Secrets/personal data: redact, drop or off.")] = "redact") -> None:
+        """Import Garden of Eden V3's conversations, thumbs and persona from its own database (read-only snapshot)."""
+        from edentune.data.eden import import_eden as run, parse_since
+
+        res = run(db, out, feedback=feedback_out, report_path=report, personas_path=personas, quarantine=quarantine,
+                  since_ms=parse_since(since), screen_context=screen_context, scrub=scrub)
+        show_eden_import(res)
+        console.print(_printable(f"records: {res.counts['records_written']} -> {out}"), markup=False, highlight=False)
+        for label, path in (("ratings", feedback_out), ("personas", personas), ("report", report)):
+            if path is not None:
+                console.print(_printable(f"{label}: {path}"), markup=False, highlight=False)
 
     group.command("inspect")(inspect_command)  # after the data stage's own commands in `data --help`
