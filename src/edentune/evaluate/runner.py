@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, PrivateAttr
 
 from edentune.config import RunConfig
+from edentune.data.eden_layout import request_layout
 from edentune.errors import EdentuneError
 from edentune.io import atomic_open
 
@@ -126,7 +127,9 @@ def evaluation_settings(cfg: RunConfig, backend: Backend, validation: list | Non
         # By messages, not by `source` (file:line): the same conversations read from another path match.
         return {"n": len(convs), "sha256": canonical_sha256([getattr(c, "messages", c) for c in convs])} if convs else None
 
-    return {
+    layout = {} if cfg.export.request_format == "chat" else {  # chat: the settings of older results, unchanged
+        "request_format": cfg.export.request_format, "app_system_text": request_layout(cfg.export).app_text}
+    return layout | {
         "max_new_tokens": cfg.evaluation.max_new_tokens,
         "temperature": getattr(backend, "temperature", None),
         "system_prompt": cfg.model.system_prompt,
@@ -241,7 +244,8 @@ def evaluate(cfg: RunConfig, backend: Backend, suite: Suite, *, validation: list
     """Answer every case of `suite` with `backend` and check the answers against `cfg`'s persona and
     thresholds. Perplexity needs a local backend and conversations (see `perplexity_sets`)."""
     check_run_code(cfg.evaluation.run_code)  # run_code: sandbox without one fails now, not after generating
-    conversations = [c.conversation(cfg.model.system_prompt) for c in suite.cases]
+    layout = request_layout(cfg.export)  # eden: each case asked the way the app asks (single-turn /api/generate)
+    conversations = [layout.prompt(c.conversation(cfg.model.system_prompt)) for c in suite.cases]
     generations: list[Generation] = []
     seconds = 0.0
     step = getattr(backend, "batch_size", 1)
@@ -256,7 +260,7 @@ def evaluate(cfg: RunConfig, backend: Backend, suite: Suite, *, validation: list
     metrics = {**case_metrics(results), **timing_metrics(generations, seconds)}
     perplexity = getattr(backend, "perplexity", None)
     for key, convs in (("perplexity_validation", validation), ("perplexity_replay", replay)):
-        metrics[key] = perplexity(convs, cfg.model.system_prompt) if convs and perplexity else None
+        metrics[key] = perplexity(layout.conversations(convs), cfg.model.system_prompt) if convs and perplexity else None
 
     by_category = {cat: case_metrics([r for r in results if r.category == cat]) for cat in suite.categories}
     languages = sorted({r.expected_language for r in results if r.expected_language})
