@@ -60,8 +60,8 @@ def test_replace_keeps_the_original_builds_from_it_and_rollback_restores_its_dig
     cfg = replacing(cfg, tmp_path)
     with OllamaStandIn(bases(gguf)) as server:
         original = server.digest(TAG)
-        rec = deploy(cfg, first.out_dir, host=server.host, smoke=True)[0]  # smoke check on the real tiny weights
-        assert rec["model"] == TAG and rec["smoke"]["status"] == "passed"
+        rec = deploy(cfg, first.out_dir, host=server.host, smoke=False)[0]  # the smoke check: tests/cycle/test_replace_round.py
+        assert rec["model"] == TAG
         assert server.digest(BACKUP) == original  # kept before the fine-tune was created
         assert changes(server)[:2] == [("POST", "/api/copy"), ("POST", "/api/create")]
         assert server.models[TAG]["from"] == BACKUP and server.models[TAG]["adapters"] == {"adapter.gguf": rec["digest"]}
