@@ -136,9 +136,10 @@ def replacement_status(ws_dir: str | Path, *, client=None) -> list[dict]:
     missing | unknown (see export.replace.replacement_drift), with the persona. Asks Ollama only
     when the registry holds such a deploy (5 s timeout; Ollama down is `unknown`, not an error)."""
     from ..export.replace import replacement_drift
+    from ..registry import REGISTRY_NAME
 
-    ws = load_workspace(ws_dir)
-    with ws.open_registry(readonly=True) as reg:
+    # The registry only, like the rest of `cycle status`: it works while cycle.yaml is broken.
+    with Registry(Path(ws_dir).expanduser() / REGISTRY_NAME, readonly=True) as reg:
         latest: dict[str, list[dict]] = {}
         for ev in reg.events():
             if ev.kind in ("deploy", "rollback") and ev.persona and (recs := _deploy_records(ev.detail)):
