@@ -243,6 +243,23 @@ class ExportConfig(_Section):
     # Extra Ollama models on the same adapter, one per persona: model name -> SYSTEM prompt. Empty:
     # one model, `model_name`, with the training system prompt.
     personas: dict[str, str] = Field(default_factory=dict)
+    request_format: Literal["chat", "eden"] = Field(
+        "chat", description="eden: train, evaluate and parity-check in the layout Garden of Eden V3 sends (single-turn "
+        "/api/generate, the app's system text inside the user turn) and set the app's sampling options (docs/deploy-to-ollama.md)")
+    eden_system_text: str | None = Field(None, description="request_format eden: the app's system text (or eden_system_file)")
+    eden_system_file: str | None = Field(None, description="request_format eden: a UTF-8 file holding the app's system text")
+    replace: str | None = Field(None, description="deploy under this existing Ollama tag in place of the original "
+                                "(e.g. qwen2.5:7b, the name the app calls); the original is kept as TAG-edentune-original")
+    allow_base_mismatch: bool = Field(False, description="replace: allow a tag whose base differs from the trained base")
+
+    @model_validator(mode="after")
+    def _eden_text(self) -> ExportConfig:
+        given = [k for k in ("eden_system_text", "eden_system_file") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError("give eden_system_text or eden_system_file, not both")
+        if self.request_format == "eden" and not given:
+            raise ValueError("request_format eden needs the app's system text: set eden_system_text or eden_system_file")
+        return self
 
     @field_validator("personas")
     @classmethod
@@ -435,6 +452,8 @@ def load_config(path: str | os.PathLike) -> RunConfig:
     d = cfg.data
     for key in ("train_files", "validation_files", "replay_files"):
         setattr(d, key, [str((base / f).resolve()) if not Path(f).is_absolute() else f for f in getattr(d, key)])
+    if cfg.export.eden_system_file and not Path(cfg.export.eden_system_file).is_absolute():
+        cfg.export.eden_system_file = str((base / cfg.export.eden_system_file).resolve())
     if not Path(cfg.training.output_dir).is_absolute():
         cfg.training.output_dir = str((base / cfg.training.output_dir).resolve())
     return cfg

@@ -74,3 +74,33 @@ def test_adapter_trained_by_edentune_exports_with_parity_on_the_qwen2_twin(tmp_p
     result = export_adapter(cfg, trained.adapter_dir, tmp_path / "export", verify=True)
     exact = next(iter(result.report["logits"].values()))
     assert exact["passed"] and exact["top1_agreement"] >= 0.95 and result.report["template"]["passed"]
+
+
+APP_TEXT = "You are Adam, a test assistant.\nReply in the user's language."
+
+
+def test_eden_request_format_training_ids_equal_the_rendered_generate_request(embedded_dir, tmp_path, short_probes):
+    """request_format eden on the embedded model: the /api/generate request the app sends (prompt
+    in its layout, no system), rendered by the exported TEMPLATE with the Modelfile's SYSTEM, is
+    token for token what training put before the reply; a template that mishandles it fails."""
+    from edentune.data.eden_layout import request_layout
+    from edentune.export import export_adapter
+    from edentune.export.modelfile import CHATML_TEMPLATE, parse_modelfile
+    from edentune.export.parity import generate_parity, render_generate_prompt
+    from edentune.models import embedded_gguf_path, load_tokenizer
+
+    cfg = embedded_cfg("llama", tmp_path).updated({"export.request_format": "eden", "export.eden_system_text": APP_TEXT})
+    result = export_adapter(cfg, make_adapter(embedded_dir, tmp_path / "ad"), tmp_path / "export", verify=True)
+    template = result.report["template"]
+    assert template["passed"] and template["prompts"] == 2 and not template["mismatches"]
+    mf = parse_modelfile((tmp_path / "export" / "Modelfile").read_text())
+    assert mf.parameters["temperature"] == [0.8] and mf.parameters["num_ctx"] == [cfg.export.num_ctx]
+
+    text = render_generate_prompt(CHATML_TEMPLATE, cfg.model.system_prompt, f"{APP_TEXT}\n\nUser: hi\nAssistant:")
+    assert text == (f"<|im_start|>system\n{cfg.model.system_prompt}<|im_end|>\n<|im_start|>user\n{APP_TEXT}\n\nUser: hi\n"
+                    "Assistant:<|im_end|>\n<|im_start|>assistant\n")
+    no_system = CHATML_TEMPLATE.replace("{{ .System }}", "")  # a template that drops the Modelfile's SYSTEM
+    broken = generate_parity(no_system, cfg.model.system_prompt, load_tokenizer(embedded_dir), embedded_gguf_path(),
+                             request_layout(cfg.export))
+    assert not broken.passed and len(broken.mismatches) == 2
+    assert APP_TEXT in broken.mismatches[0]["training_text"] and cfg.model.system_prompt in broken.mismatches[0]["training_text"]

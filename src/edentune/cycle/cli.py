@@ -86,6 +86,19 @@ def print_status(table, out: Console, title: str | None = None) -> None:
             out.print(Text(f"{row.round_id} {row.persona}: {verdict_text(row)}"))
 
 
+def replaced_text(rep: dict) -> str:
+    """One line on a tag deployed with ollama.replace: still ours, or undone behind our back."""
+    tag, backup = rep["tag"], rep.get("backup")
+    return {
+        "unchanged": f"replaced: {tag} is what the cycle put there (digest {str(rep.get('digest'))[:12]})",
+        "original": f"replaced: WARNING {tag} is the stock model again ({backup}'s digest; an `ollama pull {tag}`?): "
+                    "the app no longer gets the fine-tune; deploy again with `edentune cycle rollback DIR --to ROUND`",
+        "changed": f"replaced: WARNING {tag} changed since the cycle deployed it (digest {str(rep.get('digest'))[:12]}, recorded "
+                   f"{str(rep.get('recorded_digest'))[:12]}; an `ollama pull {tag}`?): the app no longer gets the fine-tune",
+        "missing": f"replaced: WARNING {tag} is not in Ollama any more",
+    }.get(rep["state"], f"replaced: {tag} not checked ({rep.get('error')})")
+
+
 def register(app: typer.Typer) -> None:
     group = typer.Typer(help="The monthly loop: one workspace, one command per month, a registry of every round, rollback to any month.",
                         no_args_is_help=True)
@@ -148,16 +161,18 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The history: rounds, data counts, validation loss, key metrics, verdicts, what is live."""
         from ..io import check_outputs
+        from .live import replacement_status
         from .report import status, write_html
         from .schedule import status_lines as schedule_lines
 
         if html is not None:  # refused before the registry is opened
             check_outputs([], [html], user_paths=True)
         table = status(directory)
+        replaced = replacement_status(directory)  # ollama.replace: is the app's tag still the fine-tune?
         if html is not None:
             write_html(table, html)
         if as_json:
-            print(json.dumps(table.to_json(), ensure_ascii=False, indent=2, allow_nan=False))
+            print(json.dumps(table.to_json() | {"replaced": replaced}, ensure_ascii=False, indent=2, allow_nan=False))
         else:
             out = Console()
             if table.rows:
@@ -168,6 +183,8 @@ def register(app: typer.Typer) -> None:
                 out.print(f"live: {persona} -> round {lv['round_id']} ({lv['model']}, since {lv['since']})", markup=False, highlight=False)
             for line in schedule_lines(directory):
                 out.print(line, markup=False, highlight=False)
+            for rep in replaced:
+                out.print(replaced_text(rep), markup=False, highlight=False)
         if html is not None:
             err_console.print(f"wrote {html}", markup=False, highlight=False)
 
@@ -177,9 +194,16 @@ def register(app: typer.Typer) -> None:
         to: Optional[str] = typer.Option(None, "--to", help="the accepted round to make live (default: the one before the live round)"),
         persona: Optional[str] = typer.Option(None, "--persona", help="only this persona (default: every live persona)"),
         host: Optional[str] = typer.Option(None, "--host", help="Ollama URL (default: the workspace's ollama.host, then $OLLAMA_HOST)"),
+        original: bool = typer.Option(False, "--original", help="ollama.replace: put the tag's original model back (kept by the first replace)"),
     ) -> None:
         """Make an earlier accepted round live again in Ollama; recorded in the registry."""
-        from .live import rollback
+        from .live import restore_original, rollback
+
+        if original:
+            rec = restore_original(directory, host=host)
+            Console().print(f"{rec['model']} is the original again (restored from {rec['restored_from']}); "
+                            "`edentune cycle rollback DIR --to ROUND` deploys a round again", markup=False, highlight=False)
+            return
 
         for rec in rollback(directory, to_round=to, persona=persona, host=host):
             Console().print(f"{rec['persona']}: {rec['model']} is round {rec['round_id']} again (was {rec['from_round'] or '-'})",

@@ -122,3 +122,47 @@ def rollback(ws_dir: str | Path, to_round: str | None = None, persona: str | Non
             reg.set_live(t.persona, t.round_id, model, event="rollback", detail=detail)
             records.append(rec | {"persona": t.persona, "round_id": t.round_id, "from_round": t.from_round})
     return records
+
+
+# -- ollama.replace: the app's tag ------------------------------------------------------------------
+
+def _deploy_records(detail: dict) -> list[dict]:
+    """The deploy records an event holds: a round's deploy (`records`) or a rollback (`deploy`)."""
+    recs = detail.get("records") or ([detail["deploy"]] if isinstance(detail.get("deploy"), dict) else [])
+    return [r for r in recs if isinstance(r, dict)]
+
+
+def replacement_status(ws_dir: str | Path, *, client=None) -> list[dict]:
+    """Is each tag the cycle replaced (ollama.replace) still what it deployed there? One entry per
+    replaced tag, from the latest deploy/rollback event: `state` unchanged | original | changed |
+    missing | unknown (see export.replace.replacement_drift), with the persona. Asks Ollama only
+    when the registry holds such a deploy (5 s timeout; Ollama down is `unknown`, not an error)."""
+    from ..export.replace import replacement_drift
+    from ..registry import REGISTRY_NAME
+
+    # The registry only, like the rest of `cycle status`: it works while cycle.yaml is broken.
+    with Registry(Path(ws_dir).expanduser() / REGISTRY_NAME, readonly=True) as reg:
+        latest: dict[str, list[dict]] = {}
+        for ev in reg.events():
+            if ev.kind in ("deploy", "rollback") and ev.persona and (recs := _deploy_records(ev.detail)):
+                latest[ev.persona] = recs
+    return [d | {"persona": p} for p, recs in latest.items() for d in replacement_drift(recs, client=client)]
+
+
+def restore_original(ws_dir: str | Path, *, host: str | None = None, client=None) -> dict:
+    """`cycle rollback --original`: the model the first replace kept (TAG-edentune-original) back
+    under ollama.replace's tag, recorded as a rollback event (the app then talks to the stock model)."""
+    from ..export import replace
+
+    ws = load_workspace(ws_dir)
+    tag = ws.config.ollama.replace
+    if not tag:
+        raise EdentuneError(f"{ws.config_path}: ollama.replace is not set, so no original was kept",
+                            hint="`edentune cycle rollback DIR --to ROUND` makes an earlier round live")
+    with ws.open_registry() as reg:  # opened for writing before Ollama is touched
+        cfg = ws.config.run
+        rec = replace.restore_original(cfg, tag, host=ollama_host(cfg, host or ws.config.ollama.host), client=client)
+        rec["replace"] = {"tag": full_name(tag), "backup": rec["restored_from"], "digest": rec["digest"]}
+        persona = ws.persona_names[0]
+        reg.record_event("rollback", persona=persona, model=full_name(tag), detail={"records": [rec], "restored": "original"})
+    return rec | {"persona": persona}

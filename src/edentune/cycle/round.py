@@ -653,12 +653,15 @@ def _preference(ws: Workspace, cfg: RunConfig, feedback_dir: Path, sft_adapter: 
 def _eval_key(ws: Workspace, cfg: RunConfig) -> str:
     """What makes two evaluations comparable: suite content, fixed sets, and every setting that
     changes answers or checks."""
+    from ..data.eden_layout import request_layout
     from ..evaluate.suite import resolve_suite_path
 
     return _sha({"suite": file_sha256(resolve_suite_path(cfg.evaluation.suite)),
                  "validation": file_sha256(ws.validation_path), "forgetting": file_sha256(ws.forgetting_path),
                  "evaluation": cfg.evaluation.model_dump(), "persona": cfg.persona.model_dump(),
-                 "model": cfg.model.model_dump()})
+                 "model": cfg.model.model_dump()}
+                | ({"request": [cfg.export.request_format, request_layout(cfg.export).app_text]}
+                   if cfg.export.request_format != "chat" else {}))  # chat: the keys of earlier rounds, unchanged
 
 
 def _evaluate_step(ws: Workspace, reg: Registry, cfg: RunConfig, round_id: str, unit: str, live_round: str | None,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..config import (MixConfig, PersonaConfig, RunConfig, config_for_model, format_validation_error, parse_config,
                       render_config_yaml)
@@ -93,6 +93,9 @@ class GatePolicy(_Section):
 class OllamaPolicy(_Section):
     host: str | None = Field(None, description="Ollama URL (default: run.export.ollama_host, $OLLAMA_HOST, 127.0.0.1:11434)")
     base: str | None = Field(None, description="Ollama base model tag (default: run.export.ollama_base)")
+    replace: str | None = Field(None, description="deploy in place of this tag, e.g. qwen2.5:7b (the model Garden of Eden V3 "
+                                "calls); the original is kept as TAG-edentune-original (docs/deploy-to-ollama.md)")
+    allow_base_mismatch: bool = Field(False, description="replace: allow a tag whose base differs from the trained base")
 
     @field_validator("base")
     @classmethod
@@ -132,8 +135,14 @@ class WorkspaceConfig(_Section):
                 models[model] = p.name
         return personas
 
+    @model_validator(mode="after")
+    def _one_model_replaced(self) -> WorkspaceConfig:
+        if self.ollama.replace and len(self.personas) > 1:
+            raise ValueError(f"ollama.replace publishes one model under {self.ollama.replace}: keep one persona")
+        return self
+
     def ollama_model(self, p: WorkspacePersona) -> str:
-        return p.ollama_model or _default_model(self.run.export.model_name, p.name)
+        return p.ollama_model or self.ollama.replace or _default_model(self.run.export.model_name, p.name)
 
 
 def _default_model(model_name: str, persona: str) -> str:
@@ -280,6 +289,10 @@ class Workspace:
         exp = data["export"]
         exp["ollama_base"] = c.ollama.base or exp["ollama_base"]
         exp["ollama_host"] = c.ollama.host or exp["ollama_host"]
+        exp["replace"] = c.ollama.replace or exp["replace"]
+        exp["allow_base_mismatch"] = c.ollama.allow_base_mismatch or exp["allow_base_mismatch"]
+        if exp["eden_system_file"]:  # relative to the workspace, like its other files
+            exp["eden_system_file"] = str(self.resolve(exp["eden_system_file"]))
         if persona == SHARED:
             exp["personas"] = {self.ollama_model(n): self.system_prompt(n) for n in self.persona_names}
         else:

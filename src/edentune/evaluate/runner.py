@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, PrivateAttr
 
 from edentune.config import RunConfig
+from edentune.data.eden_layout import request_layout
 from edentune.errors import EdentuneError
 from edentune.io import atomic_open
 
@@ -129,7 +130,9 @@ def evaluation_settings(cfg: RunConfig, backend: Backend, validation: list | Non
         # By messages, not by `source` (file:line): the same conversations read from another path match.
         return {"n": len(convs), "sha256": canonical_sha256([getattr(c, "messages", c) for c in convs])} if convs else None
 
-    return {
+    layout = {} if cfg.export.request_format == "chat" else {  # chat: the settings of older results, unchanged
+        "request_format": cfg.export.request_format, "app_system_text": request_layout(cfg.export).app_text}
+    return layout | {
         "max_new_tokens": cfg.evaluation.max_new_tokens,
         "temperature": getattr(backend, "temperature", None),
         "system_prompt": cfg.model.system_prompt,
@@ -256,7 +259,8 @@ def evaluate(cfg: RunConfig, backend: Backend, suite: Suite, *, validation: list
     """Answer every case of `suite` with `backend` and check the answers against `cfg`'s persona and
     thresholds. Perplexity needs a local backend and conversations (see `perplexity_sets`)."""
     check_run_code(cfg.evaluation.run_code)  # run_code: sandbox without one fails now, not after generating
-    conversations = [c.conversation(cfg.model.system_prompt) for c in suite.cases]
+    layout = request_layout(cfg.export)  # eden: each case asked the way the app asks (single-turn /api/generate)
+    conversations = [layout.prompt(c.conversation(cfg.model.system_prompt)) for c in suite.cases]
     generations: list[Generation] = []
     seconds = 0.0
     step = getattr(backend, "batch_size", 1)
@@ -274,6 +278,7 @@ def evaluate(cfg: RunConfig, backend: Backend, suite: Suite, *, validation: list
     terms_of, perplexity = getattr(backend, "perplexity_terms", None), getattr(backend, "perplexity", None)
     ppl_terms: dict[str, list[list[float]]] = {}
     for name, convs in (("validation", validation), ("replay", replay)):
+        convs = layout.conversations(convs) if convs else convs
         if convs and terms_of:
             ppl_terms[name] = terms_of(convs, cfg.model.system_prompt)
             metrics[f"perplexity_{name}"] = perplexity_of(ppl_terms[name])

@@ -123,7 +123,7 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
 
     from .adapter_gguf import read_peft_adapter, validate_adapter_against_base, write_adapter_gguf
     from .modelfile import CHATML_TEMPLATE
-    from .parity import adapter_parity, template_parity
+    from .parity import adapter_parity, serving_parity
 
     out_dir = Path(out_dir)
     check_output_dir(out_dir, marker=EXPORT_MARKER, inputs=[adapter_dir])  # before any work
@@ -143,7 +143,7 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
             label = f"exported from {adapter_dir}"  # gguf_path is in a temporary folder, gone once this raises
             report["validation"] = validate_adapter_against_base(gguf_path, refs[0], label=label)
             logits = adapter_parity(base_dir, adapter_dir, gguf_path, refs, cfg.model.system_prompt, label=label)
-            template = template_parity(CHATML_TEMPLATE, cfg.model.system_prompt, _tokenizer(base_dir), refs[0])
+            template = serving_parity(cfg, CHATML_TEMPLATE, _tokenizer(base_dir), refs[0])
             report["logits"] = {str(ref): asdict(rep) for ref, rep in zip(refs, logits)}
             report["template"] = asdict(template)
         record_export_files(tmp, report, [gguf_path.name, *(p.name for p in modelfiles.values())])
@@ -157,7 +157,7 @@ def export_merged(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: 
     from ..models import adapter_sha256
     from .model_gguf import merged_model, write_model_gguf
     from .modelfile import CHATML_TEMPLATE
-    from .parity import model_parity, template_parity
+    from .parity import model_parity, serving_parity
 
     out_dir, dtype = Path(out_dir), dtype or cfg.export.merged_dtype
     check_output_dir(out_dir, marker=EXPORT_MARKER, inputs=[adapter_dir])  # before any work
@@ -173,7 +173,7 @@ def export_merged(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: 
         logits, template = [], None
         if verify:
             logits = [model_parity(model, tok, gguf_path, cfg.model.system_prompt)]
-            template = template_parity(CHATML_TEMPLATE, cfg.model.system_prompt, tok, gguf_path)
+            template = serving_parity(cfg, CHATML_TEMPLATE, tok, gguf_path)
             report.update(logits={"model.gguf": asdict(logits[0])}, template=asdict(template))
         record_export_files(tmp, report, [gguf_path.name, *(p.name for p in modelfiles.values())])
         write_json_atomic(tmp / REPORT_NAME, report)

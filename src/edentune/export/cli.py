@@ -49,12 +49,20 @@ def register(app: typer.Typer) -> None:
             help="SQLite registry that records deploys and rollbacks, or a cycle workspace folder (its registry.sqlite); "
                  "default: training.output_dir/registry.sqlite. A deployments.json of an older edentune beside it, or "
                  "given here as PATH.json, is imported once and left unchanged; records then go to registry.sqlite beside it"),
+        replace: str = typer.Option(None, "--replace", help="publish under this existing tag in place of its model (e.g. qwen2.5:7b, "
+                                    "the name Garden of Eden V3 calls); the original is kept as TAG-edentune-original and "
+                                    "--rollback --replace TAG puts it back (default: export.replace)"),
+        allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch",
+                                                 help="--replace: accept a tag whose base differs from the trained base (costs memory and latency)"),
     ) -> None:
         """Create the exported model in Ollama (keeps the old one as <name>:previous), or roll back."""
         from ..config import load_config
         from . import deploy as d
 
         cfg = load_config(config)
+        if replace or allow_base_mismatch:
+            cfg = cfg.updated({"export.replace": replace or cfg.export.replace,
+                               "export.allow_base_mismatch": allow_base_mismatch or cfg.export.allow_base_mismatch})
         where = registry or d.default_registry(cfg)
         recorded = f"recorded in {d.registry_paths(where)[0]}"
         if rollback:
@@ -73,4 +81,9 @@ def register(app: typer.Typer) -> None:
         for rec in records:
             console.print(f"[green]deployed[/] {rec['model']} (FROM {rec['from']}, {rec['route']} route; "
                           f"previous kept as {rec['previous'] or '-'}); smoke check: {rec['smoke']['status']}", highlight=False)
+            if rep := rec.get("replace"):
+                console.print(f"  in place of the original {rep['tag']}, kept as {rep['backup']}; undo: "
+                              f"edentune deploy {config} --rollback --replace {rep['tag']}", highlight=False, markup=False)
+                for note in filter(None, [rep.get("cost"), rep["warning"]]):
+                    console.print(f"  [yellow]warning:[/] {note}", highlight=False)
         console.print(recorded, highlight=False, soft_wrap=True)

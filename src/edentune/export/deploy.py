@@ -93,6 +93,7 @@ class DeployPlan:
     base_dir: str  # HF base: tokenizer, and the reference GGUF for the smoke check
     cfg: Any = field(default=None, repr=False)
     files_sha256: dict[str, str] = field(default_factory=dict)  # the export's file hashes, verified (gate.py)
+    replace: dict | None = None  # deploying in place of an app's tag: what replace.plan_replace decided
 
 
 def full_name(name: str) -> str:
@@ -652,8 +653,14 @@ def deploy(cfg, export_dir: str | Path, *, host: str | None = None, registry: st
     of a failed, rolled back deploy) become events there, in a registry the plan has already
     opened for writing."""
     plan = plan_deploy(cfg, export_dir, host=host, gate=gate, client=client, registry=registry, tokenizer=tokenizer)
+    if cfg.export.replace:  # in place of the tag an app calls (export/replace.py)
+        from .replace import finish_replace, plan_replace
+
+        plan = plan_replace(plan, cfg.export.replace, allow_base_mismatch=cfg.export.allow_base_mismatch, client=client)
     try:
         records = apply_deploy(plan, client=client, smoke=smoke)
+        if plan.replace:
+            records = finish_replace(plan, records, client=client)
     except DeployFailed as err:
         if plan.registry is not None:
             record_history(plan.registry, err.records)
@@ -669,6 +676,13 @@ def rollback(cfg, *, name: str | None = None, host: str | None = None, registry:
     if registry is not None:
         with open_registry(registry) as reg:
             registry = reg.path
+    if cfg.export.replace:  # the original kept by the first replace, back under the app's tag
+        from .replace import restore_original
+
+        record = restore_original(cfg, cfg.export.replace, host=host, client=client)
+        if registry is not None:
+            record_history(registry, [record])
+        return record
     server = _Server.for_config(cfg, host, client)
     server.version()  # is it Ollama at all: a clear error before any other call
     name = full_name(name or cfg.export.model_name)

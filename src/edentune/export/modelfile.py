@@ -67,6 +67,10 @@ def modelfile_for(cfg, *, adapter: str | None = "./adapter.gguf", from_: str | N
         "repeat_penalty": [e.repeat_penalty], "num_ctx": [e.num_ctx], "num_predict": [e.num_predict],
         "stop": list(STOP_TOKENS),
     }
+    if e.request_format == "eden":  # the app sends these with every request (and no num_ctx: ours holds)
+        from ..data.eden_layout import EDEN_APP_OPTIONS
+
+        params.update({k: [v] for k, v in EDEN_APP_OPTIONS.items()})
     return Modelfile(from_=base, adapter=adapter, system=system if system is not None else cfg.model.system_prompt,
                      template=template, parameters=params)
 

@@ -254,6 +254,59 @@ def template_parity(template: str, system: str | None, tok, vocab_gguf: str | Pa
     return TemplateReport(prompts=count, mismatches=mismatches, passed=not mismatches)
 
 
+def generate_request_messages(modelfile_system: str | None, prompt: str, request_system: str | None = None) -> list[dict]:
+    """The message list Ollama's GenerateHandler (server/routes.go) builds for a non-raw
+    /api/generate with no suffix, no context and a model without MESSAGE lines: the request's
+    `system`, else the Modelfile's SYSTEM; then one user message holding the whole `prompt`."""
+    system = request_system or modelfile_system
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def render_generate_prompt(template: str, modelfile_system: str | None, prompt: str) -> str:
+    """The text Ollama renders for such a /api/generate request (TEMPLATE over .Messages)."""
+    return render_ollama_prompt(template, None, generate_request_messages(modelfile_system, prompt))
+
+
+PROBE_REPLY = "Sure: here it is."  # any reply: only the prompt before it is compared
+
+
+def generate_parity(template: str, system: str | None, tok, vocab_gguf: str | Path, layout,
+                    conversations: list | None = None) -> TemplateReport:
+    """request_format eden: for each probe user message, the /api/generate request the app sends
+    (`prompt` in the app's layout, no `system`), rendered by `template` with the Modelfile's SYSTEM
+    and tokenized by llama.cpp, must give exactly the ids the training encoder puts before the
+    first trained token of that message's example."""
+    from ..train.data import IGNORE, Conversation, encode_conversation
+
+    llm = llama_model(vocab_gguf, vocab_only=True)
+    mismatches, count = [], 0
+    for conv in conversations or PROBE_CONVERSATIONS:
+        for end in (i + 1 for i, m in enumerate(conv) if m["role"] == "user"):
+            msgs = conv[:end]
+            prompt = layout.prompt(msgs)[-1]["content"]  # the request's `prompt` field
+            example = layout.examples([msgs[-1], {"role": "assistant", "content": PROBE_REPLY}])[0]
+            enc = encode_conversation(tok, Conversation("probe", example), system)
+            want = enc.input_ids[: next(i for i, label in enumerate(enc.labels) if label != IGNORE)]
+            text = render_generate_prompt(template, system, prompt)
+            got = llm.tokenize(text.encode(), add_bos=True, special=True)
+            count += 1
+            if got != want:
+                mismatches.append({"prompt": prompt, "ollama_text": text, "training_text": tok.decode(want),
+                                   "ollama_ids": got[:64], "training_ids": want[:64]})
+    return TemplateReport(prompts=count, mismatches=mismatches, passed=not mismatches)
+
+
+def serving_parity(cfg, template: str, tok, vocab_gguf: str | Path) -> TemplateReport:
+    """The template check for the config's request format: chat prompts (/api/chat) or the app's
+    single-turn /api/generate requests (request_format eden)."""
+    from ..data.eden_layout import request_layout
+
+    layout = request_layout(cfg.export)
+    if layout.single_turn:
+        return generate_parity(template, cfg.model.system_prompt, tok, vocab_gguf, layout)
+    return template_parity(template, cfg.model.system_prompt, tok, vocab_gguf)
+
+
 def raise_on_failure(logits: list[LogitReport], template: TemplateReport | None, report_path: Path) -> None:
     problems = [f for rep in logits for f in rep.failures]
     if template and not template.passed:

@@ -113,6 +113,10 @@ def inspect_command(
 
     cfg = load_config(config)
     convs = dict(zip(("train", "validation"), load_splits(cfg.data))).get(split)
+    if convs is not None:  # as training encodes them (request_format eden: one example per reply)
+        from edentune.data.eden_layout import request_layout
+
+        convs = request_layout(cfg.export).conversations(convs)
     if convs is None:
         raise EdentuneError(f"--split must be train or validation, not {split!r}")
     if not 0 <= index < len(convs):

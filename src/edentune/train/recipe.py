@@ -31,6 +31,7 @@ from edentune.errors import ConfigError, DataError, EdentuneError
 from edentune.io import atomic_dir, ensure_dir, file_sha256, write_json_atomic
 from edentune.models import check_adapter_dir, load_adapter, load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 
+from ..data.eden_layout import request_layout
 from .data import encode_all, load_splits, to_dataset
 from .distributed import Processes, check_supported, current_processes, load_device
 from .dropout import use_cheap_lora_dropout
@@ -359,7 +360,8 @@ def oom_error(cfg: RunConfig) -> EdentuneError:
 def prepare_data(cfg: RunConfig, tokenizer, console: Console):
     """Encoded train and validation examples, with overlong handling reported (never silent)."""
     m = cfg.model
-    train_convs, val_convs = load_splits(cfg.data)
+    layout = request_layout(cfg.export)  # eden: one single-turn example per reply, as the app asks
+    train_convs, val_convs = (layout.conversations(c) for c in load_splits(cfg.data))
     files = ", ".join(cfg.data.train_files)
     if not train_convs and val_convs:
         raise DataError(f"no training conversations left: the validation split took all {len(val_convs)} of {files}",
