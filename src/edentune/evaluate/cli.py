@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         metrics_jsonl: Path = typer.Option(None, help="a run's metrics.jsonl: adds training curves"),
         out_dir: Path = typer.Option(Path("eval-report"), help="where report.md, report.html and comparison.json go"),
         gate: bool = typer.Option(False, help="exit with status 1 unless the verdict is ship"),
-        allow_different_backends: bool = typer.Option(False, help="compare results scored on different backends or base "
+        allow_different_backends: bool = typer.Option(False, "--allow-different-backends", rich_help_panel="Scoring", help="compare results scored on different backends or base "
                                                                   "GGUF files (both must record theirs)"),
     ) -> None:
         """Base vs fine-tuned report (Markdown, HTML, JSON verdict) and the deploy gate."""

@@ -128,13 +128,13 @@ def scoring_differences(base: EvalResult, cand: EvalResult, allow_different_back
     """Why two results were not scored the same way: another backend, or another base GGUF file
     (the adapter differs by design). Allowed on request only when both sides record what they ran on."""
     problems = []
+    b, c = base.artifacts.get("base_gguf"), cand.artifacts.get("base_gguf")
     if base.backend != cand.backend:
         problems.append(f"scored on different backends: base {base.backend or 'not recorded'}, "
                         f"fine-tuned {cand.backend or 'not recorded'}")
-    b, c = base.artifacts.get("base_gguf"), cand.artifacts.get("base_gguf")
-    if (b or c) and b != c:
+    elif base.backend == "gguf" and b != c:
         problems.append(f"scored on different base GGUF files: base {(b or 'not recorded')[:12]}, fine-tuned {(c or 'not recorded')[:12]}")
-    recorded = base.backend is not None and cand.backend is not None and (not (b or c) or (b and c))
+    recorded = all(r.backend is not None and (r.backend != "gguf" or r.artifacts.get("base_gguf")) for r in (base, cand))
     if problems and allow_different_backends and recorded:
         return []
     if problems and allow_different_backends:
