@@ -32,10 +32,14 @@ def _run_eval(spec: str, cfg, suite_name: str | None, validation: list[Path], re
     if getattr(backend, "choice", None) is not None:
         console.print(backend.choice.reason, markup=False, highlight=False)
     val, rep = perplexity_sets(cfg, [str(p) for p in validation], [str(p) for p in replay])
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"evaluating {spec}", total=len(suite.cases))
-        return evaluate(cfg, backend, suite, validation=val, replay=rep,
-                        progress=lambda done, total: progress.update(task, completed=done))
+    try:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"evaluating {spec}", total=len(suite.cases))
+            return evaluate(cfg, backend, suite, validation=val, replay=rep,
+                            progress=lambda done, total: progress.update(task, completed=done))
+    finally:
+        if hasattr(backend, "close"):  # llama.cpp freed now, not by a destructor at interpreter exit (which errors)
+            backend.close()
 
 
 def register(app: typer.Typer) -> None:
