@@ -75,3 +75,15 @@ def test_compare_refuses_other_backends_or_base_files_unless_asked():
     assert any("not recorded" in p for p in problems) and any("re-run eval" in p for p in problems)
     # Two older files (neither records a backend) still compare as before.
     assert comparability(scored("b", None), scored("c", None)) == []
+
+
+def test_transformers_backend_loads_the_base_in_nf4(tiny_llama_dir):
+    from edentune.evaluate.backends import LocalBackend
+
+    convs = [[{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]]
+    nf4 = LocalBackend(tiny_llama_dir, device="cpu", load_in_4bit=True, quantization=RunConfig().quantization)
+    assert nf4.backend == "transformers-nf4"
+    assert any(type(m).__name__ == "Linear4bit" for m in nf4.model.modules())
+    (answer,) = nf4.generate(convs, 4)
+    assert 0 < answer.completion_tokens <= 4
+    assert LocalBackend(tiny_llama_dir, device="cpu").backend == "transformers-float32"
