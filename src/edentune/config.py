@@ -220,6 +220,13 @@ class EvaluationConfig(_Section):
     http_timeout_s: float = Field(120.0, gt=0, le=3600, description="`eval -m http://…`: longest wait for one answer (connecting: at most 10 s)")
     http_deadline_s: float = Field(180.0, gt=0, le=7200, description="`eval -m http://…`: longest a request may take in all, "
                                    "however slowly the server sends (http_timeout_s bounds each wait)")
+    backend: Literal["auto", "gguf", "transformers", "http"] = Field(
+        "auto", description="local models: gguf = llama.cpp on the base GGUF + exported adapter GGUF (what Ollama serves); "
+                            "transformers = the HF model (4-bit when 16-bit does not fit); auto = what fits, then the faster "
+                            "(docs/evaluation.md); http = only servers (-m http://…)")
+    base_gguf: str | None = Field(None, description="gguf backend: the base GGUF file (default: the run's own GGUF, the Ollama "
+                                                    "store's blob of export.ollama_base, else one written from the HF base)")
+    n_gpu_layers: int = Field(-1, ge=-1, description="gguf backend: layers offloaded to CUDA / Metal (-1: all; ignored on CPU)")
 
 
 class ExportConfig(_Section):

@@ -32,7 +32,10 @@ class LocalBackend:
     in which case sampling is seeded per batch so reruns give the same answers."""
 
     def __init__(self, model_dir: str, adapter: str | None = None, *, device: str | None = None, batch_size: int = 8,
-                 temperature: float = 0.0, seed: int = 0, max_seq_len: int = 2048):
+                 temperature: float = 0.0, seed: int = 0, max_seq_len: int = 2048, load_in_4bit: bool = False,
+                 quantization=None):
+        """`load_in_4bit`: the base in NF4 as training quantizes it (`quantization`: a
+        QuantizationConfig; default NF4 + double quantization, bf16 compute), when 16-bit does not fit."""
         from edentune.models import adapter_sha256, load_base_model, load_tokenizer, pick_device, pick_dtype
 
         self.device = device or pick_device()
@@ -40,7 +43,13 @@ class LocalBackend:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = load_base_model(model_dir, load_in_4bit=False, dtype=pick_dtype("auto", self.device), device=self.device)
+        dtype = pick_dtype("auto", self.device)
+        quant = {"quant_type": quantization.quant_type, "double_quant": quantization.double_quant,
+                 "compute_dtype": quantization.compute_dtype} if quantization is not None else {}
+        self.model = load_base_model(model_dir, load_in_4bit=load_in_4bit, dtype=dtype, device=self.device, **quant)
+        # What scored the answers, recorded in the results: `compare` refuses to set different ones side by side.
+        self.backend = "transformers-nf4" if load_in_4bit else f"transformers-{str(dtype).removeprefix('torch.')}"
+        self.artifacts: dict[str, str] = {}
         if adapter:
             from edentune.models import load_adapter
 
@@ -145,6 +154,7 @@ class HttpBackend:
         self.connect_timeout = min(timeout, 10.0) if connect_timeout is None else connect_timeout
         self.temperature, self.seed = temperature, seed
         self.name = f"{self.url} ({model})"
+        self.backend, self.artifacts = "http", {}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=self.connect_timeout), headers=headers,
                                    transport=client_transport())
@@ -252,26 +262,90 @@ def _is_json(resp) -> bool:
     return "json" in resp.headers.get("content-type", "")
 
 
-def backend_from_spec(spec: str, cfg, *, batch_size: int = 8, temperature: float = 0.0) -> Backend:
+BACKENDS = ("auto", "gguf", "transformers", "http")
+
+
+def backend_from_spec(spec: str, cfg, *, batch_size: int = 8, temperature: float = 0.0, backend: str | None = None) -> Backend:
     """A model spec: `http(s)://host:port/v1#model` (`/v1` and `#model` optional; the model defaults
     to export.model_name),
-    `base` (the config's base model), a PEFT adapter directory (on the config's base) or a model
-    directory / .gguf file."""
+    `base` (the config's base model), a PEFT adapter directory (on the config's base), an export
+    folder or a model directory / .gguf file. `backend` (default `evaluation.backend`) says what
+    scores a local model: gguf (llama.cpp on the served files), transformers, or auto (what fits,
+    then the faster; the backend's `choice` says why)."""
+    kind = backend or cfg.evaluation.backend
+    if kind not in BACKENDS:
+        raise EdentuneError(f"unknown evaluation backend {kind!r}", hint=f"choose one of {', '.join(BACKENDS)}")
     if spec.startswith(("http://", "https://")) or "://" in spec:
         url, _, model = spec.partition("#")
         return HttpBackend(url, model or cfg.export.model_name, temperature=temperature, seed=cfg.training.seed,
                            timeout=cfg.evaluation.http_timeout_s, deadline=cfg.evaluation.http_deadline_s)
+    if kind == "http":
+        raise EdentuneError(f"{spec}: evaluation backend http scores servers only",
+                            hint="give -m http://host:port/v1#model, or --backend auto | gguf | transformers")
     from edentune.models import check_adapter_dir, resolve_model_dir
 
     m = cfg.model
-    kwargs = {"batch_size": batch_size, "temperature": temperature, "seed": cfg.training.seed, "max_seq_len": m.max_seq_len}
     base_dir = resolve_model_dir(m.name_or_path, m.gguf_file, m.architecture)
-    if spec == "base":
-        return LocalBackend(base_dir, **kwargs)
-    path = Path(spec).expanduser()
-    if (path / "adapter_config.json").exists():
+    path = None if spec == "base" else Path(spec).expanduser()
+    adapter = path is not None and (path / "adapter_config.json").exists()
+    if adapter:
         check_adapter_dir(path)  # before the base is loaded: a broken adapter fails at once
-        return LocalBackend(base_dir, str(path), **kwargs)
-    if path.exists():
-        return LocalBackend(resolve_model_dir(str(path)), **kwargs)
-    raise EdentuneError(f"{spec}: not a model spec", hint="use `base`, an adapter or model directory, a .gguf file or http://host:port#model")
+    elif path is not None and not path.exists():
+        raise EdentuneError(f"{spec}: not a model spec", hint="use `base`, an adapter or model directory, a .gguf file or http://host:port#model")
+    served_files = path is not None and (path.suffix == ".gguf" or (path / "export_report.json").is_file())
+    choice = None
+    if kind == "auto":
+        choice = _auto_choice(cfg, base_dir, batch_size) if not served_files else None
+        kind = "gguf" if choice is None or choice.backend == "gguf" else "transformers"
+    if kind == "gguf":
+        built = _gguf_backend(cfg, base_dir, path, temperature)
+    else:
+        if served_files:
+            raise EdentuneError(f"{spec}: GGUF files are scored by the gguf backend", hint="use --backend gguf (or auto)")
+        kwargs = {"batch_size": batch_size, "temperature": temperature, "seed": cfg.training.seed, "max_seq_len": m.max_seq_len,
+                  "load_in_4bit": choice is not None and choice.load_in_4bit, "quantization": cfg.quantization}
+        if path is None:
+            built = LocalBackend(base_dir, **kwargs)
+        elif adapter:
+            built = LocalBackend(base_dir, str(path), **kwargs)
+        else:
+            built = LocalBackend(resolve_model_dir(str(path)), **kwargs)
+    built.choice = choice
+    return built
+
+
+def _auto_choice(cfg, base_dir: str, batch_size: int):
+    import importlib.util
+
+    from transformers import AutoConfig
+
+    from edentune.export.served import existing_base_gguf
+    from edentune.models import pick_device
+
+    from .memory import choose_backend, device_budget_gb
+
+    device = pick_device()
+    found = existing_base_gguf(cfg, base_dir)
+    return choose_backend(AutoConfig.from_pretrained(base_dir), device=device, budget_gb=device_budget_gb(device),
+                          max_seq_len=cfg.model.max_seq_len, max_new_tokens=cfg.evaluation.max_new_tokens,
+                          batch_size=batch_size, base_gguf_bytes=found[0].stat().st_size if found else None,
+                          gguf_available=importlib.util.find_spec("llama_cpp") is not None)
+
+
+def _gguf_backend(cfg, base_dir: str, path: Path | None, temperature: float):
+    from edentune.export.served import served_model
+    from edentune.models import adapter_sha256
+
+    from .gguf_backend import GgufBackend
+
+    served = served_model(cfg, base_dir, path)
+    scored = None
+    if path is not None and (path / "adapter_model.safetensors").exists():
+        scored = adapter_sha256(path)
+    elif path is not None and (path / "export_report.json").is_file():
+        from edentune.export.api import load_export
+
+        scored = load_export(path).get("adapter_sha256")  # the PEFT weights the export was made from
+    return GgufBackend(served, base_dir, n_ctx=cfg.model.max_seq_len + cfg.evaluation.max_new_tokens,
+                       n_gpu_layers=cfg.evaluation.n_gpu_layers, temperature=temperature, seed=cfg.training.seed,
+                       max_seq_len=cfg.model.max_seq_len, adapter_sha256=scored)

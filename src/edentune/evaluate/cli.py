@@ -42,7 +42,8 @@ def _check_eval_outputs(spec: str, cfg, config: Path | None, suite_name: str | N
     check_outputs(inputs, outputs, user_paths=True)
 
 
-def _run_eval(spec: str, cfg, suite_name: str | None, validation: list[Path], replay: list[Path], batch_size: int):
+def _run_eval(spec: str, cfg, suite_name: str | None, validation: list[Path], replay: list[Path], batch_size: int,
+              backend_kind: str | None = None):
     from rich.progress import Progress
 
     from .backends import backend_from_spec
@@ -50,12 +51,18 @@ def _run_eval(spec: str, cfg, suite_name: str | None, validation: list[Path], re
     from .suite import load_suite
 
     suite = load_suite(suite_name or cfg.evaluation.suite)  # validated before any model is loaded
-    backend = backend_from_spec(spec, cfg, batch_size=batch_size)
+    backend = backend_from_spec(spec, cfg, batch_size=batch_size, backend=backend_kind)
+    if getattr(backend, "choice", None) is not None:
+        console.print(backend.choice.reason, markup=False, highlight=False)
     val, rep = perplexity_sets(cfg, [str(p) for p in validation], [str(p) for p in replay])
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"evaluating {spec}", total=len(suite.cases))
-        return evaluate(cfg, backend, suite, validation=val, replay=rep,
-                        progress=lambda done, total: progress.update(task, completed=done))
+    try:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"evaluating {spec}", total=len(suite.cases))
+            return evaluate(cfg, backend, suite, validation=val, replay=rep,
+                            progress=lambda done, total: progress.update(task, completed=done))
+    finally:
+        if hasattr(backend, "close"):  # llama.cpp freed now, not by a destructor at interpreter exit (which errors)
+            backend.close()
 
 
 def register(app: typer.Typer) -> None:
@@ -68,13 +75,15 @@ def register(app: typer.Typer) -> None:
         validation: list[Path] = typer.Option([], help="validation conversations (default: the run's validation split)"),
         replay: list[Path] = typer.Option([], help="general-knowledge replay conversations (default: data.replay_files or the bundled sample)"),
         batch_size: int = typer.Option(8, min=1, help="local models: answers generated together"),
+        backend: str = typer.Option(None, help="auto, gguf (llama.cpp on the served GGUF files), transformers or http "
+                                               "(default: evaluation.backend)"),
     ) -> None:
         """Answer a test suite with MODEL and check language, keywords, code, behaviour, persona, perplexity, speed."""
         from .runner import EvalResult
 
         cfg = _config(config)
         _check_eval_outputs(model, cfg, config, suite, validation, replay, [output])
-        result: EvalResult = _run_eval(model, cfg, suite, validation, replay, batch_size)
+        result: EvalResult = _run_eval(model, cfg, suite, validation, replay, batch_size, backend)
         result.save(output)
         m = result.metrics
         for key, value in m.items():
@@ -87,7 +96,8 @@ def register(app: typer.Typer) -> None:
             why += f": {why_no_sandbox()}" if "(no sandbox" in why else ""
             console.print(f"  {'code_pass_rate':24} n/a: {why} (docs/security.md, evaluation.run_code)", markup=False, highlight=False)
         failed = sum(not c.passed for c in result.cases)
-        console.print(f"wrote {output}: {len(result.cases) - failed}/{len(result.cases)} cases passed", markup=False, highlight=False)
+        scored = f" (backend {result.backend})" if result.backend else ""
+        console.print(f"wrote {output}: {len(result.cases) - failed}/{len(result.cases)} cases passed{scored}", markup=False, highlight=False)
 
     @app.command("compare")
     def compare_command(
@@ -98,6 +108,8 @@ def register(app: typer.Typer) -> None:
         metrics_jsonl: Path = typer.Option(None, help="a run's metrics.jsonl: adds training curves"),
         out_dir: Path = typer.Option(Path("eval-report"), help="where report.md, report.html and comparison.json go"),
         gate: bool = typer.Option(False, help="exit with status 1 unless the verdict is ship"),
+        allow_different_backends: bool = typer.Option(False, "--allow-different-backends", rich_help_panel="Scoring", help="compare results scored on different backends or base "
+                                                                  "GGUF files (both must record theirs)"),
     ) -> None:
         """Base vs fine-tuned report (Markdown, HTML, JSON verdict) and the deploy gate."""
         from rich.markup import escape
@@ -130,11 +142,11 @@ def register(app: typer.Typer) -> None:
         if base_result.results_sha256 is not None and base_result.results_sha256 == cand_result.results_sha256:
             raise EdentuneError(f"--base {base} and --candidate {candidate} are the same results (identical files)",
                                 hint="compare the base model's results with the fine-tuned model's")
-        problems = comparability(base_result, cand_result)
+        problems = comparability(base_result, cand_result, allow_different_backends)
         if problems:  # a user mistake, not a verdict: no report that could be taken for one
             raise EdentuneError(f"cannot compare {base} with {candidate}: " + "; ".join(problems),
-                                hint="evaluate both with the same suite and config: `edentune eval -m MODEL -c CONFIG --suite SUITE`")
-        comparison = compare(base_result, cand_result, cfg, metrics_jsonl)
+                                hint="evaluate both with the same suite, config and backend: `edentune eval -m MODEL -c CONFIG --suite SUITE`")
+        comparison = compare(base_result, cand_result, cfg, metrics_jsonl, allow_different_backends=allow_different_backends)
         write_reports(comparison, out_dir, base=base_result, candidate=cand_result)
         Console().print(rich_table(comparison))
         for reason in comparison.reasons:

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from edentune.config import RunConfig
 from edentune.errors import EdentuneError
 
-from .runner import EvalResult
+from .runner import EvalResult, scoring_differences
 
 TIMING_TOLERANCE = 0.25
 KOREAN_CONSISTENCY_TARGET = 0.95
@@ -109,6 +109,10 @@ class Comparison(BaseModel):
     tolerance: float
     max_forgetting: float
     candidate_adapter_sha256: str | None = None  # what `deploy --gate` checks the export against
+    # The served files the candidate was scored on (gguf backend: base_gguf, adapter_gguf sha256)
+    # and each side's backend: `deploy --gate` refuses files whose sha256 differs.
+    candidate_artifacts: dict[str, str] = {}
+    backends: dict[str, str | None] = {}
     curves: dict[str, list[list[float]]] = {}  # series name -> [[step, value], …]
     # What was compared, for `deploy --gate` to re-check: the suite's content hash (None unless both
     # results name the same one), the results files and their sha256 (None when not read from or
@@ -164,11 +168,12 @@ def _failing(result: EvalResult) -> list[FailingCase]:
     return [FailingCase(id=c.id, category=c.category, failures=c.failures, answer=c.answer) for c in result.cases if c.failures]
 
 
-def comparability(base: EvalResult, cand: EvalResult) -> list[str]:
+def comparability(base: EvalResult, cand: EvalResult, allow_different_backends: bool = False) -> list[str]:
     """Why two results cannot be compared (empty when they can): different suite content, different
-    or duplicated case ids, a results file whose metrics count other cases than it holds, or
-    different evaluation settings (generation length, system prompt, persona rules, perplexity sets)."""
-    problems = []
+    or duplicated case ids, a results file whose metrics count other cases than it holds,
+    different evaluation settings (generation length, system prompt, persona rules, perplexity sets),
+    or another backend / base GGUF (`runner.scoring_differences`)."""
+    problems = scoring_differences(base, cand, allow_different_backends)
     if base.suite_sha256 and cand.suite_sha256 and base.suite_sha256 != cand.suite_sha256:
         problems.append(f"different test suites: base {base.suite} (sha256 {base.suite_sha256[:12]}), "
                         f"fine-tuned {cand.suite} (sha256 {cand.suite_sha256[:12]})")
@@ -215,7 +220,8 @@ def _invalid(r: MetricRow) -> str:
     return f"not a finite number (base {_fmt(r.base)}, fine-tuned {_fmt(r.candidate)})"
 
 
-def compare(base: EvalResult, cand: EvalResult, cfg: RunConfig, metrics_jsonl: str | Path | None = None) -> Comparison:
+def compare(base: EvalResult, cand: EvalResult, cfg: RunConfig, metrics_jsonl: str | Path | None = None, *,
+            allow_different_backends: bool = False) -> Comparison:
     """Verdicts per metric, category and language, failing cases and the ship decision. Pure: reads
     `metrics_jsonl` (training curves) if given, writes nothing; see `report.write_reports`."""
     tol, max_f = cfg.evaluation.tolerance, cfg.evaluation.max_forgetting
@@ -237,7 +243,7 @@ def compare(base: EvalResult, cand: EvalResult, cfg: RunConfig, metrics_jsonl: s
     by_language = {lang: _rows(mixing, base.by_language.get(lang, {}), cand.by_language.get(lang, {}), tol, max_f)
                    for lang in sorted(set(base.by_language) | set(cand.by_language))}
 
-    reasons = comparability(base, cand)
+    reasons = comparability(base, cand, allow_different_backends)
     if base.suite_sha256 is None or cand.suite_sha256 is None:
         reasons.insert(0, PREDATES_HASHING)
     if not (math.isfinite(tol) and math.isfinite(max_f)):
@@ -253,6 +259,7 @@ def compare(base: EvalResult, cand: EvalResult, cfg: RunConfig, metrics_jsonl: s
         failing={"base": _failing(base), "candidate": _failing(cand)},
         korean_consistency={"value": ko, "target": KOREAN_CONSISTENCY_TARGET, "met": None if ko is None else ko > KOREAN_CONSISTENCY_TARGET},
         ship=not reasons, reasons=reasons, tolerance=tol, max_forgetting=max_f, candidate_adapter_sha256=cand.adapter_sha256,
+        candidate_artifacts=cand.artifacts, backends={"base": base.backend, "candidate": cand.backend},
         curves=read_training_curves(metrics_jsonl) if metrics_jsonl else {},
         suite_sha256=same_suite, settings=base.settings if base.settings == cand.settings else {},
         base_results_sha256=base.results_sha256, candidate_results_sha256=cand.results_sha256,

@@ -83,6 +83,11 @@ class EvalResult(BaseModel):
     # are compared only when these match.
     settings: dict[str, Any] = {}
     adapter_sha256: str | None = None  # weights of the PEFT adapter scored (local backend), for the deploy gate
+    # What scored the answers (gguf | transformers-<dtype> | transformers-nf4 | http; None in older
+    # files) and the sha256 of the served files it ran on (gguf: base_gguf, adapter_gguf), so that
+    # `compare` sets only like against like and `deploy --gate` can check the deployed files.
+    backend: str | None = None
+    artifacts: dict[str, str] = {}
     created: str
     metrics: dict[str, float | None]
     by_category: dict[str, dict[str, float | None]]
@@ -121,6 +126,24 @@ class EvalResult(BaseModel):
             raise EdentuneError(f"{path}: not an `edentune eval` results file ({first})") from None
         result._path, result._sha256 = str(Path(path).resolve()), hashlib.sha256(data).hexdigest()
         return result
+
+
+def scoring_differences(base: EvalResult, cand: EvalResult, allow_different_backends: bool = False) -> list[str]:
+    """Why two results were not scored the same way: another backend, or another base GGUF file
+    (the adapter differs by design). Allowed on request only when both sides record what they ran on."""
+    problems = []
+    b, c = base.artifacts.get("base_gguf"), cand.artifacts.get("base_gguf")
+    if base.backend != cand.backend:
+        problems.append(f"scored on different backends: base {base.backend or 'not recorded'}, "
+                        f"fine-tuned {cand.backend or 'not recorded'}")
+    elif base.backend == "gguf" and b != c:
+        problems.append(f"scored on different base GGUF files: base {(b or 'not recorded')[:12]}, fine-tuned {(c or 'not recorded')[:12]}")
+    recorded = all(r.backend is not None and (r.backend != "gguf" or r.artifacts.get("base_gguf")) for r in (base, cand))
+    if problems and allow_different_backends and recorded:
+        return []
+    if problems and allow_different_backends:
+        problems.append("--allow-different-backends needs both results to record their backend and files: re-run eval")
+    return problems
 
 
 def evaluation_settings(cfg: RunConfig, backend: Backend, validation: list | None, replay: list | None) -> dict[str, Any]:
@@ -289,6 +312,7 @@ def evaluate(cfg: RunConfig, backend: Backend, suite: Suite, *, validation: list
     languages = sorted({r.expected_language for r in results if r.expected_language})
     by_language = {lang: case_metrics([r for r in results if r.expected_language == lang]) for lang in languages}
     return EvalResult(model=backend.name, adapter_sha256=getattr(backend, "adapter_sha256", None), suite=suite.path,
+                      backend=getattr(backend, "backend", None), artifacts=getattr(backend, "artifacts", None) or {},
                       suite_sha256=suite.sha256, settings=evaluation_settings(cfg, backend, validation, replay),
                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       metrics=metrics, by_category=by_category, by_language=by_language, cases=results,
