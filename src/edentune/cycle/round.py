@@ -94,7 +94,7 @@ def _write_reports(comparison, out_dir: Path, baseline, candidate) -> dict[str, 
 def _export(cfg: RunConfig, adapter: Path, out_dir: Path):
     from ..export.api import export_adapter
 
-    return export_adapter(cfg, adapter, out_dir, verify=True)
+    return export_adapter(cfg, adapter, out_dir, verify=cfg.export.verify)
 
 
 def deploy_export(cfg: RunConfig, export_dir: Path, *, host: str, client=None, gate: Path | None = None) -> list[dict]:
