@@ -87,6 +87,7 @@ class RoundPlan:
     advice: list[str]  # steps that still do not fit, and why
     disk: dict[str, float]  # GB
     training: Plan | None = None
+    config: object = None  # the RunConfig with the changes applied (what the round would run)
 
     @property
     def fits(self) -> bool:
@@ -131,7 +132,7 @@ def _train_step(cfg, model_config, device: str, device_gb: float, ram_gb: float,
     where, limit, host_limit = _limits(device, device_gb, ram_gb)
     if device == "apple":
         p = estimate_apple(cfg, model_config, device_gb, wired_gb)
-        return StepPlan("train", where, dict(p.terms), p.device_gb, detail="MLX QLoRA" if cfg.quantization.load_in_4bit else "MLX LoRA"), p
+        return StepPlan("train", where, dict(p.terms), p.limit_gb, detail="MLX QLoRA" if cfg.quantization.load_in_4bit else "MLX LoRA"), p
     p = estimate(cfg, model_config, device_gb if device == "cuda" else ram_gb, "cuda" if device == "cuda" else "cpu")
     host = {}
     if device == "cuda":
@@ -297,8 +298,12 @@ def plan_round(cfg, model_config, device: str = "cuda", device_gb: float = 24.0,
     evaluate = evals[backend]
     if not evaluate.fits:
         shown = ", ".join(f"{b} ~{s.total_gb:.1f} GB" for b, s in evals.items())
-        advice.append(f"evaluate does not fit with any backend on the {evaluate.where} ({shown}; {evaluate.limit_gb:.1f} GB): "
-                      "pick a smaller model preset, or score the model where Ollama serves it (`eval -m http://HOST:11434/v1#MODEL`)")
+        largest = max(evaluate.terms, key=evaluate.terms.get)
+        fix = ("lower evaluation.max_new_tokens or model.max_seq_len (the KV cache and logits grow with both)"
+               if largest.startswith(("KV", "generation", "logits")) else "pick a smaller model preset")
+        advice.append(f"evaluate does not fit with any backend on the {evaluate.where} ({shown}; {evaluate.limit_gb:.1f} GB; "
+                      f"the largest term of {backend}: {largest} {evaluate.terms[largest]:.1f} GB): {fix}, or score the model "
+                      "where Ollama serves it (`edentune eval -m http://HOST:11434/v1#MODEL`)")
 
     # export: without the parity check when the gate scored the exported GGUF files in llama.cpp
     export = _export_step(cfg, model_config, device, device_gb, ram_gb, route)
@@ -330,7 +335,7 @@ def plan_round(cfg, model_config, device: str = "cuda", device_gb: float = 24.0,
                         f"or lower export.num_ctx ({cfg.export.num_ctx})")
     disk = _disk(cfg, model_config, backend, route)
     plan = RoundPlan(cfg.model.name_or_path, device, device_gb, ram_gb, disk_free_gb, [train, evaluate, export, smoke],
-                     {b: round(s.total_gb, 2) for b, s in evals.items()}, backend, changes, advice, disk, tplan)
+                     {b: round(s.total_gb, 2) for b, s in evals.items()}, backend, changes, advice, disk, tplan, cfg)
     if not plan.disk_fits:
         plan.advice.append(f"disk: the round needs ~{sum(disk.values()):.1f} GB, {disk_free_gb:.1f} GB are free")
     return plan
@@ -352,7 +357,8 @@ def _fit_training(cfg, model_config, device, device_gb, ram_gb, wired_gb, change
             break
         if device == "apple":
             options = [(ch, text) for ch, text in apple_options(cfg)]
-            if not wired_tried and (not options or "model.max_seq_len" in options[0][0]) and train.total_gb <= device_gb - APPLE_SYSTEM_GB:
+            # raising Metal's limit costs nothing: before a smaller adapter or shorter sequences
+            if not wired_tried and (not options or {"lora.r", "model.max_seq_len"} & set(options[0][0])):
                 wired_gb, wired_tried = device_gb - APPLE_SYSTEM_GB, True
                 made[("wired",)] = (f"let Metal wire {wired_gb:g} GB for training: sudo sysctl iogpu.wired_limit_mb={int(wired_gb * 1024)} "
                                     "(until reboot; the system keeps 4 GB)")

@@ -365,6 +365,7 @@ def _per_process_terms(cfg, model_config, device_gb: float, num_processes: int, 
 # 3/4 on 64-96 GB machines (gpustack/gpustack#1375, ml-explore/mlx-lm#883).
 MLX_4BIT_BITS = 4.5  # MLX affine 4-bit, group size 64: 4 bits + an fp16 scale and bias per 64 weights
 APPLE_OVERHEAD_GB = 1.0  # Python, MLX, tokenizer and data
+MIN_APPLE_LORA_R = 8  # the planner halves the rank down to this, no lower
 
 
 def apple_gpu_budget_gb(ram_gb: float) -> float:
@@ -419,6 +420,11 @@ def apple_options(cfg) -> list[tuple[dict, str]]:
         out.append(({"training.gradient_checkpointing": True}, "training.gradient_checkpointing: true"))
     if not cfg.quantization.load_in_4bit:
         out.append(({"quantization.load_in_4bit": True}, "quantization.load_in_4bit: true (QLoRA on an MLX 4-bit base)"))
+    if cfg.lora.r >= 2 * MIN_APPLE_LORA_R:
+        r, alpha = cfg.lora.r // 2, cfg.lora.alpha / 2
+        out.append(({"lora.r": r, "lora.alpha": alpha},
+                    f"lora.r: {r} with lora.alpha: {alpha:g} (same scale; half the adapter's fp32 weights, gradients and "
+                    "AdamW state: MLX has no 8-bit optimizer)"))
     if cfg.model.max_seq_len // 2 >= MIN_ADVISED_SEQ_LEN:
         out.append(({"model.max_seq_len": cfg.model.max_seq_len // 2},
                     f"model.max_seq_len: {cfg.model.max_seq_len // 2} if your conversations allow (check `edentune data stats`)"))
