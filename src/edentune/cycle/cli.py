@@ -101,15 +101,20 @@ def register(app: typer.Typer) -> None:
         new: list[Path] = typer.Option(..., "--new", help="this month's conversations (any supported format), repeatable"),
         feedback: list[Path] = typer.Option([], "--feedback", help="thumbs up/down ratings (JSONL), repeatable"),
         round_id: Optional[str] = typer.Option(None, "--round", help="round id (default: this month, YYYY-MM; an unfinished round is continued)"),
+        no_deploy: bool = typer.Option(False, "--no-deploy", help="stop after the gate and the export (no Ollama needed); "
+                                       "deploy later with `edentune cycle deploy`"),
     ) -> None:
         """Run one round: ingest, clean, replay, mix, train, evaluate, gate, export, deploy. Rerun to continue after a crash."""
-        from .report import status
+        from .report import status, waiting_rounds
         from .round import run_round
 
-        result = run_round(directory, new, feedback=feedback or None, round_id=round_id, console=err_console)
+        result = run_round(directory, new, feedback=feedback or None, round_id=round_id, console=err_console, deploy=not no_deploy)
         table = status(directory)
         table.rows = [r for r in table.rows if r.round_id == result.round_id]
         print_status(table, Console(), title=f"round {result.round_id}: {result.status}")
+        if waiting_rounds(table):
+            Console().print(f"deploy it where Ollama runs: edentune cycle deploy {directory} --round {result.round_id}",
+                            markup=False, highlight=False)
 
     @group.command("status")
     def status_cmd(
@@ -118,7 +123,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     ) -> None:
         """The history: rounds, data counts, validation loss, key metrics, verdicts, what is live."""
-        from .report import status, write_html
+        from .report import status, waiting_rounds, write_html
 
         table = status(directory)
         if html is not None:
@@ -133,6 +138,9 @@ def register(app: typer.Typer) -> None:
                 out.print(f"no rounds yet: edentune cycle run {directory} --new NEW.jsonl", markup=False, highlight=False)
             for persona, lv in table.live.items():
                 out.print(f"live: {persona} -> round {lv['round_id']} ({lv['model']}, since {lv['since']})", markup=False, highlight=False)
+            for waiting in waiting_rounds(table):
+                out.print(f"accepted, not deployed: round {waiting} (edentune cycle deploy {directory} --round {waiting})",
+                          markup=False, highlight=False)
         if html is not None:
             err_console.print(f"wrote {html}", markup=False, highlight=False)
 
@@ -149,3 +157,40 @@ def register(app: typer.Typer) -> None:
         for rec in rollback(directory, to_round=to, persona=persona, host=host):
             Console().print(f"{rec['persona']}: {rec['model']} is round {rec['round_id']} again (was {rec['from_round'] or '-'})",
                             markup=False, highlight=False)
+
+    @group.command("deploy")
+    def deploy_cmd(
+        directory: Path = typer.Argument(..., help="workspace folder"),
+        round_id: Optional[str] = typer.Option(None, "--round", help="the round to deploy (default: the newest accepted, not deployed)"),
+        host: Optional[str] = typer.Option(None, "--host", help="Ollama URL (default: the workspace's ollama.host, then $OLLAMA_HOST)"),
+    ) -> None:
+        """Deploy a round that `cycle run --no-deploy` accepted: the gate re-checked, then Ollama."""
+        from .deploy_later import deploy_round
+
+        for d in deploy_round(directory, round_id, host=host, console=err_console):
+            Console().print(f"round {d.round_id} ({d.unit}) live at {d.host}: {', '.join(d.models)}", markup=False, highlight=False)
+
+    @group.command("plan")
+    def plan_cmd(
+        directory: Path = typer.Argument(..., help="workspace folder"),
+        device: str = typer.Option("cuda", help="cuda, apple (a Mac, MLX) or cpu"),
+        device_gb: Optional[float] = typer.Option(None, help="GB of the CUDA card, of the Mac's unified memory, or of RAM"),
+        ram_gb: Optional[float] = typer.Option(None, help="host RAM in GB beside a CUDA card (default: this machine's)"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    ) -> None:
+        """The round's plan: peak memory of each step (train, evaluate, export, smoke check) and disk."""
+        from ..roundplan import DEVICES, print_round_plan, round_plan_for
+        from .workspace import load_workspace
+
+        if device not in DEVICES:
+            raise EdentuneError(f"--device {device!r}: choose cuda, apple or cpu")
+        for value, name in ((device_gb, "--device-gb"), (ram_gb, "--ram-gb")):
+            if value is not None and not (value == value and 0 < value < float("inf")):
+                raise EdentuneError(f"{name}: must be a finite number of GB above 0, not {value:g}")
+        ws = load_workspace(directory)
+        cfg = ws.round_config("plan", ws.training_units()[0])
+        rp = round_plan_for(cfg, device, device_gb, ram_gb=ram_gb, where=ws.dir)
+        if as_json:
+            print(json.dumps(rp.to_json(), indent=2))
+        else:
+            print_round_plan(rp, Console())

@@ -49,6 +49,7 @@ class StatusRow:
     export_dir: str | None
     adapter_sha256: str | None
     last_step: str | None  # the last recorded step of this run (progress of a running round)
+    deployed: bool = True  # False: accepted by `cycle run --no-deploy`, waiting for `cycle deploy`
 
 
 @dataclass
@@ -67,7 +68,9 @@ def status(ws_dir: str | Path) -> StatusTable:
     ws_dir = Path(ws_dir).expanduser()
     with Registry(ws_dir / REGISTRY_NAME, readonly=True) as reg:
         rounds, runs, live, events = reg.rounds(), reg.runs(), reg.live_rows(), reg.events()
-        last_steps = {(s.round_id, s.persona): s.step for s in reg.list_steps()}  # recording order: the last wins
+        recorded = reg.list_steps()
+        last_steps = {(s.round_id, s.persona): s.step for s in recorded}  # recording order: the last wins
+        deployed = {(s.round_id, s.persona) for s in recorded if s.step == "deploy"}
     by_round: dict[str, list] = {}
     for run in runs:
         by_round.setdefault(run.round_id, []).append(run)
@@ -81,10 +84,16 @@ def status(ws_dir: str | Path) -> StatusTable:
             ship = run.verdict.get("ship") if isinstance(run.verdict, dict) else None
             rows.append(StatusRow(rnd.id, rnd.seq, rnd.created, rnd.status, run.persona, run.status, run.metrics, ship,
                                   [str(r) for r in run.reasons or []], live_for, run.export_dir, run.adapter_sha256,
-                                  last_steps.get((rnd.id, run.persona)) or last_steps.get((rnd.id, SHARED))))
+                                  last_steps.get((rnd.id, run.persona)) or last_steps.get((rnd.id, SHARED)),
+                                  deployed=run.status != "accepted" or (rnd.id, run.persona) in deployed))
     return StatusTable(workspace=str(ws_dir), rows=rows,
                        live={lv.persona: {"round_id": lv.round_id, "model": lv.model, "since": lv.since} for lv in live},
                        events=[asdict(e) for e in events])
+
+
+def waiting_rounds(table: StatusTable) -> list[str]:
+    """Rounds accepted by `cycle run --no-deploy` and not deployed yet, oldest first."""
+    return list(dict.fromkeys(r.round_id for r in table.rows if r.status == "accepted" and not r.deployed))
 
 
 def format_metric(key: str, value) -> str:
@@ -102,7 +111,7 @@ def format_metric(key: str, value) -> str:
 
 def verdict_text(row: StatusRow, reasons: bool = True) -> str:
     if row.status == "accepted":
-        return "deployed"
+        return "deployed" if row.deployed else "accepted, not deployed"
     if row.status == "running":
         return f"running ({row.last_step})" if row.last_step else "running"
     return row.status + (": " + "; ".join(row.reasons) if reasons and row.reasons else "")
