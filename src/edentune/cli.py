@@ -82,12 +82,13 @@ def config_check(path: Path = typer.Argument(..., help="run config YAML")) -> No
 
 @app.command()
 def quickstart(
-    out_dir: Path = typer.Option(Path("runs/quickstart"), "--out", help="where data, run, report and export go"),
-    max_steps: int = typer.Option(60, help="optimizer steps (about 5.5 s each on 2 CPU cores)"),
-    eval_cases: int = typer.Option(8, help="evaluation-suite cases scored before and after"),
+    out_dir: Path = typer.Option(Path("runs/quickstart"), "--out", help="where the months, the cycle workspace and the loss curve go"),
+    max_steps: int = typer.Option(40, help="optimizer steps per month (about 5.5 s each on 2 CPU cores)"),
+    eval_cases: int = typer.Option(8, help="evaluation-suite cases scored for the live model and the candidate"),
     verify: bool = typer.Option(True, help="check the exported GGUF adapter against the PEFT model in llama.cpp"),
 ) -> None:
-    """Clean the bundled data, QLoRA-fine-tune the embedded model, compare before/after, export for Ollama."""
+    """Two months of the cycle on the embedded model without Ollama: the bundled data split in two,
+    `cycle run --no-deploy` for each (clean, replay mix, QLoRA, evaluate, gate, export), then how to deploy."""
     from .quickstart import QuickstartOptions, run_quickstart
 
     run_quickstart(QuickstartOptions(out_dir=out_dir, max_steps=max_steps, eval_cases=eval_cases, verify_export=verify),
