@@ -157,9 +157,11 @@ def _eval_steps(cfg, model_config, device: str, device_gb: float, ram_gb: float)
         if where == "RAM":
             out[backend] = StepPlan("evaluate", where, terms, limit, detail=backend)
         elif backend == "gguf":  # llama-cpp-python's logits and the interpreter stay in host memory
+            host = {k: v for k, v in terms.items() if k in HOST_TERMS}
             gpu = {k: v for k, v in terms.items() if k not in HOST_TERMS}
-            out[backend] = StepPlan("evaluate", where, gpu, limit, {k: v for k, v in terms.items() if k in HOST_TERMS},
-                                    host_limit, detail=backend)
+            if device == "cuda":  # the CUDA context is on the card; the interpreter in RAM
+                gpu["runtime overhead"], host["runtime overhead"] = CUDA_OVERHEAD_GB, CPU_OVERHEAD_GB
+            out[backend] = StepPlan("evaluate", where, gpu, limit, host, host_limit, detail=backend)
         else:
             out[backend] = StepPlan("evaluate", where, terms, limit, detail=backend)
     return out

@@ -56,7 +56,7 @@ def test_14b_on_a_16gb_card_fits_with_offloaded_checkpoints_and_the_gguf_evaluat
     train, evaluate, export, smoke = rp.steps
     assert train.detail == "QLoRA" and 15 < train.total_gb <= 16
     assert train.host_terms["offloaded layer inputs (pinned)"] == pytest.approx(3.75, abs=0.01)
-    assert evaluate.detail == "gguf" and evaluate.total_gb < 10  # Q4_K_M weights + KV cache + compute buffer on the GPU
+    assert evaluate.detail == "gguf" and evaluate.total_gb < 10.5  # Q4_K_M weights + KV cache + compute buffer on the GPU
     assert rp.evaluation["transformers-nf4"] < 16 < rp.evaluation["transformers"]
     assert "parity check" not in export.detail and export.total_gb < 3
     assert smoke.where == "GPU" and smoke.total_gb < 11
