@@ -215,6 +215,10 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
             if run.status == "accepted" and run.export_dir:
                 result.export_dirs[month] = Path(run.export_dir)
     print_status(status(ws_dir), console)
+    for r in result.rounds:  # where the time went (also in `edentune cycle status --json`)
+        by_step = {k.split("/", 1)[1]: v for k, v in r.step_seconds.items()}
+        console.print(f"{r.round_id}: {r.seconds:.0f} s; " + ", ".join(f"{k} {v:.0f} s" for k, v in by_step.items() if v >= 1),
+                      highlight=False)
 
     result.loss_curve = out / "loss_curve.png"
     for month, losses in loss_curve(ws_dir, result.loss_curve):
