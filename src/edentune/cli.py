@@ -104,12 +104,13 @@ def config_check(path: Path = typer.Argument(..., help="run config YAML")) -> No
 
 @app.command()
 def quickstart(
-    out_dir: Path = typer.Option(Path("runs/quickstart"), "--out", help="where data, run, report and export go"),
-    max_steps: int = typer.Option(60, help="optimizer steps (about 5.5 s each on 2 CPU cores)"),
-    eval_cases: int = typer.Option(8, help="evaluation-suite cases scored before and after"),
+    out_dir: Path = typer.Option(Path("runs/quickstart"), "--out", help="where the months, the cycle workspace and the loss curve go"),
+    max_steps: int = typer.Option(40, help="optimizer steps per month (about 5.5 s each on 2 CPU cores)"),
+    eval_cases: int = typer.Option(8, help="evaluation-suite cases scored for the live model and the candidate"),
     verify: bool = typer.Option(True, help="check the exported GGUF adapter against the PEFT model in llama.cpp"),
 ) -> None:
-    """Clean the bundled data, QLoRA-fine-tune the embedded model, compare before/after, export for Ollama."""
+    """Two months of the cycle on the embedded model without Ollama: the bundled data split in two,
+    `cycle run --no-deploy` for each (clean, replay mix, QLoRA, evaluate, gate, export), then how to deploy."""
     from .io import managed_owner
     from .quickstart import QuickstartOptions, run_quickstart
 
@@ -139,8 +140,11 @@ def plan(
                                     help="memory of the training device in GB (default: the CUDA card, else 24; apple: the Mac's RAM)"),
     device: Device = typer.Option(Device.cuda, help="where the run will train"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    ram_gb: float = typer.Option(None, callback=_device_gb, help="host RAM in GB beside a CUDA card (default: this machine's)"),
+    disk_free_gb: float = typer.Option(None, callback=_device_gb, help="free disk in GB (default: free space where the run writes)"),
 ) -> None:
-    """Estimate peak training memory term by term, and say what to change if it does not fit."""
+    """Estimate peak training memory term by term, and say what to change if it does not fit; then
+    the whole round's plan: each step's peak (train, evaluate per backend, export, smoke check) and disk."""
     import json
 
     from rich.table import Table
@@ -148,7 +152,10 @@ def plan(
     from .config import load_config
     from .train.plan import estimate, model_config_for
 
+    from .roundplan import print_round_plan, round_plan_for
+
     cfg = load_config(config)
+    rp = round_plan_for(cfg, device.value, device_gb, ram_gb=ram_gb, disk_free_gb=disk_free_gb, where=cfg.training.output_dir)
     if device_gb is None and device is not Device.apple:
         import torch
 
@@ -163,7 +170,7 @@ def plan(
         p = estimate(cfg, model_config_for(cfg), device_gb, device.value)
     if as_json:
         print(json.dumps({"terms_gb": p.terms, "total_gb": p.total_gb, "device_gb": device_gb, "fits": p.fits, "margin_gb": p.margin_gb,
-                          "tokens_per_micro_batch": p.tokens_per_micro_batch, "advice": p.advice}, indent=2))
+                          "tokens_per_micro_batch": p.tokens_per_micro_batch, "advice": p.advice, "round": rp.to_json()}, indent=2))
         return
     table = Table(title=f"Peak memory estimate: {cfg.model.name_or_path} ({p.tokens_per_micro_batch} tokens per micro-batch)")
     table.add_column("term")
@@ -177,6 +184,7 @@ def plan(
     Console().print(f"{verdict} in {device_gb:g} GB: {abs(p.margin_gb):.1f} GB {'to spare' if p.fits else 'over'}, using {room}")
     for a in p.advice:
         Console().print(f"  change: {a}")
+    print_round_plan(rp, Console())
 
 
 # Each stage's cli module adds its commands (or its command group) through `register(app)`.

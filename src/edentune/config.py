@@ -240,6 +240,9 @@ class ExportConfig(_Section):
     repeat_penalty: float = Field(1.05, gt=0)
     num_ctx: int = Field(4096, gt=0)
     num_predict: int = Field(1024, gt=0, description="Ollama's default is unlimited: a model that never stops runs forever")
+    verify: bool = Field(True, description="the cycle's export checks the GGUF adapter against the HF model in llama.cpp "
+                                           "(the HF base in fp32 on CPU: 4 bytes of RAM per parameter); `edentune plan` "
+                                           "turns it off only where the gguf evaluation already scored the exported files")
     ollama_host: str | None = Field(None, description="Ollama URL; `--host` wins, then this, then $OLLAMA_HOST, then http://127.0.0.1:11434")
     ollama_timeout_s: float = Field(30.0, gt=0, description="connect/read timeout of ordinary Ollama API calls (seconds)")
     ollama_create_timeout_s: float = Field(600.0, gt=0, description="read timeout for blob upload, create and the first chat (model load)")

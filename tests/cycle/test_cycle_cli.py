@@ -138,15 +138,15 @@ def test_run_passes_its_arguments_and_prints_the_round(ws, tmp_path, monkeypatch
 
     calls = []
 
-    def fake_run_round(ws_dir, new_files, *, feedback=None, round_id=None, console=None, host=None):
-        calls.append((Path(ws_dir), [Path(f) for f in new_files], feedback, round_id, host))
+    def fake_run_round(ws_dir, new_files, *, feedback=None, round_id=None, console=None, host=None, deploy=True):
+        calls.append((Path(ws_dir), [Path(f) for f in new_files], feedback, round_id, host, deploy))
         return SimpleNamespace(round_id="2026-02", status="refused")
 
     monkeypatch.setattr(round_mod, "run_round", fake_run_round)
     res = runner.invoke(app, ["cycle", "run", str(ws.dir), "--new", "a.jsonl", "--new", "b.jsonl",
                               "--feedback", "r.jsonl", "--round", "2026-02", "--host", "http://10.0.0.2:11434"])
     assert res.exit_code == 0, res.output
-    assert calls == [(ws.dir, [Path("a.jsonl"), Path("b.jsonl")], [Path("r.jsonl")], "2026-02", "http://10.0.0.2:11434")]
+    assert calls == [(ws.dir, [Path("a.jsonl"), Path("b.jsonl")], [Path("r.jsonl")], "2026-02", "http://10.0.0.2:11434", True)]
     assert "round 2026-02: refused" in res.stdout and "2026-01" not in res.stdout
 
 

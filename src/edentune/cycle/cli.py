@@ -133,9 +133,11 @@ def register(app: typer.Typer) -> None:
         host: Optional[str] = typer.Option(None, "--host", help="Ollama URL for this round (default: the workspace's ollama.host, then $OLLAMA_HOST)"),
         from_eden: bool = typer.Option(False, "--from-eden", help="import Garden of Eden V3's conversations and thumbs since the last round"),
         eden_db: Optional[Path] = typer.Argument(None, help="with --from-eden: the app's database (default: its path on this OS)", show_default=False),
+        no_deploy: bool = typer.Option(False, "--no-deploy", help="stop after the gate and the export (no Ollama needed); "
+                                       "deploy later with `edentune cycle deploy`"),
     ) -> None:
         """Run one round: ingest, clean, replay, mix, train, evaluate, gate, export, deploy. Rerun to continue after a crash."""
-        from .report import status
+        from .report import status, waiting_rounds
         from .round import run_round
 
         eden = None
@@ -146,12 +148,16 @@ def register(app: typer.Typer) -> None:
 
             eden = eden_import.prepare(directory, eden_db, round_id, err_console)
             new, feedback, round_id = [*new, *eden.new], [*feedback, *eden.feedback], eden.round_id
-        result = run_round(directory, new, feedback=feedback or None, round_id=round_id, console=err_console, host=host)
+        result = run_round(directory, new, feedback=feedback or None, round_id=round_id, console=err_console, host=host,
+                           deploy=not no_deploy)
         if eden is not None:
             eden_import.record(directory, eden)
         table = status(directory)
         table.rows = [r for r in table.rows if r.round_id == result.round_id]
         print_status(table, Console(), title=f"round {result.round_id}: {result.status}")
+        if waiting_rounds(table):
+            Console().print(f"deploy it where Ollama runs: edentune cycle deploy {directory} --round {result.round_id}",
+                            markup=False, highlight=False)
 
     @group.command("status")
     def status_cmd(
@@ -162,7 +168,7 @@ def register(app: typer.Typer) -> None:
         """The history: rounds, data counts, validation loss, key metrics, verdicts, what is live."""
         from ..io import check_outputs
         from .live import replacement_status
-        from .report import status, write_html
+        from .report import status, waiting_rounds, write_html
         from .schedule import status_lines as schedule_lines
 
         if html is not None:  # refused before the registry is opened
@@ -185,6 +191,9 @@ def register(app: typer.Typer) -> None:
                 out.print(line, markup=False, highlight=False)
             for rep in replaced:
                 out.print(replaced_text(rep), markup=False, highlight=False)
+            for waiting in waiting_rounds(table):
+                out.print(f"accepted, not deployed: round {waiting} (edentune cycle deploy {directory} --round {waiting})",
+                          markup=False, highlight=False)
         if html is not None:
             err_console.print(f"wrote {html}", markup=False, highlight=False)
 
@@ -224,3 +233,40 @@ def register(app: typer.Typer) -> None:
 
         for line in schedule_command(directory, day=day, at=at, db=db, remove=remove, print_only=print_only, platform=platform):
             Console().print(line, markup=False, highlight=False, soft_wrap=True)
+
+    @group.command("deploy")
+    def deploy_cmd(
+        directory: Path = typer.Argument(..., help="workspace folder"),
+        round_id: Optional[str] = typer.Option(None, "--round", help="the round to deploy (default: the newest accepted, not deployed)"),
+        host: Optional[str] = typer.Option(None, "--host", help="Ollama URL (default: the workspace's ollama.host, then $OLLAMA_HOST)"),
+    ) -> None:
+        """Deploy a round that `cycle run --no-deploy` accepted: the gate re-checked, then Ollama."""
+        from .deploy_later import deploy_round
+
+        for d in deploy_round(directory, round_id, host=host, console=err_console):
+            Console().print(f"round {d.round_id} ({d.unit}) live at {d.host}: {', '.join(d.models)}", markup=False, highlight=False)
+
+    @group.command("plan")
+    def plan_cmd(
+        directory: Path = typer.Argument(..., help="workspace folder"),
+        device: str = typer.Option("cuda", help="cuda, apple (a Mac, MLX) or cpu"),
+        device_gb: Optional[float] = typer.Option(None, help="GB of the CUDA card, of the Mac's unified memory, or of RAM"),
+        ram_gb: Optional[float] = typer.Option(None, help="host RAM in GB beside a CUDA card (default: this machine's)"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    ) -> None:
+        """The round's plan: peak memory of each step (train, evaluate, export, smoke check) and disk."""
+        from ..roundplan import DEVICES, print_round_plan, round_plan_for
+        from .workspace import load_workspace
+
+        if device not in DEVICES:
+            raise EdentuneError(f"--device {device!r}: choose cuda, apple or cpu")
+        for value, name in ((device_gb, "--device-gb"), (ram_gb, "--ram-gb")):
+            if value is not None and not (value == value and 0 < value < float("inf")):
+                raise EdentuneError(f"{name}: must be a finite number of GB above 0, not {value:g}")
+        ws = load_workspace(directory)
+        cfg = ws.round_config("plan", ws.training_units()[0])
+        rp = round_plan_for(cfg, device, device_gb, ram_gb=ram_gb, where=ws.dir)
+        if as_json:
+            print(json.dumps(rp.to_json(), indent=2))
+        else:
+            print_round_plan(rp, Console())

@@ -55,6 +55,7 @@ class StatusRow:
     last_step: str | None  # the last recorded step of this run (progress of a running round)
     step_seconds: dict[str, float] = field(default_factory=dict)  # step -> seconds (the round's shared steps and this run's)
     wall_s: float | None = None  # the round's wall time, start to finish (None while running)
+    deployed: bool = True  # False: accepted by `cycle run --no-deploy`, waiting for `cycle deploy`
 
 
 @dataclass
@@ -74,6 +75,7 @@ def status(ws_dir: str | Path) -> StatusTable:
     with Registry(ws_dir / REGISTRY_NAME, readonly=True) as reg:
         rounds, runs, live, events = reg.rounds(), reg.runs(), reg.live_rows(), reg.events()
         step_rows = reg.list_steps()
+    deployed = {(s.round_id, s.persona) for s in step_rows if s.step == "deploy"}
     last_steps = {(s.round_id, s.persona): s.step for s in step_rows}  # recording order: the last wins
     seconds: dict[tuple[str, str], dict[str, float]] = {}
     for st in step_rows:
@@ -95,7 +97,8 @@ def status(ws_dir: str | Path) -> StatusTable:
             rows.append(StatusRow(rnd.id, rnd.seq, rnd.created, rnd.status, run.persona, run.status, run.metrics, ship,
                                   [str(r) for r in run.reasons or []], live_for, run.export_dir, run.adapter_sha256,
                                   last_steps.get((rnd.id, run.persona)) or last_steps.get((rnd.id, SHARED)),
-                                  {**shared, **seconds.get((rnd.id, run.persona), {})}, wall))
+                                  {**shared, **seconds.get((rnd.id, run.persona), {})}, wall,
+                                  deployed=run.status != "accepted" or (rnd.id, run.persona) in deployed))
     return StatusTable(workspace=str(ws_dir), rows=rows,
                        live={lv.persona: {"round_id": lv.round_id, "model": lv.model, "since": lv.since} for lv in live},
                        events=[asdict(e) for e in events])
@@ -118,6 +121,11 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
 
 
+def waiting_rounds(table: StatusTable) -> list[str]:
+    """Rounds accepted by `cycle run --no-deploy` and not deployed yet, oldest first."""
+    return list(dict.fromkeys(r.round_id for r in table.rows if r.status == "accepted" and not r.deployed))
+
+
 def format_metric(key: str, value) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
@@ -133,7 +141,7 @@ def format_metric(key: str, value) -> str:
 
 def verdict_text(row: StatusRow, reasons: bool = True) -> str:
     if row.status == "accepted":
-        return "deployed"
+        return "deployed" if row.deployed else "accepted, not deployed"
     if row.status == "running":
         return f"running ({row.last_step})" if row.last_step else "running"
     return row.status + (": " + "; ".join(row.reasons) if reasons and row.reasons else "")

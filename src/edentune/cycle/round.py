@@ -42,6 +42,7 @@ from ..errors import DataError, EdentuneError
 from ..io import file_sha256, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ..registry import SHARED, Registry, StepRecord, now
 from .lock import holds_workspace_lock
+from .pending import standing_round
 from .workspace import Workspace, check_round_id, load_workspace
 
 INPUTS_MARKER = ".edentune-inputs"  # in a training run folder: which inputs its checkpoints belong to
@@ -96,7 +97,7 @@ def _write_reports(comparison, out_dir: Path, baseline, candidate) -> dict[str, 
 def _export(cfg: RunConfig, adapter: Path, out_dir: Path):
     from ..export.api import export_adapter
 
-    return export_adapter(cfg, adapter, out_dir, verify=True)
+    return export_adapter(cfg, adapter, out_dir, verify=cfg.export.verify)
 
 
 def deploy_export(cfg: RunConfig, export_dir: Path, *, host: str, client=None, gate: Path | None = None) -> list[dict]:
@@ -174,11 +175,14 @@ class _Steps:
 # -- the round -----------------------------------------------------------------------------------
 @holds_workspace_lock("cycle run")  # one round per workspace at a time (cycle/lock.py)
 def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list[str | Path] | str | Path | None = None,
-              round_id: str | None = None, console: Console | None = None, client=None, host: str | None = None) -> RoundResult:
+              round_id: str | None = None, console: Console | None = None, client=None, host: str | None = None,
+              deploy: bool = True) -> RoundResult:
     """Run (or continue) one round on `new_files` (any supported chat format) and, optionally,
     thumbs up/down `feedback` files. Without `round_id`, a round left unfinished (crash, Ctrl-C)
     is continued; otherwise a new one is named after the month. `host`: the Ollama URL for this
-    round (`--host`), over the workspace's."""
+    round (`--host`), over the workspace's. `deploy=False` stops after the gate and the export
+    (no Ollama needed): the round is accepted, not deployed, and `edentune cycle deploy`
+    (deploy_later.py) deploys it later."""
     from ..export.deploy import ollama_host
 
     console = console or Console(stderr=True)
@@ -189,7 +193,8 @@ def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list
     _check_inputs(new_files, feedback_files, ws.config.run.preference.method)
     template = ws.round_config("preflight", ws.training_units()[0])
     host = ollama_host(template, host)
-    _ollama_preflight(template, host, client)
+    if deploy:
+        _ollama_preflight(template, host, client)
 
     with ws.open_registry() as reg:
         round_id = _pick_round(reg, round_id, console, new_files)
@@ -201,7 +206,7 @@ def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list
         units = []
         for unit in ws.training_units():
             try:
-                units.append(_unit_steps(ws, steps, unit, usable, replay, kto, host, client))
+                units.append(_unit_steps(ws, steps, unit, usable, replay, kto, host, client, deploy))
             except (EdentuneError, OSError) as err:
                 error = _user_error(err, unit, steps)
                 reg.set_run(round_id, unit, status="failed", reasons=[str(error).splitlines()[0]])
@@ -405,7 +410,7 @@ def _feedback_step(ws: Workspace, steps: _Steps, feedback_files: list[Path]) -> 
 
 # -- per unit (persona, or the shared adapter) ---------------------------------------------------
 def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: Path, feedback_dir: Path | None,
-                host: str, client) -> UnitResult:
+                host: str, client, deploy: bool = True) -> UnitResult:
     reg, round_id = steps.reg, steps.round_id
     cfg = ws.round_config(round_id, unit)
     frozen = ws.frozen_config_path(round_id, unit)
@@ -420,8 +425,7 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
     if run is not None and "live_at_start" in run.metrics:
         live_round = run.metrics["live_at_start"]
     else:
-        live = reg.live(personas[0])
-        live_round = live.round_id if live else None
+        live_round = standing_round(reg, personas[0])  # the live round, or a newer one accepted but not deployed
     reg.set_run(round_id, unit, status="running", metrics={"live_at_start": live_round})
     live_adapter = _round_adapter(ws, reg, live_round, personas)
 
@@ -488,6 +492,21 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
     export_dir = ws.export_dir(round_id, unit)
     exp = steps.run(unit, "export", {"adapter": adapter_sha, "config": cfg_sha, "gate": gate.outputs},
                     lambda: _export_step(cfg, adapter, export_dir))
+    if not deploy:
+        reg.set_run(round_id, unit, status="accepted", export_dir=str(export_dir))
+        result.status, result.export_dir = "accepted", export_dir
+        return result
+    result.models = deploy_unit(ws, steps, unit, cfg, personas, export_dir, exp, host, client)
+    reg.set_run(round_id, unit, status="accepted", export_dir=str(export_dir))  # also when `live` was recorded earlier
+    result.status, result.export_dir = "accepted", export_dir
+    return result
+
+
+def deploy_unit(ws: Workspace, steps: _Steps, unit: str, cfg: RunConfig, personas: list[str], export_dir: Path,
+                exp: StepRecord, host: str, client) -> list[str]:
+    """The deploy step (gate re-checked against the exported adapter) and the live step of a unit
+    whose export is done; `cycle deploy` runs the same for a round that was not deployed."""
+    reg, round_id = steps.reg, steps.round_id
     comparison = ws.eval_dir(round_id, unit) / "comparison.json"
     dep = steps.run(unit, "deploy", {"export": exp.outputs, "host": host},
                     lambda: _deploy_step(cfg, export_dir, comparison, host, client))
@@ -502,9 +521,7 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
         return [], {"models": models}
 
     steps.run(unit, "live", {"deploy": dep.inputs_sha256}, mark_live)
-    reg.set_run(round_id, unit, status="accepted", export_dir=str(export_dir))  # also when `live` was recorded earlier
-    result.status, result.export_dir, result.models = "accepted", export_dir, list(models.values())
-    return result
+    return list(models.values())
 
 
 def _persona_selection(ws: Workspace, unit: str) -> dict:

@@ -93,6 +93,8 @@ def smoke_base_gguf(cfg, base_dir: str) -> Path:
     """The base GGUF for deploy's smoke check: the run's own file when there is one (closest to a
     quantized Ollama base, no conversion), else the exact reference written for the parity checks."""
     original, _ = _run_gguf(cfg, base_dir)
+    if original is None and getattr(cfg.evaluation, "base_gguf", None):  # the file Ollama serves, as the gguf evaluation scored it
+        original = Path(cfg.evaluation.base_gguf).expanduser()
     return original if original is not None else reference_ggufs(cfg, base_dir)[0]
 
 

@@ -235,6 +235,30 @@ def _advice(plan: Plan, cfg, estimate_for) -> list[str]:
 
     if plan.fits:
         return []
+    scored, combined = [], {}
+    for freed, changes, text in scored_options(plan, cfg, estimate_for):
+        scored.append((freed, text))
+        combined.update(changes)
+    weights = plan.terms["base weights"]
+    if weights > plan.device_gb and cfg.quantization.load_in_4bit:
+        # Nothing else helps: batch, sequence length and optimizer do not shrink the weights.
+        return [f"the base weights alone ({weights:.1f} GB in 4-bit) do not fit in {plan.device_gb:g} GB: "
+                "pick a smaller model preset or a larger device"]
+    out = [f"{text} (frees ~{freed:.1f} GB)" for freed, text in scored]
+    after = estimate_for(cfg.updated(combined)).total_gb if combined else plan.total_gb
+    if after > plan.limit_gb:
+        out.append(f"even with {'all of these at once' if len(scored) > 1 else 'this' if scored else 'these settings'} "
+                   f"the run needs ~{after:.1f} GB of {plan.device_gb:g} GB: halve again, pick a smaller model preset "
+                   "or a larger device")
+    return out
+
+
+def scored_options(plan: Plan, cfg, estimate_for) -> list[tuple[float, dict, str]]:
+    """(GB freed, config changes, what to write) of each setting that shrinks the run, the one
+    that frees most first, each re-estimated with `estimate_for(changed_cfg) -> Plan`. The round
+    planner applies them in this order until the run fits (`edentune.roundplan`)."""
+    from ..errors import ConfigError
+
     t, m = cfg.training, cfg.model
     options: list[tuple[dict, str]] = []
     if not cfg.quantization.load_in_4bit:
@@ -261,28 +285,16 @@ def _advice(plan: Plan, cfg, estimate_for) -> list[str]:
         options.append(({"lora.dropout": 0.0}, "lora.dropout: 0 (no dropout copy of each projection input; less regularisation)"))
     if "8bit" not in t.optimizer:
         options.append(({"training.optimizer": "paged_adamw_8bit"}, "training.optimizer: paged_adamw_8bit"))
-    scored, combined = [], {}
+    scored = []
     for changes, text in options:
         try:
             freed = plan.total_gb - estimate_for(cfg.updated(changes)).total_gb
         except ConfigError:  # a change this config cannot take (e.g. against another setting): not advice
             continue
         if freed >= 0.05:
-            scored.append((freed, text))
-            combined.update(changes)
+            scored.append((freed, changes, text))
     scored.sort(key=lambda x: -x[0])
-    weights = plan.terms["base weights"]
-    if weights > plan.device_gb and cfg.quantization.load_in_4bit:
-        # Nothing else helps: batch, sequence length and optimizer do not shrink the weights.
-        return [f"the base weights alone ({weights:.1f} GB in 4-bit) do not fit in {plan.device_gb:g} GB: "
-                "pick a smaller model preset or a larger device"]
-    out = [f"{text} (frees ~{freed:.1f} GB)" for freed, text in scored]
-    after = estimate_for(cfg.updated(combined)).total_gb if combined else plan.total_gb
-    if after > plan.limit_gb:
-        out.append(f"even with {'all of these at once' if len(scored) > 1 else 'this' if scored else 'these settings'} "
-                   f"the run needs ~{after:.1f} GB of {plan.device_gb:g} GB: halve again, pick a smaller model preset "
-                   "or a larger device")
-    return out
+    return scored
 
 
 def model_config_for(cfg):
@@ -353,6 +365,7 @@ def _per_process_terms(cfg, model_config, device_gb: float, num_processes: int, 
 # 3/4 on 64-96 GB machines (gpustack/gpustack#1375, ml-explore/mlx-lm#883).
 MLX_4BIT_BITS = 4.5  # MLX affine 4-bit, group size 64: 4 bits + an fp16 scale and bias per 64 weights
 APPLE_OVERHEAD_GB = 1.0  # Python, MLX, tokenizer and data
+MIN_APPLE_LORA_R = 8  # the planner halves the rank down to this, no lower
 
 
 def apple_gpu_budget_gb(ram_gb: float) -> float:
@@ -395,18 +408,33 @@ def estimate_apple(cfg, model_config, ram_gb: float, working_set_gb: float | Non
     return plan
 
 
+def apple_options(cfg) -> list[tuple[dict, str]]:
+    """(config changes, what to write) that shrink an MLX run, in the order they are advised."""
+    t, out = cfg.training, []
+    if t.per_device_batch_size > 1:
+        out.append(({"training.per_device_batch_size": t.per_device_batch_size // 2,
+                     "training.gradient_accumulation_steps": t.gradient_accumulation_steps * 2},
+                    f"training.per_device_batch_size: {t.per_device_batch_size // 2} with gradient_accumulation_steps: "
+                    f"{t.gradient_accumulation_steps * 2} (same effective batch)"))
+    if not t.gradient_checkpointing:
+        out.append(({"training.gradient_checkpointing": True}, "training.gradient_checkpointing: true"))
+    if not cfg.quantization.load_in_4bit:
+        out.append(({"quantization.load_in_4bit": True}, "quantization.load_in_4bit: true (QLoRA on an MLX 4-bit base)"))
+    if cfg.lora.r >= 2 * MIN_APPLE_LORA_R:
+        r, alpha = cfg.lora.r // 2, cfg.lora.alpha / 2
+        out.append(({"lora.r": r, "lora.alpha": alpha},
+                    f"lora.r: {r} with lora.alpha: {alpha:g} (same scale; half the adapter's fp32 weights, gradients and "
+                    "AdamW state: MLX has no 8-bit optimizer)"))
+    if cfg.model.max_seq_len // 2 >= MIN_ADVISED_SEQ_LEN:
+        out.append(({"model.max_seq_len": cfg.model.max_seq_len // 2},
+                    f"model.max_seq_len: {cfg.model.max_seq_len // 2} if your conversations allow (check `edentune data stats`)"))
+    return out
+
+
 def _apple_advice(plan: Plan, cfg, ram_gb: float) -> list[str]:
     if plan.fits:
         return []
-    t, out = cfg.training, []
-    if t.per_device_batch_size > 1:
-        out.append(f"training.per_device_batch_size: {t.per_device_batch_size // 2} with gradient_accumulation_steps: "
-                   f"{t.gradient_accumulation_steps * 2} (same effective batch)")
-    if not t.gradient_checkpointing:
-        out.append("training.gradient_checkpointing: true")
-    if not cfg.quantization.load_in_4bit:
-        out.append("quantization.load_in_4bit: true (QLoRA on an MLX 4-bit base)")
-    out.append(f"model.max_seq_len: {cfg.model.max_seq_len // 2} if your conversations allow (check `edentune data stats`)")
+    out = [text for _, text in apple_options(cfg)]
     if plan.total_gb <= ram_gb - 4:
         out.append(f"or let the GPU wire more of the {ram_gb:g} GB: sudo sysctl iogpu.wired_limit_mb={int((ram_gb - 4) * 1024)} "
                    "(until reboot; leave the OS at least 4 GB)")
