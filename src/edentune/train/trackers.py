@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from edentune.config import RunConfig
+from edentune.errors import ConfigError
 
 TRAINER_TRACKERS = ("mlflow", "wandb")  # tensorboard: edentune writes <run>/tensorboard itself
 EXPERIMENT = "edentune"
@@ -49,6 +50,16 @@ def _numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _tracker_module(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ConfigError(f"training.report_to lists {name}, which is not installed",
+                          hint="pip install 'edentune[trackers]', or remove it from training.report_to") from None
+
+
 def flat_params(params: dict, prefix: str = "") -> dict:
     """A nested config as dotted keys (training.learning_rate: 2e-05), as trackers show parameters."""
     out = {}
@@ -71,7 +82,7 @@ class TrackerSession:
         self._env: dict[str, str | None] = {}
         run_dir = Path(run_dir)
         if "mlflow" in self.trackers:
-            import mlflow
+            mlflow = _tracker_module("mlflow")
 
             run_dir.mkdir(parents=True, exist_ok=True)
             uri = mlflow_uri(cfg)
@@ -89,7 +100,7 @@ class TrackerSession:
             if params:
                 mlflow.log_params({k: str(v)[:6000] for k, v in flat_params(params).items()})
         if "wandb" in self.trackers:
-            import wandb
+            wandb = _tracker_module("wandb")
 
             wandb_dir = run_dir / "wandb"
             wandb_dir.mkdir(parents=True, exist_ok=True)
