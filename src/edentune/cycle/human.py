@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,8 @@ def review_items(ws: Workspace, reg: Registry, round_id: str) -> list[ReviewItem
     for name in ("ingest_quarantine.jsonl", "clean_quarantine.jsonl"):
         for row in _quarantined(data / name):
             reason = str(row.get("reason") or "quarantined")
-            items.append(ReviewItem(_quarantine_id(row), _raw_messages(row.get("raw")), "quarantined", [f"quarantined: {reason}"],
+            short = re.sub(r"^message \d+: ", "", reason)  # the flag names the kind; the full reason is shown too
+            items.append(ReviewItem(_quarantine_id(row), _raw_messages(row.get("raw")), "quarantined", [f"quarantined: {short}"],
                                     reason=reason, source=row.get("source"), decision="quarantined"))
     return items
 

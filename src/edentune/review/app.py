@@ -20,6 +20,12 @@ import secrets
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
+# (FastAPI reads the endpoints' annotations, so its names are imported here, not inside create_app:
+# this module is imported by the `review` command only, never at CLI start.)
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+
 from ..cycle import human
 from ..cycle.workspace import Workspace, check_round_id, load_workspace
 from ..errors import EdentuneError
@@ -27,6 +33,12 @@ from ..errors import EdentuneError
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 COOKIE = "edentune_review"
 TOKEN_HEADER = "x-edentune-token"
+
+
+def csrf_refused() -> PlainTextResponse:
+    return PlainTextResponse("forbidden: missing or wrong CSRF token", status_code=403)
+
+
 STATUSES = ("all", "pending", "approved", "rejected", "edited", "quarantined")
 
 
@@ -41,9 +53,6 @@ def _env():
 
 def create_app(ws_dir: str | Path, token: str, allowed_hosts: set[str] | None = None):
     """The ASGI app for one workspace. `allowed_hosts`: Host header values accepted (None: any)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
-
     ws_dir = Path(ws_dir)
     load_workspace(ws_dir)  # a broken workspace fails at start, not on the first page
     env = _env()
@@ -62,14 +71,9 @@ def create_app(ws_dir: str | Path, token: str, allowed_hosts: set[str] | None = 
         cookie = request.cookies.get(COOKIE)
         if not from_query and not (cookie is not None and secrets.compare_digest(cookie, token)):
             return PlainTextResponse("forbidden: open the URL that `edentune review` printed (it holds the token)", status_code=403)
-        if request.method not in ("GET", "HEAD"):
-            if request.method != "POST":
-                return PlainTextResponse("method not allowed", status_code=405)
-            sent = request.headers.get(TOKEN_HEADER)
-            if sent is None and request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/")):
-                sent = (await request.form()).get("csrf")
-            if not isinstance(sent, str) or not secrets.compare_digest(sent, token):
-                return PlainTextResponse("forbidden: missing or wrong CSRF token", status_code=403)
+        if request.method not in ("GET", "HEAD", "POST"):
+            return PlainTextResponse("method not allowed", status_code=405)
+        # (A POST's CSRF token is checked by `posted` in the endpoint: the body can be read once.)
         request.state.nonce = secrets.token_urlsafe(16)
         response = await call_next(request)
         if from_query:
@@ -81,6 +85,12 @@ def create_app(ws_dir: str | Path, token: str, allowed_hosts: set[str] | None = 
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["Cache-Control"] = "no-store"
         return response
+
+    async def posted(request: Request):
+        """The POST's form when it carries the token (header or `csrf` field), else None."""
+        form = await request.form()
+        sent = request.headers.get(TOKEN_HEADER) or form.get("csrf")
+        return form if isinstance(sent, str) and secrets.compare_digest(sent, token) else None
 
     def page(request: Request, name: str, **ctx) -> HTMLResponse:
         ctx.update(csrf=token, nonce=request.state.nonce, workspace=str(ws_dir), page=name.split(".")[0])
@@ -116,7 +126,9 @@ def create_app(ws_dir: str | Path, token: str, allowed_hosts: set[str] | None = 
 
     @app.post("/review/decide")
     async def decide(request: Request):
-        form = await request.form()
+        form = await posted(request)
+        if form is None:
+            return csrf_refused()
         decision, only_pending = form.get("decision"), form.get("only_pending") == "1"
         if decision not in ("approved", "rejected", "pending"):
             return PlainTextResponse("unknown decision", status_code=400)
@@ -136,7 +148,9 @@ def create_app(ws_dir: str | Path, token: str, allowed_hosts: set[str] | None = 
 
     @app.post("/review/edit")
     async def edit(request: Request):
-        form = await request.form()
+        form = await posted(request)
+        if form is None:
+            return csrf_refused()
         cid = form.get("conv")
         ws = workspace()
         with ws.open_registry() as reg:
@@ -177,7 +191,9 @@ def create_app(ws_dir: str | Path, token: str, allowed_hosts: set[str] | None = 
 
     @app.post("/compare/pick")
     async def pick(request: Request):
-        form = await request.form()
+        form = await posted(request)
+        if form is None:
+            return csrf_refused()
         choice = form.get("pick")
         if choice not in ("a", "b", "tie", "both_bad"):
             return PlainTextResponse("unknown pick", status_code=400)
@@ -252,7 +268,9 @@ def create_app(ws_dir: str | Path, token: str, allowed_hosts: set[str] | None = 
     async def rollback(request: Request):
         from ..cycle.live import rollback as cycle_rollback
 
-        form = await request.form()
+        form = await posted(request)
+        if form is None:
+            return csrf_refused()
         with workspace().open_registry() as reg:
             rnd = reg.round(str(form.get("round")))
         if rnd is None:
