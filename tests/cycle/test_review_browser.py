@@ -260,3 +260,24 @@ def test_dashboard_renders_the_rounds(review_ws, server, browser):
     page.goto(server.url.replace("/review", "/dashboard"))
     assert "2026-05" in page.inner_text("#rounds")
     page.close()
+
+
+def test_rollback_needs_a_confirmation_and_reports_refusals(server, browser):
+    page = browser.new_page()
+    page.goto(server.url.replace("/review", "/dashboard/rollback") + "&round=2026-05")
+    page.click("text=roll back")
+    assert "tick the confirmation" in page.inner_text("main")
+    page.check("input[name=confirm]")
+    page.click("text=roll back")
+    # The round is still being prepared: the cycle's rollback refuses it, and the page says why.
+    assert page.locator("p.bad").count() == 1 and "2026-05" in page.inner_text("p.bad") and "Done" not in page.inner_text("main")
+    page.close()
+
+
+def test_cli_refuses_a_remote_host_without_allow_remote(review_ws):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "edentune", "review", str(review_ws), "--host", "0.0.0.0", "--no-browser"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--allow-remote" in proc.stderr and "Traceback" not in proc.stderr

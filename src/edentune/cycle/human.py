@@ -283,8 +283,8 @@ def dpo_pairs(pairs: list[BlindPair]) -> list[dict]:
     """Pairs picked A or B as DPO rows (TRL's conversational format) with their provenance."""
     out = []
     for p in pairs:
-        if p.winner not in ("live", "candidate"):
-            continue
+        if p.winner not in ("live", "candidate") or p.live_answer.strip() == p.candidate_answer.strip():
+            continue  # a tie, both bad, or two identical answers: nothing to prefer
         win, lose = (p.candidate_answer, p.live_answer) if p.winner == "candidate" else (p.live_answer, p.candidate_answer)
         out.append({"prompt": p.prompt, "chosen": [{"role": "assistant", "content": win}],
                     "rejected": [{"role": "assistant", "content": lose}],

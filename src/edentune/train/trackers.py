@@ -86,6 +86,8 @@ class TrackerSession:
 
             run_dir.mkdir(parents=True, exist_ok=True)
             uri = mlflow_uri(cfg)
+            if uri.startswith("sqlite:///"):
+                Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             # The integration reads these (and the user's own MLFLOW_* settings stay as they are).
             self._setenv("MLFLOW_TRACKING_URI", uri)
             self._setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
