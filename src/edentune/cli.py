@@ -190,7 +190,7 @@ def plan(
 # Each stage's cli module adds its commands (or its command group) through `register(app)`.
 # A stage that has no cli module yet is skipped; import errors in one that exists are not
 # swallowed: a broken stage module is a packaging bug.
-STAGES = ("data", "train", "evaluate", "export", "cycle")
+STAGES = ("data", "train", "evaluate", "export", "cycle", "review")
 
 
 def _register_stages() -> None:

@@ -116,6 +116,14 @@ class TrainingConfig(_Section):
     )
     nan_max_retries: int = Field(2, ge=0, description="NaN/Inf: roll back, halve the LR, retry this many times")
     seed: int = 42
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="trackers that get the training metrics (tensorboard is "
+        "always written to <run>/tensorboard); mlflow: a local SQLite store unless mlflow_tracking_uri is set; wandb: offline "
+        "files under <run>/wandb unless wandb_mode is online (docs/trackers.md)"
+    )
+    mlflow_tracking_uri: str | None = Field(None, description="default: sqlite:///<output_dir>/mlflow.db (in a cycle: the workspace's mlflow.db)")
+    wandb_project: str = "edentune"
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="online needs `wandb login` (or WANDB_API_KEY)")
     backend: Literal["auto", "torch", "mlx"] = Field(
         "auto", description="auto: MLX on Apple Silicon when edentune[mlx] is installed, else torch (docs/apple-silicon.md)"
     )

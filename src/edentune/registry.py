@@ -90,7 +90,38 @@ MIGRATIONS: list[str] = [
         since    TEXT NOT NULL
     );
     """,
+    # version 2: the human steps of `edentune review` (cycle/human.py). The review decision of each
+    # cleaned conversation of a round (an edit is stored here, beside the original in clean.jsonl,
+    # never instead of it) and the blind pairs of the live and the candidate model's answers: which
+    # side the user saw each answer on is known only here, never sent to the browser.
+    """
+    CREATE TABLE review_decisions (
+        round_id    TEXT NOT NULL REFERENCES rounds(id),
+        conv_id     TEXT NOT NULL,
+        decision    TEXT NOT NULL CHECK (decision IN ('pending', 'approved', 'rejected')),
+        edited_json TEXT,
+        updated     TEXT NOT NULL,
+        PRIMARY KEY (round_id, conv_id)
+    );
+    CREATE TABLE blind_pairs (
+        pair_id          TEXT PRIMARY KEY,
+        round_id         TEXT NOT NULL REFERENCES rounds(id),
+        unit             TEXT NOT NULL,
+        seq              INTEGER NOT NULL,
+        prompt_json      TEXT NOT NULL,
+        first_side       TEXT NOT NULL CHECK (first_side IN ('live', 'candidate')),
+        live_answer      TEXT NOT NULL,
+        candidate_answer TEXT NOT NULL,
+        detail_json      TEXT NOT NULL,
+        pick             TEXT CHECK (pick IN ('a', 'b', 'tie', 'both_bad')),
+        picked           TEXT,
+        UNIQUE (round_id, unit, seq)
+    );
+    """,
 ]
+
+REVIEW_DECISIONS = ("pending", "approved", "rejected")
+BLIND_PICKS = ("a", "b", "tie", "both_bad")
 
 
 def now() -> str:
@@ -168,6 +199,38 @@ class EventRow:
     persona: str | None
     model: str | None
     detail: dict
+
+
+@dataclass(frozen=True)
+class ReviewRow:
+    round_id: str
+    conv_id: str
+    decision: str
+    edited: list | None  # the edited messages, when the user edited the conversation
+    updated: str
+
+
+@dataclass(frozen=True)
+class BlindPair:
+    pair_id: str  # opaque and random: all the browser ever gets
+    round_id: str
+    unit: str
+    seq: int
+    prompt: list  # the conversation up to the answer
+    first_side: str  # live | candidate: the model shown as answer A
+    live_answer: str
+    candidate_answer: str
+    detail: dict
+    pick: str | None  # a | b | tie | both_bad, as the user saw them
+    picked: str | None
+
+    @property
+    def winner(self) -> str | None:
+        """live | candidate | tie | both_bad (None: not picked yet)."""
+        if self.pick in ("a", "b"):
+            second = "live" if self.first_side == "candidate" else "candidate"
+            return self.first_side if self.pick == "a" else second
+        return self.pick
 
 
 @dataclass(frozen=True)
@@ -465,3 +528,54 @@ class Registry:
         sql = "SELECT * FROM events" + (" WHERE round_id = ?" if round_id is not None else "") + " ORDER BY id"
         return [EventRow(r["id"], r["time"], r["kind"], r["round_id"], r["persona"], r["model"], _loads(r["detail_json"]))
                 for r in self._conn.execute(sql, () if round_id is None else (round_id,))]
+
+    # -- human review (edentune review) ------------------------------------------------------------
+    def set_review(self, round_id: str, conv_ids: list[str], *, decision: str | None = None,
+                   edited: list | None = None, clear_edit: bool = False) -> None:
+        """Record a decision (and/or an edit) for conversations of a round, in one transaction."""
+        if decision is not None and decision not in REVIEW_DECISIONS:
+            raise ValueError(f"set_review: decision must be one of {REVIEW_DECISIONS}, got {decision!r}")
+        with self._tx() as conn:
+            self._round_status(conn, round_id)
+            for conv_id in conv_ids:
+                row = conn.execute("SELECT decision, edited_json FROM review_decisions WHERE round_id = ? AND conv_id = ?",
+                                   (round_id, conv_id)).fetchone()
+                new_decision = decision or (row["decision"] if row else "pending")
+                new_edit = None if clear_edit else (_dumps(edited) if edited is not None else (row["edited_json"] if row else None))
+                conn.execute("INSERT INTO review_decisions (round_id, conv_id, decision, edited_json, updated) VALUES (?, ?, ?, ?, ?) "
+                             "ON CONFLICT(round_id, conv_id) DO UPDATE SET decision = excluded.decision, "
+                             "edited_json = excluded.edited_json, updated = excluded.updated",
+                             (round_id, conv_id, new_decision, new_edit, now()))
+
+    def reviews(self, round_id: str) -> dict[str, ReviewRow]:
+        return {r["conv_id"]: ReviewRow(r["round_id"], r["conv_id"], r["decision"], _loads(r["edited_json"]), r["updated"])
+                for r in self._conn.execute("SELECT * FROM review_decisions WHERE round_id = ? ORDER BY conv_id", (round_id,))}
+
+    def add_blind_pairs(self, round_id: str, unit: str, pairs: list[dict]) -> None:
+        """Replace the round and unit's blind pairs (dicts of BlindPair's fields but pick/picked)."""
+        with self._tx() as conn:
+            self._round_status(conn, round_id)
+            conn.execute("DELETE FROM blind_pairs WHERE round_id = ? AND unit = ?", (round_id, unit))
+            for p in pairs:
+                conn.execute("INSERT INTO blind_pairs (pair_id, round_id, unit, seq, prompt_json, first_side, live_answer, "
+                             "candidate_answer, detail_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (p["pair_id"], round_id, unit, p["seq"], _dumps(p["prompt"]), p["first_side"], p["live_answer"],
+                              p["candidate_answer"], _dumps(p.get("detail") or {})))
+
+    def blind_pairs(self, round_id: str | None = None, unit: str | None = None) -> list[BlindPair]:
+        sql, args = "SELECT blind_pairs.* FROM blind_pairs JOIN rounds ON rounds.id = blind_pairs.round_id WHERE 1", []
+        if round_id is not None:
+            sql, args = sql + " AND round_id = ?", args + [round_id]
+        if unit is not None:
+            sql, args = sql + " AND unit = ?", args + [unit]
+        return [BlindPair(r["pair_id"], r["round_id"], r["unit"], r["seq"], _loads(r["prompt_json"]), r["first_side"],
+                          r["live_answer"], r["candidate_answer"], _loads(r["detail_json"]), r["pick"], r["picked"])
+                for r in self._conn.execute(sql + " ORDER BY rounds.seq, unit, seq", args)]
+
+    def set_pick(self, pair_id: str, pick: str) -> bool:
+        """Record the user's pick for a pair; False when there is no such pair."""
+        if pick not in BLIND_PICKS:
+            raise ValueError(f"set_pick: pick must be one of {BLIND_PICKS}, got {pick!r}")
+        with self._tx() as conn:
+            cur = conn.execute("UPDATE blind_pairs SET pick = ?, picked = ? WHERE pair_id = ?", (pick, now(), pair_id))
+            return cur.rowcount == 1

@@ -41,6 +41,7 @@ from ..config import RunConfig, render_config_yaml
 from ..errors import DataError, EdentuneError
 from ..io import file_sha256, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ..registry import SHARED, Registry, StepRecord, now
+from . import human
 from .lock import holds_workspace_lock
 from .pending import standing_round
 from .workspace import Workspace, check_round_id, load_workspace
@@ -67,7 +68,7 @@ class UnitResult:
 class RoundResult:
     round_id: str
     seq: int
-    status: str  # accepted (at least one unit deployed) | refused
+    status: str  # accepted (at least one unit deployed) | refused | waiting (for the user: review, blind picks)
     units: list[UnitResult]
     seconds: float
     step_seconds: dict[str, float] = field(default_factory=dict)  # "unit/step" -> seconds spent in this call
@@ -106,6 +107,12 @@ def deploy_export(cfg: RunConfig, export_dir: Path, *, host: str, client=None, g
     from ..export.deploy import deploy
 
     return deploy(cfg, export_dir, host=host, gate=gate, client=client)
+
+
+def _log_round(ws: Workspace, reg: Registry, round_id: str) -> None:
+    from .tracking import log_round
+
+    log_round(ws, reg, round_id)
 
 
 def _ollama_preflight(cfg: RunConfig, host: str, client) -> None:
@@ -201,19 +208,28 @@ def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list
         seq = reg.begin_round(round_id, ws.config.model_dump(mode="json"))
         steps = _Steps(ws, reg, round_id, console)
         console.print(f"round [bold]{round_id}[/] (#{seq}) in {escape(str(ws.dir))}")
+        feedback_files = [*feedback_files, *human.previous_round_feedback(ws, reg, round_id)]  # last round's blind picks
         usable, replay = _shared_steps(ws, steps, new_files)
-        kto = _feedback_step(ws, steps, feedback_files) if feedback_files else None
+        waiting = [w] if (w := human.review_wait(ws, reg, round_id)) else []
+        kto = _feedback_step(ws, steps, feedback_files) if feedback_files and not waiting else None
         units = []
-        for unit in ws.training_units():
+        for unit in [] if waiting else ws.training_units():
             try:
                 units.append(_unit_steps(ws, steps, unit, usable, replay, kto, host, client, deploy))
+            except human.HumanWait as wait:
+                waiting.append(str(wait))
             except (EdentuneError, OSError) as err:
                 error = _user_error(err, unit, steps)
                 reg.set_run(round_id, unit, status="failed", reasons=[str(error).splitlines()[0]])
                 reg.record_event("error", round_id=round_id, persona=unit, detail={"error": str(error)})
                 raise error from None
+        if waiting:  # the round stays unfinished: the next `cycle run` continues it
+            for line in waiting:
+                console.print(line, markup=False, highlight=False)
+            return RoundResult(round_id, seq, "waiting", units, round(time.perf_counter() - t0, 1), steps.seconds)
         accepted = any(u.status == "accepted" for u in units)
         reg.finish_round(round_id, "accepted" if accepted else "refused")
+        _log_round(ws, reg, round_id)
         if accepted:
             _refresh_buffer(ws, reg)  # next round mixes with this one's data (each round also refreshes it first)
     result = RoundResult(round_id, seq, "accepted" if accepted else "refused", units, round(time.perf_counter() - t0, 1), steps.seconds)
@@ -431,8 +447,9 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
 
     # select: this unit's new records (a record-field filter, or its own files)
     new_file = ws.new_data_path(round_id, unit)
-    sel = steps.run(unit, "select", {"usable": file_sha256(usable), "persona": _persona_selection(ws, unit)},
-                    lambda: _select(ws, unit, usable, new_file))
+    sel = steps.run(unit, "select", {"usable": file_sha256(usable), "persona": _persona_selection(ws, unit),
+                                     **human.select_inputs(ws, reg, round_id)},
+                    lambda: _select(ws, unit, usable, new_file, human.review_filter(ws, reg, round_id)))
     if sel.detail["records"] == 0:
         reasons = [f"no new records for {unit} this round ({sel.detail['rule']})"]
         reg.set_run(round_id, unit, status="skipped", reasons=reasons)
@@ -470,10 +487,19 @@ def _unit_steps(ws: Workspace, steps: _Steps, unit: str, usable: Path, replay: P
                                       "live_adapter": _adapter_identity(live_adapter)},
                    lambda: _evaluate_step(ws, reg, cfg, round_id, unit, live_round, live_adapter, adapter, eval_key))
 
+    # blind: the held-out user prompts answered by both models (edentune review's comparison page)
+    human_inputs = {}
+    if ws.config.gate.human_prompts:
+        blind = steps.run(unit, "blind", {"adapter": adapter_sha, "live_adapter": _adapter_identity(live_adapter),
+                                          "prompts": human.blind_sample(ws, round_id), "config": cfg_sha},
+                          lambda: human.answer_blind(ws, reg, cfg, round_id, unit, live_adapter, adapter))
+        hv = human.human_verdict(ws, reg, round_id, unit)  # raises HumanWait until enough pairs are picked
+        human_inputs = {"blind": blind.outputs, "human": hv}
+
     # gate
     metrics_jsonl = ws.dir / sft.detail["run_dir"] / "metrics.jsonl"
-    gate = steps.run(unit, "gate", {"evaluate": ev.outputs, "gate": ws.config.gate.model_dump(), "config": cfg_sha},
-                     lambda: _gate(ws, cfg, ws.eval_dir(round_id, unit), metrics_jsonl))
+    gate = steps.run(unit, "gate", {"evaluate": ev.outputs, "gate": ws.config.gate.model_dump(), "config": cfg_sha, **human_inputs},
+                     lambda: _gate(ws, cfg, ws.eval_dir(round_id, unit), metrics_jsonl, human_inputs.get("human")))
     verdict = gate.detail
     if verdict["val_loss"] is not None and verdict["live_val_loss"] is not None:
         steps.console.print(f"{unit}: validation loss {verdict['val_loss']:.4f} (live {verdict['live_val_loss']:.4f}) on the fixed "
@@ -533,7 +559,7 @@ def _persona_selection(ws: Workspace, unit: str) -> dict:
             "files": {str(f): _file_hash(f) for f in files} if files is not None else None}
 
 
-def _select(ws: Workspace, unit: str, usable: Path, out: Path) -> tuple[list[Path], dict]:
+def _select(ws: Workspace, unit: str, usable: Path, out: Path, review=None) -> tuple[list[Path], dict]:
     from ..data.clean import clean, dedup_key
     from ..data.validate import load_valid
 
@@ -553,6 +579,8 @@ def _select(ws: Workspace, unit: str, usable: Path, out: Path) -> tuple[list[Pat
         if p.select is not None:
             records = [r for r in records if str(r.get(p.select.field)) == p.select.equals]
             rule = f"{p.select.field} == {p.select.equals!r}"
+    if review is not None:  # the user's review decisions and the blind comparison's held-out prompts
+        records = review(records)
     write_jsonl_atomic(out, records)
     return [out], {"records": len(records), "rule": rule}
 
@@ -727,7 +755,7 @@ def _val_loss(metrics: dict) -> float | None:
     return math.log(ppl) if ppl and math.isfinite(ppl) and ppl > 0 else None
 
 
-def _gate(ws: Workspace, cfg: RunConfig, out: Path, metrics_jsonl: Path) -> tuple[list[Path], dict]:
+def _gate(ws: Workspace, cfg: RunConfig, out: Path, metrics_jsonl: Path, human_verdict: dict | None = None) -> tuple[list[Path], dict]:
     from ..evaluate.runner import EvalResult
 
     baseline, candidate = EvalResult.load(out / "baseline.json"), EvalResult.load(out / "candidate.json")
@@ -744,7 +772,7 @@ def _gate(ws: Workspace, cfg: RunConfig, out: Path, metrics_jsonl: Path) -> tupl
             reasons.append(f"validation loss did not improve over the live model's ({live_loss:.4f} → {cand_loss:.4f}"
                            + (f", needs at least {g.min_val_loss_delta:g} lower" if g.min_val_loss_delta else "")
                            + (f"; {test.split(': ', 1)[-1]}" if test else "") + ")")
-    reasons += list(comparison.reasons)
+    reasons += list(comparison.reasons) + (human_verdict["reasons"] if human_verdict else [])
     from .forgetting import ORIGIN_FILE, cumulative_forgetting
 
     origin = out / ORIGIN_FILE
@@ -757,7 +785,8 @@ def _gate(ws: Workspace, cfg: RunConfig, out: Path, metrics_jsonl: Path) -> tupl
                "compare_ship": comparison.ship, "forgetting": comparison.row("forgetting").candidate,
                "korean_consistency": comparison.korean_consistency.get("value"),
                "metrics": {r.key: r.candidate for r in comparison.metrics if r.gating or r.key == "perplexity_replay"},
-               "verdicts": {r.key: r.verdict for r in comparison.metrics if r.gating and r.verdict != "n/a"}}
+               "verdicts": {r.key: r.verdict for r in comparison.metrics if r.gating and r.verdict != "n/a"},
+               **({"human": human_verdict} if human_verdict else {})}
     gate_file = out / "gate.json"
     write_json_atomic(gate_file, verdict)
     return [gate_file, *(p for p in reports.values() if Path(p).is_file())], verdict

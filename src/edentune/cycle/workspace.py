@@ -35,7 +35,7 @@ from ..registry import REGISTRY_NAME, SHARED, Registry
 from .lock import LOCK_NAME, holds_workspace_lock
 
 CONFIG_NAME = "cycle.yaml"
-LAYOUT = (CONFIG_NAME, REGISTRY_NAME, f"{REGISTRY_NAME}-wal", f"{REGISTRY_NAME}-shm", "fixed", "replay", "rounds", LOCK_NAME)
+LAYOUT = (CONFIG_NAME, REGISTRY_NAME, f"{REGISTRY_NAME}-wal", f"{REGISTRY_NAME}-shm", "fixed", "replay", "rounds", LOCK_NAME, "mlflow.db")
 BUNDLED_FORGETTING = Path(__file__).resolve().parents[1] / "data" / "sample" / "replay.jsonl"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 ROUND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -88,6 +88,17 @@ class GatePolicy(_Section):
     min_val_loss_delta: float = Field(0.0, ge=0, description="by at least this much")
     max_cumulative_forgetting: float = Field(0.2, ge=0, description="allowed replay perplexity increase over the ORIGINAL base "
                                              "(forgetting that builds up over months; the per-round limit is run.evaluation.max_forgetting)")
+    human_prompts: int = Field(0, ge=0, description="real user prompts of the month held out from training and answered by "
+                               "the live and the candidate model for the blind comparison of `edentune review` (0: none)")
+    human_min_win_rate: float | None = Field(None, ge=0, le=1, description="wait at the gate for the blind picks, then ship "
+                                             "only if the candidate's win rate (ties count half) is at least this")
+    human_min_picks: int | None = Field(None, gt=0, description="picks needed before the gate decides (default: every pair)")
+
+    @model_validator(mode="after")
+    def _human(self) -> GatePolicy:
+        if self.human_min_win_rate is not None and not self.human_prompts:
+            raise ValueError("human_min_win_rate needs human_prompts > 0 (the prompts held out for the blind comparison)")
+        return self
 
 
 class OllamaPolicy(_Section):
@@ -117,6 +128,7 @@ class WorkspaceConfig(_Section):
     forgetting_files: list[str] = Field(default_factory=list)
     gate: GatePolicy = Field(default_factory=GatePolicy)
     ollama: OllamaPolicy = Field(default_factory=OllamaPolicy)
+    review: Literal["off", "optional", "required"] = "optional"
 
     @field_validator("personas")
     @classmethod
@@ -193,6 +205,11 @@ class Workspace:
     @property
     def buffer_path(self) -> Path:
         return self.replay_dir / "buffer.jsonl"
+
+    @property
+    def mlflow_path(self) -> Path:
+        """The MLflow store of `training.report_to: [mlflow]` (training runs and one run per round)."""
+        return self.dir / "mlflow.db"
 
     @property
     def rounds_dir(self) -> Path:
@@ -282,6 +299,8 @@ class Workspace:
         c = self.config
         data = c.run.model_dump()
         data["training"]["output_dir"] = str(self.run_dir(round_id, persona))
+        if "mlflow" in data["training"].get("report_to", ()) and not data["training"].get("mlflow_tracking_uri"):
+            data["training"]["mlflow_tracking_uri"] = f"sqlite:///{self.mlflow_path}"  # one store for every round
         data["data"].update(train_files=[str(self.train_data_path(round_id, persona))],
                             validation_files=[str(self.validation_path)], replay_files=[str(self.forgetting_path)],
                             mix=c.replay.model_dump())
@@ -361,6 +380,8 @@ _COMMENTS = {
             "# (no metric worse beyond noise, run.evaluation.significance) AND forgetting against the original base\n"
             "# stays within max_cumulative_forgetting",
     "ollama": "where rounds are deployed",
+    "review": "the data review of `edentune review DIR`: off (decisions ignored) | optional (rejected conversations and\n"
+              "# edits apply, the rest trains) | required (`cycle run` waits after cleaning until every conversation is decided)",
 }
 
 

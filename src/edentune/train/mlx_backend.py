@@ -577,6 +577,7 @@ def train_mlx(cfg, resume: bool = False, callbacks: list | tuple = (), console=N
 
     from .monitor import MetricsLog, MonitorCallback, RichProgressCallback
     from .recipe import TrainResult, last_checkpoint, prepare_data, write_manifest
+    from .trackers import TrackerCallback, TrackerSession
 
     console = console or Console(stderr=True)
     t = cfg.training
@@ -606,6 +607,8 @@ def train_mlx(cfg, resume: bool = False, callbacks: list | tuple = (), console=N
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     metrics_log.write("start", resume_from=checkpoint, data=data_stats, device=device)
     tb_writer = SummaryWriter(str(run_dir / "tensorboard"))
+    tracking = TrackerSession(cfg, run_dir, run_dir.name, params=cfg.model_dump(mode="json"))
+    metrics = None
     try:
         run = MlxRun(cfg, model, model_dir, keys, tokenizer, train_set, val_set, run_dir, tb_writer, console)
         lr, rollbacks = t.learning_rate, 0
@@ -614,7 +617,8 @@ def train_mlx(cfg, resume: bool = False, callbacks: list | tuple = (), console=N
             # halved base LR: the run continues at half the LR it had at that step.
             run.restore(checkpoint, lr)
             progress = RichProgressCallback(console)
-            run.hooks = [MonitorCallback(metrics_log, lambda: run.state.trained_tokens, t.max_grad_norm, console), progress, *callbacks]
+            run.hooks = [MonitorCallback(metrics_log, lambda: run.state.trained_tokens, t.max_grad_norm, console), progress,
+                         TrackerCallback(tracking), *callbacks]
             try:
                 run.run()
             finally:
@@ -654,5 +658,6 @@ def train_mlx(cfg, resume: bool = False, callbacks: list | tuple = (), console=N
     finally:
         metrics_log.close()
         tb_writer.close()
+        tracking.close(metrics, failed=metrics is None)
     console.print(f"[green]done[/]: adapter at {adapter_dir}" + (f" (best checkpoint {best.name}, val loss {s.best_metric:.4f})" if best else ""))
     return TrainResult(run_dir, adapter_dir, best, metrics)

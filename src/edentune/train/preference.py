@@ -28,6 +28,7 @@ from edentune.models import load_tokenizer, pick_device, pick_dtype, resolve_mod
 
 from .monitor import MetricsLog, RichProgressCallback
 from .recipe import engine_model, oom_error, training_arguments
+from .trackers import TrackerSession
 
 
 @dataclass
@@ -120,6 +121,8 @@ def train_preferences(cfg: RunConfig, data_file: str | Path, *, adapter: str | P
     metrics_log.write("start", method=p.method, examples=len(rows), data=str(data_file), adapter=str(adapter) if adapter else None,
                       weights=[extra["desirable_weight"], extra["undesirable_weight"]] if p.method == "kto" else None)
     progress = RichProgressCallback(console)
+    tracking = TrackerSession(cfg, run_dir, run_dir.name, params=cfg.model_dump(mode="json"), tags={"step": p.method})
+    metrics = None
     try:
         trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                 callbacks=[_LogToMetrics(metrics_log), progress])
@@ -143,5 +146,6 @@ def train_preferences(cfg: RunConfig, data_file: str | Path, *, adapter: str | P
         metrics_log.write("end", **metrics)
     finally:
         metrics_log.close()
+        tracking.close(metrics, failed=metrics is None)
     console.print(f"[green]done[/]: {p.method.upper()} adapter at {adapter_dir}")
     return PreferenceResult(run_dir, adapter_dir, p.method, len(rows), metrics)

@@ -193,6 +193,8 @@ def training_arguments(cfg: RunConfig, run_dir: Path, device: str, dtype: torch.
     """Trainer arguments from the config; `args_class` (e.g. TRL's KTOConfig) and `overrides` for other trainers."""
     from transformers import TrainingArguments
 
+    from .trackers import trainer_report_to
+
     t = cfg.training
     return (args_class or TrainingArguments)(**{**dict(
         output_dir=str(run_dir), seed=t.seed, data_seed=t.seed,
@@ -207,7 +209,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, device: str, dtype: torch.
         load_best_model_at_end=t.load_best_model_at_end and has_eval,
         metric_for_best_model="eval_loss", greater_is_better=False,
         restore_callback_states_from_checkpoint=True,  # early-stopping patience survives --resume
-        remove_unused_columns=False, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        remove_unused_columns=False, report_to=trainer_report_to(cfg), disable_tqdm=True, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step: skip DDP's graph scan
     ), **overrides})
 
@@ -397,6 +399,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
     from transformers.integrations import TensorBoardCallback
 
+    from .trackers import TrackerSession
     from .trainer import EdenTrainer
 
     console = console or Console(stderr=True)
@@ -452,6 +455,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
     metrics_log.write("start", resume_from=checkpoint, data=data_stats, device=device, processes=procs.num,
                       init_adapter=str(init_adapter) if init_adapter else None)
     tb_writer = SummaryWriter(str(run_dir / "tensorboard")) if procs.main else None
+    tracking = TrackerSession(cfg, run_dir, run_dir.name, params=cfg.model_dump(mode="json"), enabled=procs.main)
+    metrics = None
 
     model_device = load_device(device, procs)
     model = engine_model(cfg, model_dir, model_device, dtype, adapter=init_adapter, fsdp=procs.fsdp)
@@ -516,6 +521,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), co
         metrics_log.close()
         if tb_writer is not None:
             tb_writer.close()
+        tracking.close(metrics, failed=metrics is None)
     console.print(f"[green]done[/]: adapter at {adapter_dir}" + (f" (best checkpoint {best.name}, val loss {state.best_metric:.4f})" if best else ""))
     return TrainResult(run_dir, adapter_dir, best, metrics)
 
