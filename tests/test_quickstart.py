@@ -45,12 +45,12 @@ class _StopAfterConfig(Exception):
 ])
 def test_quickstart_names_the_quantization_the_backend_runs(tmp_path, monkeypatch, backend, says, never):
     import edentune.evaluate.suite
-    import edentune.train.mlx_backend
+    import edentune.train.run
 
     def stop(*_args, **_kwargs):
         raise _StopAfterConfig
 
-    monkeypatch.setattr(edentune.train.mlx_backend, "select_backend", lambda requested: backend)
+    monkeypatch.setattr(edentune.train.run, "select_backend", lambda requested: backend)
     monkeypatch.setattr(edentune.evaluate.suite, "load_suite", stop)
     console = Console(record=True, width=200)
     with pytest.raises(_StopAfterConfig):

@@ -144,7 +144,7 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
     from .evaluate.suite import Suite, load_suite
     from .export.api import export_adapter
     from .train import train
-    from .train.mlx_backend import quantization_summary, select_backend
+    from .train.run import quantization_summary, select_backend
 
     opts = opts or QuickstartOptions()
     opts.out_dir = opts.out_dir.resolve()  # the written config must name absolute data paths

@@ -1,5 +1,5 @@
 """Perplexity over assistant tokens only, with exactly the training engine's masking
-(`edentune.train.data.encode_conversation`: the model's chat template, assistant replies up to and
+(`edentune.data.encode.encode_conversation`: the model's chat template, assistant replies up to and
 including their end-of-turn token), so evaluation perplexity and training loss measure the same
 tokens. Overlong conversations are truncated to `max_seq_len`.
 """
@@ -10,11 +10,11 @@ import math
 
 
 def perplexity(model, tokenizer, conversations: list, system_prompt: str | None, max_seq_len: int) -> float | None:
-    """exp(mean NLL per assistant token) over `conversations` (`train.data.Conversation`s);
+    """exp(mean NLL per assistant token) over `conversations` (`data.encode.Conversation`s);
     None when no token is scored."""
     import torch
 
-    from edentune.train.data import IGNORE, encode_conversation, fit_length
+    from edentune.data.encode import IGNORE, encode_conversation, fit_length
 
     total, count = 0.0, 0
     for conv in conversations:
