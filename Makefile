@@ -4,7 +4,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.edentune-installed
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,13 @@ $(STAMP): pyproject.toml Makefile
 quickstart: setup
 	$(VENV)/bin/edentune quickstart
 
+# The whole suite: what CI runs (.ci/run).
 test: setup
 	$(PY) -m pytest -q
+
+# The edit loop: every test that neither trains, compiles, loads a model nor starts a server (seconds).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/bench_data.py --out docs/bench_data.json

@@ -21,7 +21,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
 from edentune.config import config_for_model
 from edentune.models import load_tokenizer, resolve_model_dir
-from edentune.train.data import IGNORE, encode_all, read_conversations
+from edentune.data.encode import IGNORE, encode_all, read_conversations
 from edentune.train.recipe import engine_model
 from edentune.train.trainer import trained_token_loss
 

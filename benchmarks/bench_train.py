@@ -76,7 +76,7 @@ def run_edentune(cfg) -> dict:
 def _peer_setup(cfg, args_class=None, **overrides):
     """Model, tokenizer, encoded conversations and Trainer arguments shared by the peer engines."""
     from edentune.models import load_tokenizer, pick_device, pick_dtype, resolve_model_dir
-    from edentune.train.data import encode_all, load_splits
+    from edentune.data.encode import encode_all, load_splits
     from edentune.train.recipe import load_training_model, training_arguments
 
     m = cfg.model
@@ -93,7 +93,7 @@ def _peer_setup(cfg, args_class=None, **overrides):
 
 
 def _counting(collate, counted: dict):
-    from edentune.train.data import IGNORE
+    from edentune.data.encode import IGNORE
 
     def wrapped(features):  # counts what the model trains on, same definition as edentune
         batch = collate(features)
@@ -105,7 +105,8 @@ def _counting(collate, counted: dict):
 def run_trainer(cfg, sampling: str) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer
 
-    from edentune.train.data import IGNORE, to_dataset
+    from edentune.data.encode import IGNORE
+    from edentune.train.recipe import to_dataset
 
     model, tok, examples, args = _peer_setup(cfg)
     args.train_sampling_strategy = sampling  # "random" or "group_by_length"
@@ -120,7 +121,7 @@ def run_trl(cfg, **overrides) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from edentune.train.data import IGNORE
+    from edentune.data.encode import IGNORE
 
     # max_length=None: the rows are already truncated to max_seq_len
     model, tok, examples, sft_args = _peer_setup(cfg, SFTConfig, max_length=None, dataset_num_proc=None, **overrides)

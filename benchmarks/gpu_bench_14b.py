@@ -142,7 +142,7 @@ def run_engine(engine: str, a) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
 
-    from edentune.train.data import to_dataset
+    from edentune.data.encode import to_dataset
 
     device = "cpu" if a.tiny else "cuda"
     if engine == "unsloth":
@@ -240,13 +240,13 @@ def pad_tokenizer():
 
 
 def _encoded(data):
-    from edentune.train.data import Encoded
+    from edentune.data.encode import Encoded
 
     return [Encoded(f"synthetic:{i}", d["input_ids"], d["labels"]) for i, d in enumerate(data)]
 
 
 def to_dataset_from(data):
-    from edentune.train.data import to_dataset
+    from edentune.data.encode import to_dataset
 
     return to_dataset(_encoded(data))
 

@@ -11,9 +11,23 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two compute threads, as on the 2-core CI machine, set before anything imports torch (which
+# reads it then): torch itself is imported only by the fixtures and tests that need it, so
+# `make test-fast` does not pay for it.
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, os.cpu_count() or 1))))
+
+# A test that uses one of these fixtures loads or builds a model, trains, or serves one: it is
+# `slow` (left out by `make test-fast`, run by `make test`). Tests that do so without a fixture
+# carry the marker themselves.
+HEAVY_FIXTURES = {"embedded_dir", "embedded_qwen2_dir", "tiny_llama_dir", "tiny_qwen2_dir", "standin_factory",
+                  "make_workspace", "first_round", "embedded_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +45,7 @@ def embedded_qwen2_dir() -> str:
 
 
 def _build_tiny(arch: str, out: Path, tokenizer_dir: str) -> str:
+    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -164,7 +164,7 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
     from .cycle.report import status
     from .cycle.workspace import load_workspace
     from .registry import REGISTRY_NAME, Registry
-    from .train.mlx_backend import quantization_summary, select_backend
+    from .train.run import quantization_summary, select_backend
 
     opts = opts or QuickstartOptions()
     opts.out_dir = opts.out_dir.resolve()  # the workspace config names absolute paths

@@ -8,7 +8,7 @@ import pytest
 from edentune.config import RunConfig, load_config
 from edentune.data.eden_layout import EDEN_APP_OPTIONS, RequestLayout, request_layout
 from edentune.errors import ConfigError, DataError
-from edentune.train.data import Conversation
+from edentune.data.encode import Conversation
 
 APP = "You are a test assistant.\nAnswer briefly."
 

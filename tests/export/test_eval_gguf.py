@@ -30,7 +30,7 @@ RATES = ("language_consistency", "persona_adherence", "keyword_hit_rate", "case_
 @pytest.fixture(scope="module")
 def side_by_side(embedded_dir, sample_dir, tmp_path_factory):
     """Base and an adapter, each scored by both backends on 8 suite cases."""
-    from edentune.train.data import read_conversations
+    from edentune.data.encode import read_conversations
 
     tmp = tmp_path_factory.mktemp("gguf-eval")
     cfg = embedded_cfg("llama", tmp)

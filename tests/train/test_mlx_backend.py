@@ -14,10 +14,10 @@ import pytest
 from train_helpers import WORDS, conversation, make_config, write_jsonl
 
 from edentune.errors import EdentuneError
-from edentune.train import mlx_backend
+from edentune.train import mlx_backend, run
 
 mlx = pytest.mark.mlx
-needs_mlx = pytest.mark.skipif(not mlx_backend.mlx_installed(), reason="pip install 'edentune[mlx]' (mlx[cpu] on Linux)")
+needs_mlx = pytest.mark.skipif(not run.mlx_installed(), reason="pip install 'edentune[mlx]' (mlx[cpu] on Linux)")
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -33,16 +33,16 @@ def peft_weights(path: Path) -> dict[str, np.ndarray]:
 
 # -- backend selection and refusals (no MLX needed) ---------------------------------------------
 def test_auto_is_mlx_only_on_apple_silicon_with_mlx(monkeypatch):
-    monkeypatch.setattr(mlx_backend, "mlx_installed", lambda: True)
+    monkeypatch.setattr(run, "mlx_installed", lambda: True)
     for system, machine, expected in (("Darwin", "arm64", "mlx"), ("Darwin", "x86_64", "torch"), ("Linux", "x86_64", "torch")):
-        monkeypatch.setattr(mlx_backend.platform, "system", lambda s=system: s)
-        monkeypatch.setattr(mlx_backend.platform, "machine", lambda m=machine: m)
-        assert mlx_backend.select_backend("auto") == expected
-        assert mlx_backend.select_backend("torch") == "torch"
-    monkeypatch.setattr(mlx_backend, "mlx_installed", lambda: False)
-    assert mlx_backend.select_backend("auto") == "torch"  # a Mac without the extra keeps the torch path
+        monkeypatch.setattr(run.platform, "system", lambda s=system: s)
+        monkeypatch.setattr(run.platform, "machine", lambda m=machine: m)
+        assert run.select_backend("auto") == expected
+        assert run.select_backend("torch") == "torch"
+    monkeypatch.setattr(run, "mlx_installed", lambda: False)
+    assert run.select_backend("auto") == "torch"  # a Mac without the extra keeps the torch path
     with pytest.raises(EdentuneError, match="mlx / mlx-lm are not installed") as err:
-        mlx_backend.select_backend("mlx")
+        run.select_backend("mlx")
     assert "edentune[mlx]" in err.value.hint
 
 
@@ -85,7 +85,7 @@ def test_mlx_batches_train_exactly_the_torch_labels(embedded_dir, sample_dir):
 
     from edentune.config import parse_config
     from edentune.models import load_tokenizer
-    from edentune.train.data import IGNORE, encode_all, read_conversations
+    from edentune.data.encode import IGNORE, encode_all, read_conversations
 
     tok = load_tokenizer(embedded_dir)
     tok.pad_token = tok.pad_token or tok.eos_token

@@ -9,7 +9,7 @@ from train_helpers import conversation
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from edentune.models import load_tokenizer
-from edentune.train.data import IGNORE, Conversation, encode_conversation
+from edentune.data.encode import IGNORE, Conversation, encode_conversation
 
 
 def per_sequence_loss(model, batch) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 
 from edentune.errors import DataError
 from edentune.models import load_tokenizer
-from edentune.train.data import (
+from edentune.data.encode import (
     IGNORE, Conversation, encode_all, encode_conversation, fit_length, load_splits, read_conversations,
 )
 from edentune.config import DataConfig

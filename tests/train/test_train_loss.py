@@ -10,7 +10,7 @@ from train_helpers import conversation
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from edentune.train import trainer as trainer_mod
-from edentune.train.data import IGNORE, Conversation, encode_conversation
+from edentune.data.encode import IGNORE, Conversation, encode_conversation
 
 
 def _batch(model_dir: str):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataColla
 
 from edentune.models import load_tokenizer
 from edentune.train import trainer as trainer_mod
-from edentune.train.data import IGNORE, Conversation, encode_conversation
+from edentune.data.encode import IGNORE, Conversation, encode_conversation
 
 # fp32. Measured on the embedded model (logits up to |38|): eager 0.0; SDPA 5.8e-5 on logits and
 # 2.7e-5 on a sequence's summed loss (the packed forward takes SDPA's masked kernel, each sequence

@@ -13,7 +13,7 @@ from transformers import DataCollatorForSeq2Seq
 from edentune.config import config_for_model
 from edentune.errors import ConfigError
 from edentune.models import load_tokenizer
-from edentune.train.data import IGNORE, Conversation, encode_conversation
+from edentune.data.encode import IGNORE, Conversation, encode_conversation
 from edentune.train.recipe import load_training_model, residual_dtype
 from edentune.train.trainer import trained_token_loss
 

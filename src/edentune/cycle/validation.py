@@ -7,7 +7,7 @@ tokens, counted AFTER the max_seq_len length filter. (A 10 % split of 80 convers
 with max_seq_len 384 six of those were dropped by training: the best checkpoint was chosen on 2.)
 
 So only conversations that training keeps are frozen into the set, with the model's own chat
-template, system prompt and masking (`train.data.encode_conversation` / `fit_length`): training's
+template, system prompt and masking (`data.encode.encode_conversation` / `fit_length`): training's
 eval loss and the evaluate stage's validation perplexity are over the very same tokens, one
 validation loss per adapter. While the set is below the minimum, each round moves up to
 `validation.max_share` of its new conversations into it (never records already trained: they
@@ -52,7 +52,7 @@ def scored_tokens(cfg, records: list[dict]) -> list[int | None]:
     """Per record: the assistant tokens training scores, or None when training would drop it for
     length (the run's tokenizer, system prompt, max_seq_len and overlong policy)."""
     from ..models import load_tokenizer, resolve_model_dir
-    from ..train.data import Conversation, encode_conversation, fit_length
+    from ..data.encode import Conversation, encode_conversation, fit_length
 
     m = cfg.model
     tokenizer = load_tokenizer(resolve_model_dir(m.name_or_path, m.gguf_file, m.architecture), m.trust_remote_code)

@@ -99,10 +99,8 @@ def _quotas(specs: list[str] | None) -> dict[str, int] | None:
 
 
 def register(root: typer.Typer) -> None:
-    """Add the `edentune data ...` group to the root app; `data inspect` is the training stage's `inspect`."""
-    from edentune.train.cli import inspect_command
-
-    group = typer.Typer(help="Validate, convert, clean, inspect, split and mix chat datasets; turn thumbs up/down into preference data.",
+    """Add the `edentune data ...` group to the root app."""
+    group = typer.Typer(help="Validate, convert, clean, split and mix chat datasets; turn thumbs up/down into preference data.",
                         no_args_is_help=True)
     root.add_typer(group, name="data")
 
@@ -270,5 +268,3 @@ def register(root: typer.Typer) -> None:
         for label, path in (("ratings", feedback_out), ("personas", personas), ("report", report)):
             if path is not None:
                 console.print(_printable(f"{label}: {path}"), markup=False, highlight=False)
-
-    group.command("inspect")(inspect_command)  # after the data stage's own commands in `data --help`

@@ -7,24 +7,11 @@ A backend answers whole conversations (system turn already explicit) and times e
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from edentune.errors import EdentuneError
 
-
-@dataclass
-class Generation:
-    text: str
-    seconds: float  # latency the user would see for this answer
-    completion_tokens: int | None = None
-
-
-class Backend(Protocol):
-    name: str
-
-    def generate(self, conversations: list[list[dict]], max_new_tokens: int) -> list[Generation]: ...
+from .generation import Backend, Generation  # noqa: F401  (the backends' shared types, imported from here too)
 
 
 class LocalBackend:
@@ -314,18 +301,38 @@ def backend_from_spec(spec: str, cfg, *, batch_size: int = 8, temperature: float
     return built
 
 
+# The gguf backend scores what the export stage serves: the base GGUF (a file, Ollama's blob, or one
+# written from the HF base) plus the exported adapter GGUF and template. Finding or writing those
+# files is the export stage's work, and export sits above evaluate (it uses evaluate for its gate),
+# so evaluate never imports it: `edentune.export` registers its `served` module here when it is
+# imported (the CLI imports every stage; Python callers import edentune.export).
+_served = None
+
+
+def set_served_provider(provider) -> None:
+    """Called by `edentune.export`: `provider` has existing_base_gguf, served_model and exported_adapter_sha256."""
+    global _served
+    _served = provider
+
+
+def served_provider():
+    if _served is None:
+        raise EdentuneError("the gguf evaluation backend needs the export stage, which finds or writes the GGUF files",
+                            hint="import edentune.export before scoring with backend gguf (the edentune CLI does)")
+    return _served
+
+
 def _auto_choice(cfg, base_dir: str, batch_size: int):
     import importlib.util
 
     from transformers import AutoConfig
 
-    from edentune.export.served import existing_base_gguf
     from edentune.models import pick_device
 
     from .memory import choose_backend, device_budget_gb
 
     device = pick_device()
-    found = existing_base_gguf(cfg, base_dir)
+    found = served_provider().existing_base_gguf(cfg, base_dir)
     return choose_backend(AutoConfig.from_pretrained(base_dir), device=device, budget_gb=device_budget_gb(device),
                           max_seq_len=cfg.model.max_seq_len, max_new_tokens=cfg.evaluation.max_new_tokens,
                           batch_size=batch_size, base_gguf_bytes=found[0].stat().st_size if found else None,
@@ -333,19 +340,17 @@ def _auto_choice(cfg, base_dir: str, batch_size: int):
 
 
 def _gguf_backend(cfg, base_dir: str, path: Path | None, temperature: float):
-    from edentune.export.served import served_model
     from edentune.models import adapter_sha256
 
     from .gguf_backend import GgufBackend
 
-    served = served_model(cfg, base_dir, path)
+    provider = served_provider()
+    served = provider.served_model(cfg, base_dir, path)
     scored = None
     if path is not None and (path / "adapter_model.safetensors").exists():
         scored = adapter_sha256(path)
     elif path is not None and (path / "export_report.json").is_file():
-        from edentune.export.api import load_export
-
-        scored = load_export(path).get("adapter_sha256")  # the PEFT weights the export was made from
+        scored = provider.exported_adapter_sha256(path)  # the PEFT weights the export was made from
     return GgufBackend(served, base_dir, n_ctx=cfg.model.max_seq_len + cfg.evaluation.max_new_tokens,
                        n_gpu_layers=cfg.evaluation.n_gpu_layers, temperature=temperature, seed=cfg.training.seed,
                        max_seq_len=cfg.model.max_seq_len, adapter_sha256=scored)

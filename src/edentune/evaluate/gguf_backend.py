@@ -4,7 +4,7 @@ stop tokens. What the gate scores is then what the user gets, within the memory 
 base (a 14B Q4_K_M base is ~9 GB instead of ~29.5 GB in bf16).
 
 Generation is greedy unless temperature > 0 (then sampled with the run's seed). Perplexity runs
-training's own encoder (`train.data.encode_conversation`: the same ids and assistant-token labels)
+training's own encoder (`data.encode.encode_conversation`: the same ids and assistant-token labels)
 through llama.cpp and scores the logits it returns (`evaluate.perplexity.gguf_perplexity`).
 """
 
@@ -15,7 +15,7 @@ import time
 
 from edentune.errors import EdentuneError
 
-from .backends import Generation
+from .generation import Generation
 
 
 def cpu_threads() -> int:

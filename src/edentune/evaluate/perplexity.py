@@ -1,5 +1,5 @@
 """Perplexity over assistant tokens only, with exactly the training engine's masking
-(`edentune.train.data.encode_conversation`: the model's chat template, assistant replies up to and
+(`edentune.data.encode.encode_conversation`: the model's chat template, assistant replies up to and
 including their end-of-turn token), so evaluation perplexity and training loss measure the same
 tokens. Overlong conversations are truncated to `max_seq_len`.
 """
@@ -12,7 +12,7 @@ import math
 def scored_examples(tokenizer, conversations: list, system_prompt: str | None, max_seq_len: int):
     """(input_ids, labels) of each conversation exactly as training encodes it (IGNORE outside
     assistant replies), in order; None for a conversation that leaves nothing after truncation."""
-    from edentune.train.data import encode_conversation, fit_length
+    from edentune.data.encode import encode_conversation, fit_length
 
     for conv in conversations:
         ex = fit_length(encode_conversation(tokenizer, conv, system_prompt), max_seq_len, "truncate")
@@ -20,12 +20,12 @@ def scored_examples(tokenizer, conversations: list, system_prompt: str | None, m
 
 
 def perplexity_terms(model, tokenizer, conversations: list, system_prompt: str | None, max_seq_len: int) -> list[list[float]]:
-    """[summed NLL, scored tokens] of each conversation (`train.data.Conversation`s), in order; a
+    """[summed NLL, scored tokens] of each conversation (`data.encode.Conversation`s), in order; a
     conversation with no scored token left after truncation gives [0, 0]. Kept per conversation so
     that two models' losses can be compared pair by pair (`significance.paired_loss`)."""
     import torch
 
-    from edentune.train.data import IGNORE
+    from edentune.data.encode import IGNORE
 
     terms = []
     for example in scored_examples(tokenizer, conversations, system_prompt, max_seq_len):
@@ -47,7 +47,7 @@ def gguf_perplexity_terms(llm, tokenizer, conversations: list, system_prompt: st
     the same token ids and labels."""
     import numpy as np
 
-    from edentune.train.data import IGNORE
+    from edentune.data.encode import IGNORE
 
     terms = []
     for example in scored_examples(tokenizer, conversations, system_prompt, max_seq_len):
@@ -72,7 +72,7 @@ def perplexity_of(terms: list[list[float]]) -> float | None:
 
 
 def perplexity(model, tokenizer, conversations: list, system_prompt: str | None, max_seq_len: int) -> float | None:
-    """exp(mean NLL per assistant token) over `conversations` (`train.data.Conversation`s);
+    """exp(mean NLL per assistant token) over `conversations` (`data.encode.Conversation`s);
     None when no token is scored."""
     return perplexity_of(perplexity_terms(model, tokenizer, conversations, system_prompt, max_seq_len))
 

@@ -265,7 +265,7 @@ def perplexity_sets(cfg: RunConfig, validation_files: list[str] | None = None, r
     """(validation, replay) conversations for perplexity, at most `limit` each. Validation: the given
     files, else the run's validation split (as training makes it); replay: the given files, else
     `data.replay_files`, else the bundled general-knowledge replay sample."""
-    from edentune.train.data import load_splits, read_conversations
+    from edentune.data.encode import load_splits, read_conversations
 
     if validation_files:
         validation = [c for f in validation_files for c in read_conversations(f)]

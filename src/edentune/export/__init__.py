@@ -4,6 +4,11 @@ Modelfiles checked against training, llama.cpp parity checks, and deployment ove
 Heavy libraries (torch, transformers, llama_cpp) are imported inside the functions.
 """
 
+from edentune.evaluate.backends import set_served_provider
+
+from . import served
 from .api import ExportResult, export_adapter, export_merged
+
+set_served_provider(served)  # the gguf evaluation backend scores the files this stage serves
 
 __all__ = ["ExportResult", "export_adapter", "export_merged"]

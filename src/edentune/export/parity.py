@@ -276,7 +276,7 @@ def generate_parity(template: str, system: str | None, tok, vocab_gguf: str | Pa
     (`prompt` in the app's layout, no `system`), rendered by `template` with the Modelfile's SYSTEM
     and tokenized by llama.cpp, must give exactly the ids the training encoder puts before the
     first trained token of that message's example."""
-    from ..train.data import IGNORE, Conversation, encode_conversation
+    from ..data.encode import IGNORE, Conversation, encode_conversation
 
     llm = llama_model(vocab_gguf, vocab_only=True)
     mismatches, count = [], 0

@@ -228,3 +228,10 @@ def adapter_gguf(cfg, adapter_dir: Path, base_dir: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_adapter_gguf(read_peft_adapter(adapter_dir, base_config), path, dtype)
     return path
+
+
+def exported_adapter_sha256(export_dir: Path) -> str | None:
+    """The sha256 of the PEFT weights an export folder was made from (its export_report.json)."""
+    from .api import load_export
+
+    return load_export(export_dir).get("adapter_sha256")

@@ -40,7 +40,7 @@ def train_command(
     from edentune.config import load_config
     from edentune.errors import EdentuneError
 
-    from .recipe import train
+    from . import train
 
     cfg = load_config(config)
     _check_run_dir(cfg.training.output_dir)
@@ -109,7 +109,7 @@ def inspect_command(
     from edentune.errors import EdentuneError
     from edentune.models import load_tokenizer, resolve_model_dir
 
-    from .data import IGNORE, encode_conversation, load_splits
+    from edentune.data.encode import IGNORE, encode_conversation, load_splits
 
     cfg = load_config(config)
     convs = dict(zip(("train", "validation"), load_splits(cfg.data))).get(split)
@@ -135,7 +135,10 @@ def inspect_command(
 
 
 def register(app: typer.Typer) -> None:
-    # `edentune data inspect` is the same command: the data stage's register adds it from here.
     app.command("train")(train_command)
     app.command("train-feedback")(train_feedback_command)
     app.command("inspect")(inspect_command)
+    # `edentune data inspect`, the spelling of earlier releases, stays as a hidden alias for one release.
+    for group in app.registered_groups:
+        if group.name == "data":
+            group.typer_instance.command("inspect", hidden=True)(inspect_command)

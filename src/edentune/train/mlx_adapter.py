@@ -43,6 +43,38 @@ def mlx_to_peft(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def peft_to_mlx(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of `mlx_to_peft`: a PEFT adapter's tensors as mlx-lm LoRA parameters."""
+    out = {}
+    for name, value in weights.items():
+        path, sep, half = name.removeprefix("base_model.model.").rpartition(".lora_")
+        if not sep or half not in ("A.weight", "B.weight"):
+            raise EdentuneError(f"adapter tensor {name}: only LoRA A/B matrices can continue on the MLX backend")
+        out[f"{path}.lora_{half[0].lower()}"] = np.ascontiguousarray(np.asarray(value, dtype=np.float32).T)
+    return out
+
+
+def load_peft_into_mlx(model, adapter_dir: str | Path) -> None:
+    """Set the LoRA layers of `model` (made by `add_lora` with the adapter's r and targets) to a saved
+    PEFT adapter's weights, in the model's dtype: `edentune cycle` continues the live adapter."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from safetensors.numpy import load_file
+
+    weights = peft_to_mlx(load_file(str(Path(adapter_dir) / PEFT_WEIGHTS)))
+    current = dict(tree_flatten(model.trainable_parameters()))
+    if set(weights) != set(current):
+        missing, extra = sorted(set(current) - set(weights)), sorted(set(weights) - set(current))
+        raise EdentuneError(f"{adapter_dir}: its LoRA tensors do not match this model's LoRA layers "
+                            f"(missing {missing[:3]}, unexpected {extra[:3]})",
+                            hint="continue an adapter trained on the same base with the same lora settings")
+    for name, value in weights.items():
+        if value.shape != tuple(current[name].shape):
+            raise EdentuneError(f"{adapter_dir}: {name} has shape {value.shape}, the model's LoRA layer {tuple(current[name].shape)}")
+    model.load_weights([(k, mx.array(v).astype(current[k].dtype)) for k, v in weights.items()], strict=False)
+    mx.eval(model.parameters())
+
+
 def write_peft_adapter(out_dir: str | Path, weights: dict[str, np.ndarray], *, r: int, alpha: float, dropout: float,
                        target_modules: list[str], use_rslora: bool, base_model: str) -> None:
     """adapter_model.safetensors + adapter_config.json, the config written by PEFT's own LoraConfig."""

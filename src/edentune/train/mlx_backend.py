@@ -1,4 +1,4 @@
-"""The MLX training backend: the same recipe as the torch path, with mlx-lm as the engine.
+"""The MLX training engine: the torch engine's recipe, with mlx-lm doing the work (skeleton: `run.py`).
 
 What comes from mlx / mlx-lm: model loading (`mlx_lm.utils.load`), the 4-bit base
 (`mlx_lm.utils.quantize_model`, MLX's affine 4-bit: the QLoRA base on Apple GPUs, where
@@ -7,12 +7,12 @@ checkpointing (`mlx_lm.tuner.trainer.grad_checkpoint`), evaluation (`mlx_lm.tune
 `nn.value_and_grad`, AdamW, the LR schedules and gradient clipping (`mlx.optimizers`).
 
 What edentune adds around them, identical to the torch path:
-- the trained tokens: examples come from `train.data` (assistant turns up to and including the
+- the trained tokens: examples come from `data.encode` (assistant turns up to and including the
   end-of-turn token), not from mlx-lm's chat-template masking; the loss is summed over trained
   positions and divided by the trained tokens of the whole optimizer step (as `EdenTrainer`);
 - the data order: the same epoch-seeded length-grouped sampler as the torch path;
-- eval/save steps, early stopping, the best checkpoint, NaN rollback with a halved LR,
-  atomic checkpoints and `--resume`, metrics.jsonl / TensorBoard / progress / health warnings
+- eval/save steps, early stopping, the best checkpoint, atomic checkpoints and `--resume`
+  (the run folder, NaN rollback and the finish are `run.py`'s, shared with torch), metrics.jsonl / TensorBoard / progress / health warnings
   (the torch path's `MonitorCallback` and `RichProgressCallback`, driven with the same numbers);
 - the adapter in PEFT layout (`mlx_adapter`), so eval, compare, export and deploy read it unchanged.
 
@@ -23,10 +23,8 @@ optimizer-state checkpoints or resume.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,46 +32,13 @@ from types import SimpleNamespace
 import numpy as np
 
 from edentune.errors import EdentuneError
-from edentune.train.health import diverged_error
+
+from .mlx_adapter import load_peft_into_mlx
+from .run import MLX_4BIT, MLX_GROUP_SIZE, MLX_HINT, RunDir, mlx_installed, prepare_data, quantization_summary, write_manifest
 
 OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"  # the name transformers uses: the same `last_checkpoint` finds both
 PAD_MULTIPLE = 32  # sequence lengths rounded up like mlx-lm's batches: fewer distinct shapes to compile
-MLX_4BIT = {"nf4": "affine", "fp4": "mxfp4"}  # closest MLX 4-bit format to bitsandbytes' quant_type
-MLX_GROUP_SIZE = {"affine": 64, "mxfp4": 32}
-MLX_HINT = "pip install 'edentune[mlx]' (on Linux this installs mlx[cpu]), or set training.backend: torch"
-
-
-def mlx_installed() -> bool:
-    return importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
-
-
-def apple_silicon() -> bool:
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
-
-
-def select_backend(requested: str) -> str:
-    """`auto` is MLX on Apple Silicon with MLX installed (bitsandbytes has no Metal kernels), else torch."""
-    if requested == "mlx":
-        if not mlx_installed():
-            raise EdentuneError("training.backend is mlx but mlx / mlx-lm are not installed", hint=MLX_HINT)
-        return "mlx"
-    if requested == "auto":
-        return "mlx" if apple_silicon() and mlx_installed() else "torch"
-    return "torch"
-
-
-def quantization_summary(cfg, backend: str) -> str:
-    """How `backend` ("torch" or "mlx") quantizes the base under this config, in words: the two
-    backends' 4-bit formats differ (bitsandbytes NF4/FP4 vs mlx-lm's affine/mxfp4), so the
-    config's quant_type alone does not say what runs."""
-    q = cfg.quantization
-    if not q.load_in_4bit:
-        return "LoRA: base not quantized"
-    if backend == "mlx":
-        mode = MLX_4BIT[q.quant_type]
-        return f"QLoRA: MLX {mode} 4-bit base in groups of {MLX_GROUP_SIZE[mode]}"
-    return f"QLoRA: bitsandbytes 4-bit {q.quant_type.upper()} base"
 
 
 # -- model ----------------------------------------------------------------------------------------
@@ -206,7 +171,7 @@ def collate(examples, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
     Padding carries label -100 and sits after every real token, so under the causal mask it
     changes no trained logit (as on the torch path)."""
-    from .data import IGNORE
+    from edentune.data.encode import IGNORE
 
     longest = max(len(e.input_ids) for e in examples)
     width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE + 1
@@ -246,7 +211,7 @@ def output_head(model):
 
 def trained_positions(targets: np.ndarray) -> np.ndarray:
     """Flat indices of the positions that carry a label."""
-    from .data import IGNORE
+    from edentune.data.encode import IGNORE
 
     return np.flatnonzero(targets.reshape(-1) != IGNORE).astype(np.int32)
 
@@ -542,122 +507,115 @@ class MlxRun:
                 self.control.should_training_stop = True
 
 
-def open_run_dir(run_dir: Path, resume: bool, console) -> str | None:
-    """The MLX checkpoint to resume from (None: start fresh). The torch path's checks, with the
-    completeness test of an MLX checkpoint (its files differ from Trainer's)."""
-    import shutil
+class MlxEngine:
+    """SFT with mlx-lm's LoRA layers (`MlxRun`): the torch engine's inputs and outputs."""
 
-    from edentune.errors import ConfigError
+    output_key, label, main = "training.output_dir", "", True
 
-    from .recipe import last_checkpoint
+    def __init__(self, cfg, *, init_adapter: str | Path | None = None, callbacks: list | tuple = (), console=None,
+                 fresh_optimizer: bool = False):
+        from rich.console import Console
 
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"training.output_dir {run_dir} is a file, not a folder",
-                          hint="set training.output_dir to a new folder; the run writes checkpoints and the adapter there")
-    existing = last_checkpoint(run_dir)
-    if existing and not resume:
-        raise EdentuneError(f"{run_dir} already has checkpoints ({Path(existing).name})",
-                            hint="continue it with `edentune train CONFIG --resume`, or set training.output_dir to a new directory")
-    if resume and existing is None:
-        console.print(f"no checkpoint in {run_dir}: starting from the beginning")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".checkpoint-*"):  # temporaries of a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    return existing if resume else None
+        from edentune.models import resolve_model_dir
 
+        self.cfg, self.init_adapter, self.callbacks = cfg, init_adapter, callbacks
+        self.console = console or Console(stderr=True)
+        self.run = RunDir(cfg.training.output_dir)
+        self.model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.architecture)
+        check_supported(cfg, self.model_dir)  # before touching the run directory
+        if init_adapter is not None:
+            check_init_adapter(cfg, init_adapter)
+        if fresh_optimizer:
+            self.console.print("note: --fresh-optimizer is not needed on the MLX backend: every MLX checkpoint holds the optimizer state")
+        self.tb_writer = None
 
-def train_mlx(cfg, resume: bool = False, callbacks: list | tuple = (), console=None, fresh_optimizer: bool = False):
-    """`recipe.train` for `training.backend: mlx`: same inputs, same outputs (see the module docstring)."""
-    import mlx.core as mx
-    from rich.console import Console
-    from torch.utils.tensorboard import SummaryWriter
+    def resume_checkpoint(self) -> str | None:
+        return self.run.last_checkpoint()
 
-    from edentune.io import atomic_dir, write_json_atomic
-    from edentune.models import load_tokenizer, resolve_model_dir
+    def prepare(self, checkpoint: str | None) -> dict:
+        import mlx.core as mx
+        from torch.utils.tensorboard import SummaryWriter
 
-    from .monitor import MetricsLog, MonitorCallback, RichProgressCallback
-    from .recipe import TrainResult, last_checkpoint, prepare_data, write_manifest
-    from .trackers import TrackerCallback, TrackerSession
+        from edentune.models import load_tokenizer
 
-    console = console or Console(stderr=True)
-    t = cfg.training
-    model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.architecture)
-    check_supported(cfg, model_dir)  # before touching the run directory
-    run_dir = Path(t.output_dir)
-    checkpoint = open_run_dir(run_dir, resume, console)
-    if fresh_optimizer:
-        console.print("note: --fresh-optimizer is not needed on the MLX backend: every MLX checkpoint holds the optimizer state")
-    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    train_set, val_set, data_stats = prepare_data(cfg, tokenizer, console)
-    if t.batching == "packed":
-        console.print("packing is not available on the MLX backend: using length-grouped batches instead")
-    if "8bit" in t.optimizer:
-        console.print(f"note: {t.optimizer} is a bitsandbytes (torch) optimizer; the MLX backend uses AdamW with fp32 moments")
-    if cfg.quantization.load_in_4bit:
-        console.print(f"{quantization_summary(cfg, 'mlx')} (the MLX counterpart of bitsandbytes "
-                      f"{cfg.quantization.quant_type}; double quantization does not apply)")
+        cfg, t, console = self.cfg, self.cfg.training, self.console
+        self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
+        train_set, val_set, self.data_stats = prepare_data(cfg, self.tokenizer, console)
+        if t.batching == "packed":
+            console.print("packing is not available on the MLX backend: using length-grouped batches instead")
+        if "8bit" in t.optimizer:
+            console.print(f"note: {t.optimizer} is a bitsandbytes (torch) optimizer; the MLX backend uses AdamW with fp32 moments")
+        if cfg.quantization.load_in_4bit:
+            console.print(f"{quantization_summary(cfg, 'mlx')} (the MLX counterpart of bitsandbytes "
+                          f"{cfg.quantization.quant_type}; double quantization does not apply)")
+        device = f"mlx-{'gpu' if mx.default_device() == mx.gpu else 'cpu'}"
+        model = load_mlx_model(cfg, self.model_dir)
+        keys = add_lora(cfg, model)
+        if self.init_adapter is not None:
+            load_peft_into_mlx(model, self.init_adapter)  # before MlxRun records the initial LoRA a rollback returns to
+        if t.gradient_checkpointing:
+            use_gradient_checkpointing(model)
+        dtype = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}[mlx_dtype(cfg)]
+        write_manifest(self.run, cfg, self.tokenizer, device, dtype, self.data_stats, resumed=checkpoint is not None)
+        self.tb_writer = SummaryWriter(str(self.run.tensorboard_dir))
+        self.mlx_run = MlxRun(cfg, model, self.model_dir, keys, self.tokenizer, train_set, val_set, self.run.path, self.tb_writer, console)
+        self.has_eval = bool(val_set)
+        return {"data": self.data_stats, "device": device}
 
-    device = f"mlx-{'gpu' if mx.default_device() == mx.gpu else 'cpu'}"
-    model = load_mlx_model(cfg, model_dir)
-    keys = add_lora(cfg, model)
-    if t.gradient_checkpointing:
-        use_gradient_checkpointing(model)
-    dtype = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}[mlx_dtype(cfg)]
-    write_manifest(run_dir, cfg, tokenizer, device, dtype, data_stats, resumed=checkpoint is not None)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-    metrics_log.write("start", resume_from=checkpoint, data=data_stats, device=device)
-    tb_writer = SummaryWriter(str(run_dir / "tensorboard"))
-    tracking = TrackerSession(cfg, run_dir, run_dir.name, params=cfg.model_dump(mode="json"))
-    metrics = None
-    try:
-        run = MlxRun(cfg, model, model_dir, keys, tokenizer, train_set, val_set, run_dir, tb_writer, console)
-        lr, rollbacks = t.learning_rate, 0
-        while True:
-            # After a NaN, the checkpoint's moments and step count come back under a schedule with a
-            # halved base LR: the run continues at half the LR it had at that step.
-            run.restore(checkpoint, lr)
-            progress = RichProgressCallback(console)
-            run.hooks = [MonitorCallback(metrics_log, lambda: run.state.trained_tokens, t.max_grad_norm, console), progress,
-                         TrackerCallback(tracking), *callbacks]
-            try:
-                run.run()
-            finally:
-                progress.close()
-            if not run.non_finite:
-                break
-            if rollbacks >= t.nan_max_retries:
-                raise diverged_error(run.non_finite, rollbacks)
-            rollbacks += 1
-            lr = lr / 2
-            checkpoint = last_checkpoint(run_dir)
-            console.print(f"[red]non-finite {run.non_finite}[/]: rolling back to {Path(checkpoint).name if checkpoint else 'the start'} "
-                          f"with learning rate {lr:.2e} (retry {rollbacks}/{t.nan_max_retries})")
-            metrics_log.write("nan_rollback", reason=run.non_finite, checkpoint=checkpoint, learning_rate=lr, retry=rollbacks)
+    def fit(self, checkpoint: str | None, lr: float | None) -> str | None:
+        from .monitor import MonitorCallback, RichProgressCallback
+        from .trackers import TrackerCallback
 
-        s = run.state
+        run, t = self.mlx_run, self.cfg.training
+        run.restore(checkpoint, lr or t.learning_rate)
+        progress = RichProgressCallback(self.console)
+        run.hooks = [MonitorCallback(self.metrics_log, lambda: run.state.trained_tokens, t.max_grad_norm, self.console), progress,
+                     TrackerCallback(self.tracking), *self.callbacks]
+        try:
+            run.run()
+        finally:
+            progress.close()
+        return run.non_finite
+
+    def base_lr(self) -> float:
+        return self.mlx_run.base_lr
+
+    def finish(self) -> dict:
+        run, s = self.mlx_run, self.mlx_run.state
         best = Path(s.best_model_checkpoint) if s.best_model_checkpoint else None
-        if t.load_best_model_at_end and best is not None and best.exists():
+        if self.cfg.training.load_best_model_at_end and best is not None and best.exists():
             run.load_lora(best)
         final_eval = None
-        if val_set:
+        if self.has_eval:
             final_eval = run.evaluate()
             run._log({"eval_loss": final_eval, "eval_perplexity": math.exp(min(final_eval, 50.0))})
-        adapter_dir = run_dir / "adapter"
-        with atomic_dir(adapter_dir) as tmp:
-            run.write_adapter(tmp)
-            tokenizer.save_pretrained(tmp)
-        metrics = {
+        return {
             "global_step": s.global_step, "max_steps": run.max_steps, "epoch": s.epoch,
             "stopped_early": s.global_step < run.max_steps, "best_checkpoint": str(best) if best else None,
             "best_eval_loss": s.best_metric, "final_eval_loss": final_eval,
             "final_eval_perplexity": math.exp(min(final_eval, 50.0)) if final_eval is not None else None,
-            "nan_rollbacks": rollbacks, "trained_tokens": s.trained_tokens, "data": data_stats, "backend": "mlx",
+            "trained_tokens": s.trained_tokens, "data": self.data_stats, "backend": "mlx",
         }
-        write_json_atomic(run_dir / "result.json", metrics)
-        metrics_log.write("end", **{k: v for k, v in metrics.items() if k != "data"})
-    finally:
-        metrics_log.close()
-        tb_writer.close()
-        tracking.close(metrics, failed=metrics is None)
-    console.print(f"[green]done[/]: adapter at {adapter_dir}" + (f" (best checkpoint {best.name}, val loss {s.best_metric:.4f})" if best else ""))
-    return TrainResult(run_dir, adapter_dir, best, metrics)
+
+    def write_adapter(self, folder: Path) -> None:
+        self.mlx_run.write_adapter(folder)
+
+    def close(self) -> None:
+        if self.tb_writer is not None:
+            self.tb_writer.close()
+
+
+def check_init_adapter(cfg, adapter: str | Path) -> None:
+    """The MLX engine continues a PEFT adapter inside LoRA layers built from `cfg.lora`: they must agree."""
+    from edentune.models import check_adapter_dir
+
+    check_adapter_dir(adapter)
+    saved = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    lo = cfg.lora
+    want = {"r": lo.r, "lora_alpha": lo.alpha, "use_rslora": lo.use_rslora, "target_modules": sorted(lo.target_modules)}
+    have = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "use_rslora": bool(saved.get("use_rslora")),
+            "target_modules": sorted(saved.get("target_modules") or [])}
+    differ = [f"{k} {have[k]} (config: {want[k]})" for k in want if have[k] != want[k]]
+    if differ:
+        raise EdentuneError(f"{adapter}: cannot continue this adapter on the MLX backend: {', '.join(differ)}",
+                            hint="set the config's lora section to the adapter's values, or train from the base")

@@ -231,7 +231,6 @@ MIN_ADVISED_SEQ_LEN = 256  # shorter than this cuts most real conversations
 def _advice(plan: Plan, cfg, estimate_for) -> list[str]:
     """What to change, the change that frees most memory first, each re-estimated with the same
     formula (`estimate_for(changed_cfg) -> Plan`) so the advice is what the numbers say."""
-    from ..errors import ConfigError
 
     if plan.fits:
         return []

@@ -22,13 +22,13 @@ from transformers import TrainerCallback
 from edentune.config import RunConfig
 from edentune.data.feedback import kto_weights
 from edentune.data.records import read_lines
-from edentune.errors import DataError, EdentuneError
-from edentune.io import atomic_dir, ensure_dir, write_json_atomic
+from edentune.errors import DataError
 from edentune.models import load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 
+from edentune.data.encode import with_system_prompt
 from .monitor import MetricsLog, RichProgressCallback
 from .recipe import engine_model, oom_error, training_arguments
-from .trackers import TrackerSession
+from .run import RunDir, run_training
 
 
 @dataclass
@@ -68,13 +68,6 @@ def read_preferences(path: str | Path, method: str) -> list[dict]:
     return rows
 
 
-def _with_system(messages: list[dict], system: str | None) -> list[dict]:
-    # Training always states the system prompt; preference rows get the same one the SFT data had.
-    if system is None or (messages and messages[0]["role"] == "system"):
-        return messages
-    return [{"role": "system", "content": system}, *messages]
-
-
 class _LogToMetrics(TrainerCallback):
     """Every Trainer log (loss, rewards, margins, KL, LR) as a `train` event in metrics.jsonl."""
 
@@ -85,67 +78,83 @@ class _LogToMetrics(TrainerCallback):
         self.log.write("train", step=state.global_step, **{k: v for k, v in (logs or {}).items()})
 
 
-def train_preferences(cfg: RunConfig, data_file: str | Path, *, adapter: str | Path | None = None,
-                      console: Console | None = None) -> PreferenceResult:
-    from datasets import Dataset
-    from transformers import PrinterCallback, ProgressCallback
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+class PreferenceEngine:
+    """TRL's KTOTrainer / DPOTrainer on the config's QLoRA model, behind the run skeleton."""
 
-    console = console or Console(stderr=True)
-    p = cfg.preference
-    rows = read_preferences(data_file, p.method)
-    run_dir = Path(p.output_dir or f"{cfg.training.output_dir}-{p.method}")
-    if (run_dir / "adapter").exists():
-        raise EdentuneError(f"{run_dir} already holds a trained adapter", hint="set preference.output_dir to a new directory")
-    ensure_dir(run_dir)
+    output_key, main, init_adapter = "preference.output_dir", True, None
 
-    device = pick_device()
-    dtype = pick_dtype(cfg.training.precision, device)
-    model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.architecture)
-    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dataset = Dataset.from_list([{**r, "prompt": _with_system(r["prompt"], cfg.model.system_prompt)} for r in rows])
-    extra: dict = {"beta": p.beta, "max_length": cfg.model.max_seq_len}
-    if p.method == "kto":
-        up = sum(bool(r["label"]) for r in rows)
-        extra["desirable_weight"], extra["undesirable_weight"] = kto_weights(up, len(rows) - up)
-    args = training_arguments(
-        cfg, run_dir, device, dtype, has_eval=False, lr=p.learning_rate, args_class=KTOConfig if p.method == "kto" else DPOConfig,
-        num_train_epochs=p.num_epochs, max_steps=p.max_steps or -1, warmup_steps=p.warmup_steps,
-        load_best_model_at_end=False, save_strategy="no", **extra,
-    )
-    trainer_class = KTOTrainer if p.method == "kto" else DPOTrainer
-    model = engine_model(cfg, model_dir, device, dtype, adapter)  # the SFT adapter continues, when given
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-    metrics_log.write("start", method=p.method, examples=len(rows), data=str(data_file), adapter=str(adapter) if adapter else None,
-                      weights=[extra["desirable_weight"], extra["undesirable_weight"]] if p.method == "kto" else None)
-    progress = RichProgressCallback(console)
-    tracking = TrackerSession(cfg, run_dir, run_dir.name, params=cfg.model_dump(mode="json"), tags={"step": p.method})
-    metrics = None
-    try:
-        trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                callbacks=[_LogToMetrics(metrics_log), progress])
+    def __init__(self, cfg: RunConfig, rows: list[dict], data_file: str | Path, adapter: str | Path | None, console: Console):
+        self.cfg, self.rows, self.data_file, self.adapter, self.console = cfg, rows, data_file, adapter, console
+        p = cfg.preference
+        self.method, self.label = p.method, f"{p.method.upper()} "
+        self.tracker_tags = {"step": p.method}
+        self.run = RunDir(p.output_dir or f"{cfg.training.output_dir}-{p.method}")
+
+    def resume_checkpoint(self) -> None:
+        return None  # one short pass (save_strategy "no"): a killed one starts again
+
+    def prepare(self, checkpoint: None) -> dict:
+        from datasets import Dataset
+        from trl import DPOConfig, KTOConfig
+
+        cfg, p, rows = self.cfg, self.cfg.preference, self.rows
+        device = pick_device()
+        dtype = pick_dtype(cfg.training.precision, device)
+        model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.architecture)
+        tok = self.tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.dataset = Dataset.from_list([{**r, "prompt": with_system_prompt(r["prompt"], cfg.model.system_prompt)} for r in rows])
+        extra: dict = {"beta": p.beta, "max_length": cfg.model.max_seq_len}
+        if p.method == "kto":
+            up = sum(bool(r["label"]) for r in rows)
+            extra["desirable_weight"], extra["undesirable_weight"] = kto_weights(up, len(rows) - up)
+        self.args = training_arguments(
+            cfg, self.run.path, device, dtype, has_eval=False, lr=p.learning_rate, args_class=KTOConfig if p.method == "kto" else DPOConfig,
+            num_train_epochs=p.num_epochs, max_steps=p.max_steps or -1, warmup_steps=p.warmup_steps,
+            load_best_model_at_end=False, save_strategy="no", **extra,
+        )
+        self.model = engine_model(cfg, model_dir, device, dtype, self.adapter)  # the SFT adapter continues, when given
+        return {"method": p.method, "examples": len(rows), "data": str(self.data_file), "adapter": str(self.adapter) if self.adapter else None,
+                "weights": [extra["desirable_weight"], extra["undesirable_weight"]] if p.method == "kto" else None}
+
+    def fit(self, checkpoint: None, lr: float | None) -> None:
+        from transformers import PrinterCallback, ProgressCallback
+        from trl import DPOTrainer, KTOTrainer
+
+        progress = RichProgressCallback(self.console)
+        trainer_class = KTOTrainer if self.method == "kto" else DPOTrainer
+        self.trainer = trainer_class(model=self.model, args=self.args, train_dataset=self.dataset, processing_class=self.tokenizer,
+                                     callbacks=[_LogToMetrics(self.metrics_log), progress])
         for default in (PrinterCallback, ProgressCallback):
-            trainer.remove_callback(default)
+            self.trainer.remove_callback(default)
         try:
-            out = trainer.train()
+            self.out = self.trainer.train()
         except torch.OutOfMemoryError:
-            raise oom_error(cfg) from None
+            raise oom_error(self.cfg) from None
         finally:
             progress.close()
-        adapter_dir = run_dir / "adapter"
-        with atomic_dir(adapter_dir) as tmp:
-            # Only the trained adapter: the frozen "ref" copy TRL added is not part of the result.
-            trainer.model.save_pretrained(tmp, selected_adapters=["default"])
-            tokenizer.save_pretrained(tmp)
-        logged = [e for e in trainer.state.log_history if "loss" in e]
-        metrics = {"method": p.method, "examples": len(rows), "global_step": trainer.state.global_step,
-                   "train_loss": out.training_loss, "last_log": logged[-1] if logged else {}, "continued_from": str(adapter) if adapter else None}
-        write_json_atomic(run_dir / "result.json", metrics)
-        metrics_log.write("end", **metrics)
-    finally:
-        metrics_log.close()
-        tracking.close(metrics, failed=metrics is None)
-    console.print(f"[green]done[/]: {p.method.upper()} adapter at {adapter_dir}")
-    return PreferenceResult(run_dir, adapter_dir, p.method, len(rows), metrics)
+        return None  # TRL's trainers report no non-finite step to roll back from
+
+    def base_lr(self) -> float:
+        return self.cfg.preference.learning_rate
+
+    def finish(self) -> dict:
+        logged = [e for e in self.trainer.state.log_history if "loss" in e]
+        return {"method": self.method, "examples": len(self.rows), "global_step": self.trainer.state.global_step,
+                "train_loss": self.out.training_loss, "last_log": logged[-1] if logged else {},
+                "continued_from": str(self.adapter) if self.adapter else None}
+
+    def write_adapter(self, folder: Path) -> None:
+        # Only the trained adapter: the frozen "ref" copy TRL added is not part of the result.
+        self.trainer.model.save_pretrained(folder, selected_adapters=["default"])
+
+    def close(self) -> None:
+        pass
+
+
+def train_preferences(cfg: RunConfig, data_file: str | Path, *, adapter: str | Path | None = None,
+                      console: Console | None = None) -> PreferenceResult:
+    engine = PreferenceEngine(cfg, read_preferences(data_file, cfg.preference.method), data_file, adapter, console or Console(stderr=True))
+    result = run_training(engine)
+    return PreferenceResult(result.run_dir, result.adapter_dir, engine.method, len(engine.rows), result.metrics)

@@ -1,12 +1,12 @@
-"""The training recipe: config in, adapter out.
+"""The torch training engine: config in, adapter out (the run's skeleton is `run.py`).
 
     data -> token ids with assistant-only labels -> base (4-bit NF4 or plain) + LoRA
-         -> EdenTrainer (length-grouped batches, eval/save/early stopping, NaN rollback)
+         -> EdenTrainer (length-grouped batches, eval/save/early stopping)
          -> best checkpoint loaded -> <run>/adapter
 
-Everything the run needs to be reproduced or audited goes to `<run>/manifest.json`; every logged
-event to `<run>/metrics.jsonl` and TensorBoard (`<run>/tensorboard`). Under `accelerate launch`
-every process runs this recipe and only the main one writes those files (`distributed.py`).
+Every logged event goes to `<run>/metrics.jsonl` and TensorBoard (`<run>/tensorboard`). Under
+`accelerate launch` every process runs this engine and only the main one writes those files
+(`distributed.py`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ import importlib.util
 import json
 import logging
 import re
-import shutil
-import subprocess
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,28 +24,17 @@ from rich.console import Console
 from rich.markup import escape
 
 from edentune.config import RunConfig
-from edentune.errors import ConfigError, DataError, EdentuneError
-from edentune.io import atomic_dir, ensure_dir, file_sha256, write_json_atomic
+from edentune.errors import ConfigError, EdentuneError
 from edentune.models import check_adapter_dir, load_adapter, load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 
-from ..data.eden_layout import request_layout
-from .data import encode_all, load_splits, to_dataset
-from .distributed import Processes, check_supported, current_processes, load_device
+from edentune.data.encode import Encoded
+
+from .distributed import check_supported, current_processes, load_device
 from .dropout import use_cheap_lora_dropout
-from .health import diverged_error
-from .mlx_backend import select_backend
-from .monitor import MetricsLog, MonitorCallback, RichProgressCallback
+from .monitor import MonitorCallback, RichProgressCallback
+from .run import RunDir, prepare_data, write_manifest
 
 log = logging.getLogger(__name__)
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl", "mlx", "mlx-lm", "edentune")
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    adapter_dir: Path
-    best_checkpoint: Path | None
-    metrics: dict = field(default_factory=dict)
 
 
 # -- components ---------------------------------------------------------------------------------
@@ -214,12 +200,6 @@ def training_arguments(cfg: RunConfig, run_dir: Path, device: str, dtype: torch.
     ), **overrides})
 
 
-def last_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-
-
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR naming
 OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")  # Trainer restores both or neither
 
@@ -300,44 +280,6 @@ def resume_checkpoint(run_dir: Path, console: Console, fresh_optimizer: bool = F
     return str(ckpt) if ckpt is not None else None
 
 
-def git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[3]
-    if not (root / ".git").exists():
-        return None
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("-dirty" if dirty else "")
-
-
-def write_manifest(run_dir: Path, cfg: RunConfig, tokenizer, device: str, dtype: torch.dtype, data_stats: dict, resumed: bool,
-                   procs: Processes | None = None) -> None:
-    def version(pkg: str) -> str | None:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    files = [*cfg.data.train_files, *cfg.data.validation_files]
-    write_json_atomic(run_dir / "manifest.json", {
-        "config": cfg.model_dump(mode="json"),
-        "datasets": {f: file_sha256(f) for f in files},
-        "data": data_stats,
-        "chat_template": tokenizer.chat_template,
-        "packages": {p: version(p) for p in PACKAGES},
-        "seed": cfg.training.seed,
-        "device": device if device != "cuda" else f"cuda ({torch.cuda.get_device_name(0)})",
-        "dtype": str(dtype).removeprefix("torch."),
-        "git_commit": git_commit(),
-        "resumed": resumed,
-        "processes": procs.num if procs else 1,
-        "fsdp": bool(procs and procs.fsdp),
-    })
-
-
 def oom_error(cfg: RunConfig) -> EdentuneError:
     t = cfg.training
     msg = (f"out of GPU memory (batch {t.per_device_batch_size} x {cfg.model.max_seq_len} tokens, "
@@ -359,171 +301,125 @@ def oom_error(cfg: RunConfig) -> EdentuneError:
         "`edentune plan CONFIG` shows the memory budget"))
 
 
-def prepare_data(cfg: RunConfig, tokenizer, console: Console):
-    """Encoded train and validation examples, with overlong handling reported (never silent)."""
-    m = cfg.model
-    layout = request_layout(cfg.export)  # eden: one single-turn example per reply, as the app asks
-    train_convs, val_convs = (layout.conversations(c) for c in load_splits(cfg.data))
-    files = ", ".join(cfg.data.train_files)
-    if not train_convs and val_convs:
-        raise DataError(f"no training conversations left: the validation split took all {len(val_convs)} of {files}",
-                        hint="add more conversations, or list data.validation_files so every training file is trained on")
-    if not train_convs:
-        raise DataError(f"no training conversations in {files}: the data is empty",
-                        hint="point data.train_files at ChatML JSONL with conversations (check it with `edentune data validate`)")
-    train_set, train_stats = encode_all(tokenizer, train_convs, m.max_seq_len, m.overlong, m.system_prompt)
-    val_set, val_stats = encode_all(tokenizer, val_convs, m.max_seq_len, m.overlong, m.system_prompt)
-    if not train_set:
-        raise DataError(f"none of the {len(train_convs)} training conversation(s) fits model.max_seq_len={m.max_seq_len} "
-                        f"(the longest has {train_stats.longest} tokens; {train_stats.dropped_overlong} dropped, "
-                        f"model.overlong={m.overlong})",
-                        hint="raise model.max_seq_len or use overlong: truncate")
-    for name, s in (("train", train_stats), ("validation", val_stats)):
-        if s.dropped_overlong or s.truncated:
-            console.print(f"{name}: {s.dropped_overlong} conversation(s) longer than max_seq_len={m.max_seq_len} dropped, "
-                          f"{s.truncated} truncated (model.overlong={m.overlong})")
-    if not val_set:
-        console.print("[yellow]no validation data[/]: evaluation, best-checkpoint selection and early stopping are off")
-    stats = {name: {k: v for k, v in vars(st).items() if k != "dropped_sources"}
-             for name, st in (("train", train_stats), ("validation", val_stats))}
-    return train_set, val_set, stats
+def to_dataset(examples: list[Encoded]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "input_ids": [e.input_ids for e in examples],
+        "attention_mask": [[1] * len(e.input_ids) for e in examples],
+        "labels": [e.labels for e in examples],
+    })
 
 
-# -- the recipe ---------------------------------------------------------------------------------
-def train(cfg: RunConfig, resume: bool = False, callbacks: list | tuple = (), console: Console | None = None,
-          fresh_optimizer: bool = False, init_adapter: str | Path | None = None) -> TrainResult:
-    """Train `cfg`'s LoRA from scratch, or continue `init_adapter` (a saved PEFT adapter, e.g. the
-    live round's in `edentune cycle`) on this data; `resume` continues this run's newest complete
-    checkpoint (see `resume_checkpoint`)."""
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-    from transformers.integrations import TensorBoardCallback
+# -- the torch engine ------------------------------------------------------------------------------
+class TorchEngine:
+    """SFT with transformers' Trainer (`EdenTrainer`): one process, or each rank under `accelerate launch`."""
 
-    from .trackers import TrackerSession
-    from .trainer import EdenTrainer
+    output_key, label = "training.output_dir", ""
 
-    console = console or Console(stderr=True)
-    if select_backend(cfg.training.backend) == "mlx":
-        from .mlx_backend import train_mlx
+    def __init__(self, cfg: RunConfig, *, init_adapter: str | Path | None = None, callbacks: list | tuple = (),
+                 console: Console | None = None, fresh_optimizer: bool = False):
+        self.cfg, self.init_adapter, self.callbacks, self.fresh_optimizer = cfg, init_adapter, callbacks, fresh_optimizer
+        self.run = RunDir(cfg.training.output_dir)
+        self.device = pick_device()
+        self.procs = current_processes(self.device)
+        check_supported(cfg, self.device, self.procs)
+        self.main = self.procs.main
+        # The main process speaks for all.
+        self.console = (console or Console(stderr=True)) if self.main else Console(stderr=True, quiet=True)
+        self.tb_writer = self.trainer = None
 
-        return train_mlx(cfg, resume=resume, callbacks=callbacks, console=console, fresh_optimizer=fresh_optimizer)
-    t = cfg.training
-    run_dir = Path(t.output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"training.output_dir {run_dir} is a file, not a folder",
-                          hint="set training.output_dir to a new folder; the run writes checkpoints and the adapter there")
-    device = pick_device()
-    procs = current_processes(device)
-    check_supported(cfg, device, procs)
-    if not procs.main:
-        console = Console(stderr=True, quiet=True)  # the main process speaks for all
-    existing = last_checkpoint(run_dir)
-    if existing and not resume:
-        raise EdentuneError(f"{run_dir} already has checkpoints ({Path(existing).name})",
-                            hint="continue it with `edentune train CONFIG --resume`, or set training.output_dir to a new directory")
-    checkpoint = resume_checkpoint(run_dir, console, fresh_optimizer) if resume else None
-    if resume and checkpoint is None:
-        console.print(f"no checkpoint in {run_dir}: " + (f"training continues from the adapter {init_adapter}" if init_adapter
-                                                           else "starting from the base model"), markup=False)
-    ensure_dir(run_dir)
-    if procs.main:
-        for stale in run_dir.glob(".checkpoint-*"):  # temporaries of a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+    def resume_checkpoint(self) -> str | None:
+        return resume_checkpoint(self.run.path, self.console, self.fresh_optimizer)
 
-    dtype = pick_dtype(t.precision, device)
-    model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.architecture)
-    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    tokenizer.padding_side = "right"  # labels are -100 on padding either way; right keeps positions 0..n-1
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # safe: labels come from the assistant spans, not from pad ids
+    def prepare(self, checkpoint: str | None) -> dict:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    train_set, val_set, data_stats = prepare_data(cfg, tokenizer, console)
-    has_eval = bool(val_set)
+        cfg, t, device = self.cfg, self.cfg.training, self.device
+        self.dtype = pick_dtype(t.precision, device)
+        self.model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.architecture)
+        tok = self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
+        tok.padding_side = "right"  # labels are -100 on padding either way; right keeps positions 0..n-1
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token  # safe: labels come from the assistant spans, not from pad ids
+        self.train_set, self.val_set, self.data_stats = prepare_data(cfg, tok, self.console)
+        # Batching: packed (padding-free) or length-grouped / random order padded to the longest in the batch.
+        self.batching = resolve_batching(t.batching, device)
+        self.collator = (DataCollatorWithFlattening() if self.batching == "packed"
+                         else DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
+        if t.offload_checkpoints and not device.startswith("cuda"):
+            self.console.print(f"note: training.offload_checkpoints applies to CUDA only; on {device} the checkpoints stay where they are")
+        if device == "cpu" and t.optimizer.startswith("paged"):
+            self.console.print("note: paged optimizers need CUDA; bitsandbytes uses the non-paged 8-bit AdamW on CPU")
+        if self.main:
+            shown = device if device != "cuda" else f"cuda ({torch.cuda.get_device_name(0)})"
+            write_manifest(self.run, cfg, tok, shown, str(self.dtype).removeprefix("torch."), self.data_stats,
+                           resumed=checkpoint is not None, processes=self.procs.num, fsdp=self.procs.fsdp)
+            self.tb_writer = SummaryWriter(str(self.run.tensorboard_dir))
+        self.model_device = load_device(device, self.procs)
+        self.model = self._fresh_model()
+        if self.batching == "packed" and flash_attention_available(device):
+            self.model.set_attn_implementation("flash_attention_2")  # varlen kernel: no block-diagonal mask to build
+        return {"data": self.data_stats, "device": device, "processes": self.procs.num}
 
-    # Batching: packed (padding-free) or length-grouped / random order padded to the longest in the batch.
-    batching = resolve_batching(t.batching, device)
-    collator = (DataCollatorWithFlattening() if batching == "packed"
-                else DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
-    if t.offload_checkpoints and not device.startswith("cuda"):
-        console.print(f"note: training.offload_checkpoints applies to CUDA only; on {device} the checkpoints stay where they are")
-    if device == "cpu" and t.optimizer.startswith("paged"):
-        console.print("note: paged optimizers need CUDA; bitsandbytes uses the non-paged 8-bit AdamW on CPU")
+    def _fresh_model(self):
+        return engine_model(self.cfg, self.model_dir, self.model_device, self.dtype, adapter=self.init_adapter, fsdp=self.procs.fsdp)
 
-    if procs.main:
-        write_manifest(run_dir, cfg, tokenizer, device, dtype, data_stats, resumed=checkpoint is not None, procs=procs)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=procs.main)
-    metrics_log.write("start", resume_from=checkpoint, data=data_stats, device=device, processes=procs.num,
-                      init_adapter=str(init_adapter) if init_adapter else None)
-    tb_writer = SummaryWriter(str(run_dir / "tensorboard")) if procs.main else None
-    tracking = TrackerSession(cfg, run_dir, run_dir.name, params=cfg.model_dump(mode="json"), enabled=procs.main)
-    metrics = None
+    def fit(self, checkpoint: str | None, lr: float | None) -> str | None:
+        from .trainer import EdenTrainer
 
-    model_device = load_device(device, procs)
-    model = engine_model(cfg, model_dir, model_device, dtype, adapter=init_adapter, fsdp=procs.fsdp)
-    if batching == "packed" and flash_attention_available(device):
-        model.set_attn_implementation("flash_attention_2")  # varlen kernel: no block-diagonal mask to build
-    rollback_lr, rollbacks = None, 0
-    try:
-        while True:
-            trainer = EdenTrainer(
-                model=model, args=training_arguments(cfg, run_dir, device, dtype, has_eval, rollback_lr or t.learning_rate),
-                train_dataset=to_dataset(train_set), eval_dataset=to_dataset(val_set) if has_eval else None,
-                data_collator=collator, processing_class=tokenizer,
-                length_grouped=batching == "length_grouped", rollback_lr=rollback_lr,
-                offload_checkpoints=t.offload_checkpoints and device.startswith("cuda"),
-            )
-            _install_callbacks(trainer, cfg, has_eval, metrics_log, tb_writer, console, callbacks)
-            progress = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RichProgressCallback)]
-            try:
-                trainer.train(resume_from_checkpoint=checkpoint)
-            except torch.OutOfMemoryError:
-                raise oom_error(cfg) from None
-            finally:
-                for bar in progress:
-                    bar.close()
-            if not trainer.non_finite:
-                break
-            # NaN/Inf: roll back to the last complete checkpoint, halve the LR, continue.
-            if rollbacks >= t.nan_max_retries:
-                raise diverged_error(trainer.non_finite, rollbacks)
-            rollbacks += 1
-            rollback_lr = trainer.lr_scheduler.base_lrs[0] / 2
-            checkpoint = resume_checkpoint(run_dir, console)
-            console.print(f"[red]non-finite {trainer.non_finite}[/]: rolling back to {Path(checkpoint).name if checkpoint else 'the start'} "
-                          f"with learning rate {rollback_lr:.2e} (retry {rollbacks}/{t.nan_max_retries})")
-            metrics_log.write("nan_rollback", reason=trainer.non_finite, checkpoint=checkpoint, learning_rate=rollback_lr, retry=rollbacks)
-            if checkpoint is None:
-                model = engine_model(cfg, model_dir, model_device, dtype, adapter=init_adapter, fsdp=procs.fsdp)  # nothing to roll back to: start again
+        t = self.cfg.training
+        if lr is not None and checkpoint is None:
+            self.model = self._fresh_model()  # a rollback with nothing to roll back to: start again
+        has_eval = bool(self.val_set)
+        trainer = self.trainer = EdenTrainer(
+            model=self.model, args=training_arguments(self.cfg, self.run.path, self.device, self.dtype, has_eval, lr or t.learning_rate),
+            train_dataset=to_dataset(self.train_set), eval_dataset=to_dataset(self.val_set) if has_eval else None,
+            data_collator=self.collator, processing_class=self.tokenizer,
+            length_grouped=self.batching == "length_grouped", rollback_lr=lr,
+            offload_checkpoints=t.offload_checkpoints and self.device.startswith("cuda"),
+        )
+        _install_callbacks(trainer, self.cfg, has_eval, self.metrics_log, self.tb_writer, self.console, self.callbacks)
+        progress = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RichProgressCallback)]
+        try:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        except torch.OutOfMemoryError:
+            raise oom_error(self.cfg) from None
+        finally:
+            for bar in progress:
+                bar.close()
+        return trainer.non_finite
 
+    def base_lr(self) -> float:
+        return self.trainer.lr_scheduler.base_lrs[0]
+
+    def finish(self) -> dict:
+        from transformers.integrations import TensorBoardCallback
+
+        trainer = self.trainer
         trainer.remove_callback(TensorBoardCallback)  # it closed its writer at train end; metrics.jsonl gets this one
-        final_eval = trainer.evaluate() if has_eval else {}
-        adapter_dir = run_dir / "adapter"
+        final_eval = trainer.evaluate() if self.val_set else {}
         # FSDP: every process takes part in gathering the sharded weights; the main one writes them.
-        weights = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
-        if procs.main:
-            with atomic_dir(adapter_dir) as tmp:
-                trainer.model.save_pretrained(tmp, state_dict=weights)
-                tokenizer.save_pretrained(tmp)
+        self._weights = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
         state = trainer.state
-        best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
-        metrics = {
+        return {
             "global_step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
-            "stopped_early": state.global_step < state.max_steps, "best_checkpoint": str(best) if best else None,
+            "stopped_early": state.global_step < state.max_steps, "best_checkpoint": state.best_model_checkpoint,
             "best_eval_loss": state.best_metric, "final_eval_loss": final_eval.get("eval_loss"),
-            "final_eval_perplexity": final_eval.get("eval_perplexity"), "nan_rollbacks": rollbacks,
-            "trained_tokens": trainer.trained_tokens, "data": data_stats,
+            "final_eval_perplexity": final_eval.get("eval_perplexity"),
+            "trained_tokens": trainer.trained_tokens, "data": self.data_stats,
         }
-        if procs.main:
-            write_json_atomic(run_dir / "result.json", metrics)
-        metrics_log.write("end", **{k: v for k, v in metrics.items() if k != "data"})
-        trainer.accelerator.wait_for_everyone()  # the adapter is in place when any process returns
-    finally:
-        metrics_log.close()
-        if tb_writer is not None:
-            tb_writer.close()
-        tracking.close(metrics, failed=metrics is None)
-    console.print(f"[green]done[/]: adapter at {adapter_dir}" + (f" (best checkpoint {best.name}, val loss {state.best_metric:.4f})" if best else ""))
-    return TrainResult(run_dir, adapter_dir, best, metrics)
+
+    def write_adapter(self, folder: Path) -> None:
+        self.trainer.model.save_pretrained(folder, state_dict=self._weights)
+
+    def wait_for_everyone(self) -> None:
+        self.trainer.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        if self.tb_writer is not None:
+            self.tb_writer.close()
 
 
 def _install_callbacks(trainer, cfg: RunConfig, has_eval: bool, metrics_log, tb_writer, console, extra) -> None:

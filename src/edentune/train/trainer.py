@@ -34,7 +34,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from edentune.io import atomic_dir
 
-from .data import IGNORE
+from edentune.data.encode import IGNORE
 from .offload import offloaded_activations
 
 TRAINER_STATE = "trainer_state.json"

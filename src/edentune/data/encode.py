@@ -1,5 +1,7 @@
 """Conversations -> token ids and labels that train only on what the assistant says.
 
+One home for training (`train`) and scoring (`evaluate`: perplexity over the same tokens).
+
 Each conversation is rendered with the model's own chat template. Assistant spans are found by
 rendering prefixes (messages[:i] with the generation prompt, then messages[:i+1]) and comparing
 character positions, so no token ids are guessed and a pad == eos tokenizer cannot hide the
@@ -69,7 +71,7 @@ def read_conversations(path: str | Path) -> list[Conversation]:
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
     # An explicit system prompt, never the template's default (Qwen's injects "You are Qwen, ...").
-    if system_prompt is None or messages[0]["role"] == "system":
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
         return messages
     return [{"role": "system", "content": system_prompt}, *messages]
 
@@ -139,7 +141,7 @@ def encode_all(tokenizer, convs: list[Conversation], max_len: int, overlong: str
 
 def load_splits(data_cfg) -> tuple[list[Conversation], list[Conversation]]:
     """Train and validation conversations; without validation files, a content-hash split."""
-    from edentune.data.split import split_records
+    from .split import split_records
 
     if not data_cfg.train_files:
         raise DataError("data.train_files is empty", hint="list one or more ChatML JSONL files in the config")
@@ -149,15 +151,3 @@ def load_splits(data_cfg) -> tuple[list[Conversation], list[Conversation]]:
     records = [{"messages": c.messages, "conv": c} for c in train]
     tr, va = split_records(records, data_cfg.validation_fraction)
     return [r["conv"] for r in tr], [r["conv"] for r in va]
-
-
-
-
-def to_dataset(examples: list[Encoded]):
-    from datasets import Dataset
-
-    return Dataset.from_dict({
-        "input_ids": [e.input_ids for e in examples],
-        "attention_mask": [[1] * len(e.input_ids) for e in examples],
-        "labels": [e.labels for e in examples],
-    })
