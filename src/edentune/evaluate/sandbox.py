@@ -7,7 +7,8 @@ An in-process guard cannot contain Python, so isolation comes from the operating
   user, pid, network, ipc, uts, mount and cgroup namespaces; a root filesystem holding only
   read-only system and interpreter directories, a fresh /proc (its /proc/sys read-only) and a
   minimal /dev; one small tmpfs as the only writable place; an empty environment. Resource limits
-  are set inside (see `_PRELUDE`); a wall-clock timeout kills bwrap, and the pid namespace dies with it.
+  are set inside (see `_PRELUDE`); at a limit the sandbox's init is killed and waited for, and the
+  pid namespace, every process in it, is gone before `run_python` returns.
   bwrap always runs as an unprivileged host user: started by root, a user namespace alone would map
   the sandbox to host uid 0 (file permissions then pass as root: /proc/sys/kernel/core_pattern is
   writable), so root first drops to `nobody` (see `_DROP_TO_NOBODY`).
