@@ -303,6 +303,11 @@ def test_memory_hog_is_stopped(code):
 def test_disk_is_bounded():
     r = run_python("for i in range(100):\n    open(f'f{i}', 'wb').write(bytes(4 << 20))", Limits(disk_bytes=16 << 20))
     assert r.status == "blocked" and "No space left" in r.error
+    # bwrap's own root and /dev are tmpfs without a size: read-only, so they cannot be filled instead
+    r = run_python("import os\nfor p in ('/x', '/etc/x', '/dev/x', '/tmp/x'):\n    try:\n        open(p, 'w').close()\n"
+                   "        print(p, 'written')\n    except OSError as err:\n        print(p, err.strerror)", FAST)
+    assert r.stdout.splitlines() == ["/x Read-only file system", "/etc/x Read-only file system", "/dev/x Read-only file system",
+                                     "/tmp/x written"]
 
 
 @needs_sandbox

@@ -7,7 +7,8 @@ An in-process guard cannot contain Python, so isolation comes from the operating
   user, pid, network, ipc, uts, mount and cgroup namespaces; a root filesystem holding only
   read-only system and interpreter directories, a fresh /proc (its /proc/sys read-only) and a
   minimal /dev; one small tmpfs as the only writable place; an empty environment. Resource limits
-  are set inside (see `_PRELUDE`); a wall-clock timeout kills bwrap, and the pid namespace dies with it.
+  are set inside (see `_PRELUDE`); at a limit the sandbox's init is killed and waited for, and the
+  pid namespace, every process in it, is gone before `run_python` returns.
   bwrap always runs as an unprivileged host user: started by root, a user namespace alone would map
   the sandbox to host uid 0 (file permissions then pass as root: /proc/sys/kernel/core_pattern is
   writable), so root first drops to `nobody` (see `_DROP_TO_NOBODY`).
@@ -164,9 +165,10 @@ def _interpreter_paths() -> list[str]:
     return sorted(p for p in paths if not any(p.startswith(o + "/") for o in paths))
 
 
-def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits) -> list[str]:
+def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, info_fd: int, limits: Limits) -> list[str]:
     argv = [
         bwrap,
+        "--info-fd", str(info_fd),  # bwrap writes {"child-pid": ...}: the sandbox's init, killed first (see _run)
         "--unshare-all", "--unshare-user",  # user, pid, net, ipc, uts, cgroup: required, not "try"
         "--disable-userns",  # no nested user namespaces: less kernel surface for the program
         "--die-with-parent",  # if we die (or are killed), bwrap and the whole sandbox die too
@@ -195,6 +197,9 @@ def _bwrap_argv(bwrap: str, snippet_fd: int, passwd_fd: int, limits: Limits) -> 
     ]
     if not any(p == "/tmp" or p.startswith("/tmp/") for p in _interpreter_paths()):
         argv += ["--symlink", WORKDIR, "/tmp"]  # code that writes to /tmp lands in the tmpfs
+    # Last: bwrap's own root and /dev are tmpfs without a size limit; read-only, the bounded
+    # WORKDIR is the only place the program can write (no filling memory through /x or /dev/x).
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
     for key, value in _ENV.items():
         argv += ["--setenv", key, value]
     return [*argv, "--", *_python_argv(limits, nproc=True, snippet=f"{WORKDIR}/snippet.py")]
@@ -306,16 +311,19 @@ def check_run_code(mode: str) -> Sandbox | None:
     return box
 
 
-def _collect(proc: subprocess.Popen, limits: Limits, kill) -> tuple[bytes, bytes, str | None]:
+def _collect(proc: subprocess.Popen, limits: Limits, kill, info: tuple[int, bytearray] | None = None) -> tuple[bytes, bytes, str | None]:
     """Read both pipes until exit, keeping only the last `output_keep` bytes of each: a program
-    printing gigabytes costs no memory. Returns (stdout, stderr, why it was stopped or None)."""
+    printing gigabytes costs no memory. `info`: bwrap's info pipe and where its bytes go (the
+    first 4 KiB). Returns (stdout, stderr, why it was stopped or None)."""
     kept = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     total, stopped = 0, None
     deadline = time.monotonic() + limits.wall_seconds
     with selectors.DefaultSelector() as sel:
         for pipe in kept:
             sel.register(pipe, selectors.EVENT_READ)
-        while sel.get_map():
+        if info is not None:
+            sel.register(info[0], selectors.EVENT_READ)
+        while any(key.fileobj in kept for key in sel.get_map().values()):
             left = deadline - time.monotonic()
             if left <= 0:
                 stopped = f"wall-clock limit ({limits.wall_seconds:g} s)"
@@ -324,6 +332,9 @@ def _collect(proc: subprocess.Popen, limits: Limits, kill) -> tuple[bytes, bytes
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
                     sel.unregister(key.fileobj)
+                    continue
+                if key.fileobj not in kept:  # the info pipe
+                    info[1].extend(chunk[:4096 - len(info[1])])
                     continue
                 buf = kept[key.fileobj]
                 buf += chunk
@@ -341,6 +352,24 @@ def _collect(proc: subprocess.Popen, limits: Limits, kill) -> tuple[bytes, bytes
         proc.wait()
         stopped = stopped or f"wall-clock limit ({limits.wall_seconds:g} s)"
     return bytes(kept[proc.stdout]), bytes(kept[proc.stderr]), stopped
+
+
+def _kill_sandbox_init(info: bytes, wait: float = 5.0) -> None:
+    """SIGKILL the pid 1 of the sandbox's pid namespace named in bwrap's info JSON, and wait for it."""
+    try:
+        pid = json.JSONDecoder().raw_decode(info.decode())[0]["child-pid"]
+        pidfd = os.pidfd_open(int(pid))
+    except (ValueError, KeyError, TypeError, OSError):  # not started yet, or already gone
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        with selectors.DefaultSelector() as sel:
+            sel.register(pidfd, selectors.EVENT_READ)  # readable once it has exited
+            sel.select(timeout=wait)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def _classify(rc: int, stderr: str, limits: Limits) -> RunResult:
@@ -367,6 +396,9 @@ def _run(box: Sandbox | None, code: str, limits: Limits) -> RunResult:
             uid, gid = box.run_as or (os.getuid(), os.getgid())
             fds = [_memfd("snippet.py", code.encode("utf-8", "surrogatepass")),
                    _memfd("passwd", f"sandbox:x:{uid}:{gid}::{WORKDIR}:/bin/false\n".encode())]
+            info_read, info_write = os.pipe()
+            stack.callback(os.close, info_read)
+            fds.append(info_write)
             argv = _bwrap_argv(box.program, *fds, limits)
             if box.run_as:  # root: the helper drops to run_as, then execs bwrap
                 plan = _covers(sorted({*_interpreter_paths(), *box.needs}), uid, gid)
@@ -386,12 +418,19 @@ def _run(box: Sandbox | None, code: str, limits: Limits) -> RunResult:
             for fd in fds:
                 os.close(fd)
 
-        def kill() -> None:  # bwrap's death takes the pid namespace with it; killpg covers the rest
+        info = (info_read, bytearray()) if box and box.kind == "bubblewrap" else None
+
+        def kill() -> None:
+            # The sandbox's init first, and wait until it is gone: the kernel kills every process of
+            # its pid namespace before the init's exit completes, so nothing is left when we return.
+            # (Killing bwrap alone kills them too, but asynchronously, after we have returned.)
+            if info is not None:
+                _kill_sandbox_init(info[1])
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
         with proc:
-            out, err, stopped = _collect(proc, limits, kill)
+            out, err, stopped = _collect(proc, limits, kill, info)
     if stopped:
         result = RunResult("timeout" if stopped.startswith("wall") else "blocked", stopped)
     else:
