@@ -140,18 +140,20 @@ def register(app: typer.Typer) -> None:
         from .report import status, waiting_rounds
         from .round import run_round
 
-        eden = None
         if eden_db is not None and not from_eden:
             raise EdentuneError(f"{eden_db}: a database is read only with --from-eden", hint=f"edentune cycle run {directory} --from-eden {eden_db}")
         if from_eden:
             from . import eden as eden_import
+            from .lock import workspace_lock
 
-            eden = eden_import.prepare(directory, eden_db, round_id, err_console)
-            new, feedback, round_id = [*new, *eden.new], [*feedback, *eden.feedback], eden.round_id
-        result = run_round(directory, new, feedback=feedback or None, round_id=round_id, console=err_console, host=host,
-                           deploy=not no_deploy)
-        if eden is not None:
-            eden_import.record(directory, eden)
+            with workspace_lock(directory, "cycle run"):  # the import writes into the round: under the round's lock
+                eden = eden_import.prepare(directory, eden_db, round_id, err_console)
+                result = run_round(directory, [*new, *eden.new], feedback=[*feedback, *eden.feedback] or None, round_id=eden.round_id,
+                                   console=err_console, host=host, deploy=not no_deploy)
+                eden_import.record(directory, eden)
+        else:
+            result = run_round(directory, new, feedback=feedback or None, round_id=round_id, console=err_console, host=host,
+                               deploy=not no_deploy)
         table = status(directory)
         table.rows = [r for r in table.rows if r.round_id == result.round_id]
         print_status(table, Console(), title=f"round {result.round_id}: {result.status}")
