@@ -152,7 +152,7 @@ def plan(
     from .config import load_config
     from .train.plan import estimate, model_config_for
 
-    from .roundplan import print_round_plan, round_plan_for
+    from .cycle.plan import print_round_plan, round_plan_for
 
     cfg = load_config(config)
     rp = round_plan_for(cfg, device.value, device_gb, ram_gb=ram_gb, disk_free_gb=disk_free_gb, where=cfg.training.output_dir)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from edentune.cli import app
 from edentune.config import config_for_model, render_config_yaml
-from edentune.roundplan import plan_round
+from edentune.cycle.plan import plan_round
 from edentune.train.plan import KNOWN_ARCHITECTURES, estimate, estimate_apple
 
 HOST_RAM_GB = 32  # beside the CUDA cards

@@ -257,7 +257,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     ) -> None:
         """The round's plan: peak memory of each step (train, evaluate, export, smoke check) and disk."""
-        from ..roundplan import DEVICES, print_round_plan, round_plan_for
+        from .plan import DEVICES, print_round_plan, round_plan_for
         from .workspace import load_workspace
 
         if device not in DEVICES:

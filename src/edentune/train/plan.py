@@ -255,7 +255,7 @@ def _advice(plan: Plan, cfg, estimate_for) -> list[str]:
 def scored_options(plan: Plan, cfg, estimate_for) -> list[tuple[float, dict, str]]:
     """(GB freed, config changes, what to write) of each setting that shrinks the run, the one
     that frees most first, each re-estimated with `estimate_for(changed_cfg) -> Plan`. The round
-    planner applies them in this order until the run fits (`edentune.roundplan`)."""
+    planner applies them in this order until the run fits (`edentune.cycle.plan`)."""
     from ..errors import ConfigError
 
     t, m = cfg.training, cfg.model

@@ -32,8 +32,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .evaluate.memory import FASTEST_FIRST, Q4_K_M_BITS, eval_memory_terms
-from .train.plan import (CPU_HEADROOM, CPU_OVERHEAD_GB, CUDA_OVERHEAD_GB, GB, Arch, Plan, apple_gpu_budget_gb,
+from ..evaluate.memory import FASTEST_FIRST, Q4_K_M_BITS, eval_memory_terms
+from ..train.plan import (CPU_HEADROOM, CPU_OVERHEAD_GB, CUDA_OVERHEAD_GB, GB, Arch, Plan, apple_gpu_budget_gb,
                          apple_options, estimate, estimate_apple, lora_param_count, scored_options)
 
 APPLE_SYSTEM_GB = 4.0  # what macOS and the apps keep on a Mac (the training planner leaves the OS 4 GB too)
@@ -138,7 +138,7 @@ def _train_step(cfg, model_config, device: str, device_gb: float, ram_gb: float,
     if device == "cuda":
         arch = Arch.from_config(model_config)
         if cfg.training.offload_checkpoints and cfg.training.gradient_checkpointing:
-            from .train.plan import stream_bytes
+            from ..train.plan import stream_bytes
 
             host["offloaded layer inputs (pinned)"] = (stream_bytes(cfg, "cuda") * p.tokens_per_micro_batch * arch.hidden
                                                        * arch.layers / GB)
@@ -418,7 +418,7 @@ def round_plan_for(cfg, device: str, device_gb: float | None, *, ram_gb: float |
     (else 24 GB); the free disk to the free space where the run writes (`where`)."""
     import platform
 
-    from .train.plan import model_config_for
+    from ..train.plan import model_config_for
 
     if device_gb is None:
         if device == "cuda":
