@@ -148,3 +148,17 @@ def test_run_passes_its_arguments_and_prints_the_round(ws, tmp_path, monkeypatch
     assert res.exit_code == 0, res.output
     assert calls == [(ws.dir, [Path("a.jsonl"), Path("b.jsonl")], [Path("r.jsonl")], "2026-02", "http://10.0.0.2:11434")]
     assert "round 2026-02: refused" in res.stdout and "2026-01" not in res.stdout
+
+
+def test_progress_bars_are_off_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    """A log file (cron, `2> log`) would get one redrawn weight-loading bar line per tick."""
+    from edentune.cli import main
+
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["edentune", "--version"])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code in (0, None) and capsys.readouterr().out.startswith("edentune ")
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
