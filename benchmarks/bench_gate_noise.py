@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=8, help="suite cases (the quickstart's subset)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bench_gate_noise.json")
+    ap.add_argument("--lora", action="store_true",
+                    help="plain LoRA on the unquantized base (faster on CPU; the question does not depend on QLoRA)")
     ap.add_argument("--work", type=Path, default=None,
                     help="keep each adapter's evaluation here; a rerun reuses them (default: a temporary folder)")
     a = ap.parse_args()
@@ -63,6 +65,8 @@ def main() -> None:
         opts = QuickstartOptions(out_dir=tmp, max_steps=a.steps, max_new_tokens=a.max_new_tokens, eval_cases=a.cases)
         train_file, val_file = prepare_data(tmp / "data", quiet)
         base_cfg = quickstart_config(opts, train_file, val_file)
+        if a.lora:
+            base_cfg = base_cfg.updated({"quantization.load_in_4bit": False})
         full = load_suite(base_cfg.evaluation.suite)
         suite = Suite(full.name, full.path, _spread(full.cases, a.cases))
         validation, replay = perplexity_sets(base_cfg, limit=40)
@@ -102,7 +106,7 @@ def main() -> None:
     n = len(pairs)
     out = {
         "what": "share of no-change pairs (same month, another training seed) in which the gate calls a gating metric worse",
-        "model": "embedded SmolLM2-135M-Instruct", "steps": a.steps, "seeds": a.seeds, "ordered_pairs": n,
+        "model": "embedded SmolLM2-135M-Instruct", "quantized_base": base_cfg.quantization.load_in_4bit, "steps": a.steps, "seeds": a.seeds, "ordered_pairs": n,
         "suite_cases": len(suite.cases), "validation_conversations": len(validation), "replay_conversations": len(replay),
         "significance": base_cfg.evaluation.significance, "tolerance": base_cfg.evaluation.tolerance,
         "called_worse_rate": {name: round(worse[name] / n, 3) for name in gates},

@@ -200,3 +200,17 @@ def test_names_in_a_config_are_checked_against_ollamas_rules(tmp_path):
     ws.config_path.write_text(text.replace("ollama:\n  host: null\n  base: null", "ollama:\n  host: null\n  base: $(id)"))
     with pytest.raises(ConfigError, match=r"ollama.base: '\$\(id\)': its model"):
         load_workspace(ws.dir)
+
+
+def test_progress_bars_are_off_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    """A log file (cron, `2> log`) would get one redrawn weight-loading bar line per tick."""
+    from edentune.cli import main
+
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["edentune", "--version"])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code in (0, None) and capsys.readouterr().out.startswith("edentune ")
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
