@@ -43,7 +43,7 @@ def test_two_rounds_on_a_growing_database(tmp_path, make_workspace, standin_fact
     month_records, _ = new_data
     server = standin_factory()
     # One optimizer step a round: what is tested is which conversations each round imports.
-    ws = make_workspace(tmp_path / "ws", server.host, **{"run.training.max_steps": 1, "run.training.eval_steps": 1,
+    ws = make_workspace(tmp_path / "ws", server.host, **{"run.training.max_steps": 1, "run.training.warmup_steps": 0, "run.training.eval_steps": 1,
                                                          "run.training.save_steps": 1})
     (tmp_path / "app").mkdir()
     db = EdenDB(tmp_path / "app" / "data.db")  # stays open, as the running app's connection
