@@ -42,7 +42,9 @@ def chats(ws: Path, round_id: str) -> list[dict]:
 def test_two_rounds_on_a_growing_database(tmp_path, make_workspace, standin_factory, new_data, short_parity):
     month_records, _ = new_data
     server = standin_factory()
-    ws = make_workspace(tmp_path / "ws", server.host)
+    # One optimizer step a round: what is tested is which conversations each round imports.
+    ws = make_workspace(tmp_path / "ws", server.host, **{"run.training.max_steps": 1, "run.training.warmup_steps": 0, "run.training.eval_steps": 1,
+                                                         "run.training.save_steps": 1})
     (tmp_path / "app").mkdir()
     db = EdenDB(tmp_path / "app" / "data.db")  # stays open, as the running app's connection
     first = add_month(db, month_records(seed=1))
@@ -127,3 +129,43 @@ def test_watermark_and_resume_without_training(tmp_path):
     with load_workspace(ws).open_registry(readonly=True) as reg:
         assert eden.last_watermark(reg) == jan.detail["watermark_ms"]  # 2026-02 has not finished
     db.close()
+
+
+def test_cli_two_rounds_with_the_round_runner_stubbed(tmp_path, monkeypatch):
+    """`cycle run --from-eden` end to end at the command line, the training replaced by a stub that
+    records what it was given and finishes the round in the registry as run_round does."""
+    from types import SimpleNamespace
+
+    import edentune.cycle.round as round_mod
+    from edentune.cycle.workspace import init_workspace, load_workspace
+
+    ws = tmp_path / "ws"
+    init_workspace(ws, model="embedded")
+    calls = []
+
+    def fake_run_round(ws_dir, new_files, *, feedback=None, round_id=None, console=None):
+        calls.append(([json.loads(line) for f in new_files for line in Path(f).read_text(encoding="utf-8").splitlines()],
+                      feedback, round_id))
+        with load_workspace(ws_dir).open_registry() as reg:
+            reg.begin_round(round_id, {})
+            reg.finish_round(round_id, "accepted")
+        return SimpleNamespace(round_id=round_id, status="accepted")
+
+    monkeypatch.setattr(round_mod, "run_round", fake_run_round)
+    db = EdenDB(tmp_path / "data.db")
+    conv = db.conversation()
+    db.turn(conv, "first month", "answer one")
+    res = runner.invoke(app, ["cycle", "run", str(ws), "--from-eden", str(db.path), "--round", "2026-01"])
+    assert res.exit_code == 0, res.output
+    db.turn(db.conversation(), "second month", "answer two")
+    db.thumbs(conv, False)  # a late thumbs-down on the first month's answer
+    res = runner.invoke(app, ["cycle", "run", str(ws), "--from-eden", str(db.path), "--round", "2026-02"])
+    assert res.exit_code == 0, res.output
+    db.close()
+
+    (jan, jan_fb, _), (feb, feb_fb, _) = calls
+    assert [r["messages"][0]["content"] for r in jan] == ["first month"] and jan_fb is None
+    assert [r["messages"][0]["content"] for r in feb] == ["second month"]
+    ratings = [json.loads(line) for line in Path(feb_fb[0]).read_text(encoding="utf-8").splitlines()]
+    assert [(r["messages"][0]["content"], r["rating"], r["meta"]["attribution"]) for r in ratings] == [("first month", "down", "by_time")]
+    assert Path(feb_fb[0]).is_relative_to(ws / "rounds" / "2026-02" / "shared" / "data")
