@@ -51,8 +51,8 @@ def test_a_round_replaces_the_apps_tag_then_rolls_back_and_refuses_a_base_mismat
         unit = ws / "rounds" / "2026-01" / "default"
         export = json.loads((unit / "export" / "export_report.json").read_text())
         assert export["template"]["passed"] and export["template"]["prompts"] >= 1
-        candidate = next(p for p in (unit / "eval").rglob("*.json") if "request_format" in p.read_text())
-        assert json.loads(candidate.read_text())["settings"]["app_system_text"] == APP_TEXT
+        settings = json.loads((unit / "eval" / "candidate.json").read_text())["settings"]
+        assert settings["request_format"] == "eden" and settings["app_system_text"] == APP_TEXT
 
         # Deployed in place of the tag: original kept, fine-tune FROM it, smoke-checked.
         assert server.digest(BACKUP) == original
