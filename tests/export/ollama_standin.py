@@ -2,10 +2,10 @@
 
 It implements the few endpoints edentune's deploy uses, following Ollama's API documentation:
 version, blobs (HEAD/POST with digest check), create (JSON fields only: Modelfile text is refused,
-a missing `from` model is an error instead of a pull), show, tags, copy, delete, chat and generate
-(non-raw, as Garden of Eden V3 calls it). Models are kept in memory; `show` renders a Modelfile
-text the way Ollama's does (FROM/ADAPTER/TEMPLATE/SYSTEM/PARAMETER) and the base's `details` and
-`model_info` (given per base model, inherited through FROM). A model's digest in /api/tags is a
+a missing `from` model is an error instead of a pull), show, tags, copy, delete, and chat. Models
+are kept in memory; `show` renders a Modelfile text the way Ollama's does
+(FROM/ADAPTER/TEMPLATE/SYSTEM/PARAMETER) and the base's `details` and `model_info` (given per
+base model, inherited through FROM). A model's digest in /api/tags is a
 hash of its content, so a copy has the digest of its source and a created model a new one (as
 Ollama's manifest digests behave); `size` is given per base model (default 1).
 
@@ -202,12 +202,6 @@ class OllamaStandIn:
                     return self._send(200, shown)
                 if self.path == "/api/chat":
                     return self._chat(req)
-                if self.path == "/api/generate":  # non-raw: Ollama builds [system, user=prompt] (GenerateHandler)
-                    if req.get("raw") or req.get("suffix") or req.get("context"):
-                        return self._send(400, {"error": "stand-in: only non-raw generate without suffix/context"})
-                    system = [{"role": "system", "content": req["system"]}] if req.get("system") else []
-                    return self._chat(req | {"messages": system + [{"role": "user", "content": req.get("prompt", "")}]},
-                                      generate=True)
                 if self.path == "/api/copy":
                     src, dst = _full(req.get("source", "")), _full(req.get("destination", ""))
                     if src not in standin.models:
@@ -216,7 +210,7 @@ class OllamaStandIn:
                     return self._send(200)
                 self._send(404, {"error": "not found"})
 
-            def _chat(self, req: dict, generate: bool = False):
+            def _chat(self, req: dict):
                 name = _full(req.get("model", ""))
                 if name not in standin.models:
                     return self._send(404, {"error": f"model '{name}' not found"})
@@ -226,8 +220,8 @@ class OllamaStandIn:
                     text = standin.answer(name, req.get("messages") or [], req.get("options") or {})
                 except Exception as err:  # noqa: BLE001 - reported like Ollama's runner errors
                     return self._send(500, {"error": f"stand-in runner: {err}"})
-                answer = {"response": text} if generate else {"message": {"role": "assistant", "content": text}}
-                self._send(200, {"model": name, "created_at": "2025-01-01T00:00:00Z", "done": True, "done_reason": "stop"} | answer)
+                self._send(200, {"model": name, "created_at": "2025-01-01T00:00:00Z", "done": True, "done_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}})
 
             def _create(self, req: dict):
                 standin.create_requests.append(req)

@@ -39,13 +39,12 @@ def pull_warning(tag: str) -> str:
             f"(`edentune cycle status` notices; deploy again to reapply)")
 
 
-def model_digests(server: _Server) -> dict[str, str]:
-    """Ollama model name -> manifest digest (GET /api/tags)."""
-    return {full_name(m.model): m.digest or "" for m in server.call("list", what="GET /api/tags").models if m.model}
-
-
-def _sizes(server: _Server) -> dict[str, int]:
-    return {full_name(m.model): int(m.size or 0) for m in server.call("list", what="GET /api/tags").models if m.model}
+def model_digests(server: _Server, sizes: dict | None = None) -> dict[str, str]:
+    """Ollama model name -> manifest digest (GET /api/tags); fills `sizes` (name -> bytes) when given."""
+    listed = [m for m in server.call("list", what="GET /api/tags").models if m.model]
+    if sizes is not None:
+        sizes.update({full_name(m.model): int(m.size or 0) for m in listed})
+    return {full_name(m.model): m.digest or "" for m in listed}
 
 
 def _has_adapter(server: _Server, name: str) -> bool:
@@ -83,7 +82,8 @@ def plan_replace(plan: DeployPlan, tag: str, *, allow_base_mismatch: bool = Fals
                             f"({', '.join(m.name for m in plan.models)})",
                             hint="an app calls one model name: export one persona (or adapter_mode per persona) for it")
     server = _Server.for_plan(plan, client)
-    digests, sizes = model_digests(server), _sizes(server)
+    sizes: dict[str, int] = {}
+    digests = model_digests(server, sizes)
     backup = backup_name(tag)
     if tag not in digests:
         raise EdentuneError(f"cannot replace {tag}: there is no such model in Ollama at {plan.host}",
