@@ -1,6 +1,7 @@
 """The quickstart's evaluation on the embedded model with each backend, one process per backend.
 
     python benchmarks/bench_eval_backends.py [--out docs/results/bench_eval_backends.json] [--backends gguf transformers]
+        [--sides base fine-tuned] [--ppl-limit 40]
 
 Each backend scores the base and a fine-tuned adapter (a fixed random LoRA, r=32 on all seven
 projections like the quickstart's) on the quickstart's suite (8 cases, 96 new tokens, max_seq_len
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 
-def child(backend: str, work: Path) -> dict:
+def child(backend: str, work: Path, sides: list[str], ppl_limit: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -53,12 +54,12 @@ def child(backend: str, work: Path) -> dict:
         model.save_pretrained(adapter)
     full = load_suite(cfg.evaluation.suite)
     suite = Suite(full.name, full.path, _spread(full.cases, opts.eval_cases))
-    validation, replay = perplexity_sets(cfg, limit=40)
+    validation, replay = perplexity_sets(cfg, limit=ppl_limit)
     load1 = os.getloadavg()[0]
     out = {"backend": backend, "cases": len(suite.cases), "max_new_tokens": opts.max_new_tokens,
            "perplexity_conversations": len(validation) + len(replay), "threads": os.cpu_count(), "sides": {}}
     start = time.perf_counter()
-    for side, spec in (("base", "base"), ("fine-tuned", str(adapter))):
+    for side, spec in [s for s in (("base", "base"), ("fine-tuned", str(adapter))) if s[0] in sides]:
         t0 = time.perf_counter()
         b = backend_from_spec(spec, cfg, backend=backend)
         loaded = time.perf_counter() - t0
@@ -96,23 +97,27 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/bench_eval_backends.json")
     ap.add_argument("--backends", nargs="+", default=["gguf", "transformers"])
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "edentune-bench-eval"))
+    ap.add_argument("--sides", nargs="+", default=["base", "fine-tuned"])
+    ap.add_argument("--ppl-limit", type=int, default=40, help="validation and replay conversations each (quickstart: 40)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.child:
-        print(json.dumps(child(args.child, work)))
+        print(json.dumps(child(args.child, work, args.sides, args.ppl_limit)))
         return
     results = []
     for backend in args.backends:
-        done = subprocess.run([sys.executable, __file__, "--child", backend, "--work", str(work)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, __file__, "--child", backend, "--work", str(work), "--sides", *args.sides,
+                               "--ppl-limit", str(args.ppl_limit)], capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"{backend}: {done.stderr[-2000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "sides"}))
-    same = [a == b for a, b in zip(results[0]["sides"]["base"]["answers"], results[-1]["sides"]["base"]["answers"])]
+    first = args.sides[0]
+    same = [a == b for a, b in zip(results[0]["sides"][first]["answers"], results[-1]["sides"][first]["answers"])]
     report = {"machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "results": results, "identical_base_answers": f"{sum(same)}/{len(same)}"}
+              "results": results, f"identical_{first}_answers": f"{sum(same)}/{len(same)}"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {args.out}")

@@ -34,12 +34,12 @@ def side_by_side(embedded_dir, sample_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("gguf-eval")
     cfg = embedded_cfg("llama", tmp)
-    cfg.evaluation.max_new_tokens = 32
+    cfg.evaluation.max_new_tokens = 24
     adapter = make_adapter(embedded_dir, tmp / "adapter", r=8, lora_alpha=16)
     full = load_suite("default")
     suite = Suite(full.name, full.path, list(full.cases)[::4])  # 8 cases across the categories
-    validation = read_conversations(sample_dir / "eden_sample.jsonl")[:4]
-    replay = read_conversations(sample_dir / "replay.jsonl")[:4]
+    validation = read_conversations(sample_dir / "eden_sample.jsonl")[:3]
+    replay = read_conversations(sample_dir / "replay.jsonl")[:3]
     out = {}
     for kind in ("gguf", "transformers"):
         for side, spec in (("base", "base"), ("candidate", str(adapter))):
