@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import EdentuneError
 from ..io import write_text_atomic
 from ..registry import REGISTRY_NAME, SHARED, Registry
+from .pending import DEPLOY_EVENTS
 from .workspace import LAYOUT
 
 # metric key -> (label, kind); kind "rate" prints as a percentage, "loss" as a number, "count" as an integer.
@@ -71,6 +72,7 @@ def status(ws_dir: str | Path) -> StatusTable:
         recorded = reg.list_steps()
         last_steps = {(s.round_id, s.persona): s.step for s in recorded}  # recording order: the last wins
         deployed = {(s.round_id, s.persona) for s in recorded if s.step == "deploy"}
+        deployed_rounds = {e.round_id for e in events if e.kind in DEPLOY_EVENTS}
     by_round: dict[str, list] = {}
     for run in runs:
         by_round.setdefault(run.round_id, []).append(run)
@@ -85,7 +87,8 @@ def status(ws_dir: str | Path) -> StatusTable:
             rows.append(StatusRow(rnd.id, rnd.seq, rnd.created, rnd.status, run.persona, run.status, run.metrics, ship,
                                   [str(r) for r in run.reasons or []], live_for, run.export_dir, run.adapter_sha256,
                                   last_steps.get((rnd.id, run.persona)) or last_steps.get((rnd.id, SHARED)),
-                                  deployed=run.status != "accepted" or (rnd.id, run.persona) in deployed))
+                                  deployed=run.status != "accepted" or (rnd.id, run.persona) in deployed
+                                  or rnd.id in deployed_rounds))
     return StatusTable(workspace=str(ws_dir), rows=rows,
                        live={lv.persona: {"round_id": lv.round_id, "model": lv.model, "since": lv.since} for lv in live},
                        events=[asdict(e) for e in events])
