@@ -133,7 +133,8 @@ def loss_curve(ws_dir: Path, png: Path) -> list[tuple[str, list[float]]]:
         offset = max([s for s, _ in train + val], default=offset)
     ax.set_xlabel("optimizer step (months one after the other)")
     ax.set_ylabel("loss (assistant tokens)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_open(png, "wb") as fh:
@@ -202,7 +203,7 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
             sources = mix.detail["sources"]
             replayed = {k: v for k, v in sources.items() if k != "new"}
             console.print(f"{month}: trained on {sources.get('new', 0)} new conversations"
-                          + (f" + {sum(replayed.values())} replayed from " + ", ".join(f"{k} ({v})" for k, v in replayed.items())
+                          + (f" + {sum(replayed.values())} replayed from " + ", ".join(replayed)
                              if replayed else " (the replay buffer was empty)"), highlight=False)
             verdict = run.verdict or {}
             if verdict:

@@ -6,9 +6,13 @@ from __future__ import annotations
 from ..registry import SHARED, Registry
 
 
+DEPLOY_EVENTS = ("deploy", "rollback")  # a round with one of these went to Ollama (also in registries older than deploy steps)
+
+
 def not_deployed(reg: Registry, round_id: str, unit: str) -> bool:
     run = reg.run(round_id, unit)
-    return run is not None and run.status == "accepted" and reg.step(round_id, unit, "deploy") is None
+    return (run is not None and run.status == "accepted" and reg.step(round_id, unit, "deploy") is None
+            and not any(e.kind in DEPLOY_EVENTS for e in reg.events(round_id)))
 
 
 def _unit_for(reg: Registry, round_id: str, persona: str) -> str | None:

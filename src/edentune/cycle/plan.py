@@ -293,7 +293,8 @@ def plan_round(cfg, model_config, device: str = "cuda", device_gb: float = 24.0,
     else:
         backend = requested
         if not evals[backend].fits and fitting:
-            changes.append(("evaluate", f"evaluation.backend: {fitting[0]} ({backend} needs ~{evals[backend].total_gb:.1f} GB on the "
+            setting = "auto (transformers on the NF4 base)" if fitting[0] == "transformers-nf4" else fitting[0]
+            changes.append(("evaluate", f"evaluation.backend: {setting} ({backend} needs ~{evals[backend].total_gb:.1f} GB on the "
                                         f"{evals[backend].where} of {evals[backend].limit_gb:.1f} GB, {fitting[0]} "
                                         f"~{evals[fitting[0]].total_gb:.1f} GB)"))
             backend = fitting[0]

@@ -17,6 +17,8 @@ from pathlib import Path
 from ..errors import EdentuneError
 from ..io import check_outputs, write_text_atomic
 from ..registry import REGISTRY_NAME, SHARED, Registry
+from .pending import DEPLOY_EVENTS
+from .workspace import LAYOUT
 
 # metric key -> (label, kind); kind "rate" prints as a percentage, "loss" as a number, "count" as an integer.
 METRICS = {
@@ -76,6 +78,7 @@ def status(ws_dir: str | Path) -> StatusTable:
         rounds, runs, live, events = reg.rounds(), reg.runs(), reg.live_rows(), reg.events()
         step_rows = reg.list_steps()
     deployed = {(s.round_id, s.persona) for s in step_rows if s.step == "deploy"}
+    deployed_rounds = {e.round_id for e in events if e.kind in DEPLOY_EVENTS}
     last_steps = {(s.round_id, s.persona): s.step for s in step_rows}  # recording order: the last wins
     seconds: dict[tuple[str, str], dict[str, float]] = {}
     for st in step_rows:
@@ -98,7 +101,8 @@ def status(ws_dir: str | Path) -> StatusTable:
                                   [str(r) for r in run.reasons or []], live_for, run.export_dir, run.adapter_sha256,
                                   last_steps.get((rnd.id, run.persona)) or last_steps.get((rnd.id, SHARED)),
                                   {**shared, **seconds.get((rnd.id, run.persona), {})}, wall,
-                                  deployed=run.status != "accepted" or (rnd.id, run.persona) in deployed))
+                                  deployed=run.status != "accepted" or (rnd.id, run.persona) in deployed
+                                  or rnd.id in deployed_rounds))
     return StatusTable(workspace=str(ws_dir), rows=rows,
                        live={lv.persona: {"round_id": lv.round_id, "model": lv.model, "since": lv.since} for lv in live},
                        events=[asdict(e) for e in events])
