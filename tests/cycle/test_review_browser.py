@@ -265,11 +265,13 @@ def test_dashboard_renders_the_rounds(review_ws, server, browser):
 def test_rollback_needs_a_confirmation_and_reports_refusals(server, browser):
     page = browser.new_page()
     page.goto(server.url.replace("/review", "/dashboard/rollback") + "&round=2026-05")
-    page.click("text=roll back")
+    page.click("button:has-text('roll back')")
+    page.wait_for_selector("p.bad")
     assert "tick the confirmation" in page.inner_text("main")
     page.check("input[name=confirm]")
-    page.click("text=roll back")
+    page.click("button:has-text('roll back')")
     # The round is still being prepared: the cycle's rollback refuses it, and the page says why.
+    page.wait_for_selector("p.bad:has-text('2026-05')")
     assert page.locator("p.bad").count() == 1 and "2026-05" in page.inner_text("p.bad") and "Done" not in page.inner_text("main")
     page.close()
 
