@@ -47,7 +47,10 @@ def test_review_required_and_the_human_gate(tmp_path, make_workspace, cycle_file
     server = standin_factory()
     ws = make_workspace(tmp_path / "ws", server.host, review="required",
                         **{"gate.human_prompts": 3, "gate.human_min_win_rate": 0.5,
-                           "run.training.report_to": ["tensorboard", "mlflow", "wandb"]})
+                           "run.training.report_to": ["tensorboard", "mlflow", "wandb"],
+                           # the subject is the human gate: two steps, and no validation-loss condition
+                           "run.training.max_steps": 2, "run.training.warmup_steps": 0, "run.training.eval_steps": 1,
+                           "gate.require_val_loss_improvement": False})
 
     # -- month 1, first run: stops after cleaning
     r, out = _run(ws, cycle_files["month1"], round_id="2026-01")
@@ -147,7 +150,7 @@ def _dashboard(ws):
             assert "deployed" in page.inner_text("#rounds") and page.locator(".plots img").count() >= 1
             if os.environ.get("EDENTUNE_SCREENSHOT_DIR"):
                 page.screenshot(path=os.path.join(os.environ["EDENTUNE_SCREENSHOT_DIR"], "dashboard.png"), full_page=True)
-            page.click("text=answers")
+            page.click("a:has-text('answers')")
             assert "live model" in page.inner_text("main") and page.locator("table tr").count() == 4  # header + 3 cases
             browser.close()
     finally:
