@@ -22,8 +22,6 @@ from edentune.cycle.round import run_round
 from edentune.cycle.workspace import load_workspace
 from edentune.registry import Registry
 
-pytestmark = pytest.mark.slow
-
 
 def _run(ws, month, **kw):
     out = io.StringIO()
@@ -44,11 +42,15 @@ def _pick_all(ws, round_id, winner):
         return reg.blind_pairs(round_id)
 
 
+@pytest.mark.slow
 def test_review_required_and_the_human_gate(tmp_path, make_workspace, cycle_files, standin_factory, short_parity):
     server = standin_factory()
     ws = make_workspace(tmp_path / "ws", server.host, review="required",
                         **{"gate.human_prompts": 3, "gate.human_min_win_rate": 0.5,
-                           "run.training.report_to": ["tensorboard", "mlflow", "wandb"]})
+                           "run.training.report_to": ["tensorboard", "mlflow", "wandb"],
+                           # the subject is the human gate: two steps, and no validation-loss condition
+                           "run.training.max_steps": 2, "run.training.warmup_steps": 0, "run.training.eval_steps": 1,
+                           "gate.require_val_loss_improvement": False})
 
     # -- month 1, first run: stops after cleaning
     r, out = _run(ws, cycle_files["month1"], round_id="2026-01")
@@ -148,8 +150,87 @@ def _dashboard(ws):
             assert "deployed" in page.inner_text("#rounds") and page.locator(".plots img").count() >= 1
             if os.environ.get("EDENTUNE_SCREENSHOT_DIR"):
                 page.screenshot(path=os.path.join(os.environ["EDENTUNE_SCREENSHOT_DIR"], "dashboard.png"), full_page=True)
-            page.click("text=answers")
+            page.click("a:has-text('answers')")
             assert "live model" in page.inner_text("main") and page.locator("table tr").count() == 4  # header + 3 cases
             browser.close()
     finally:
         running.stop()
+
+
+class _StopBeforeTraining(Exception):
+    pass
+
+
+def test_required_review_stops_then_the_round_trains_on_the_decisions(tmp_path, make_workspace, cycle_files, standin_factory,
+                                                                        monkeypatch):
+    """The fast half of the test above (no model): stop after cleaning, resume into select and mix."""
+    from edentune.cycle import round as round_mod
+
+    server = standin_factory()
+    ws = make_workspace(tmp_path / "ws", server.host, review="required", **{"gate.human_prompts": 2})
+    r, out = _run(ws, cycle_files["month1"], round_id="2026-03")
+    assert r.status == "waiting" and f"waiting for review: edentune review {ws}" in " ".join(out.split())
+    again, _ = _run(ws, cycle_files["month1"])  # nothing decided yet: still waiting, nothing redone
+    assert again.status == "waiting" and _steps(ws, "2026-03") == ["ingest", "clean", "fixed", "replay"]
+
+    w = load_workspace(ws)
+    with Registry(ws / "registry.sqlite") as reg:
+        items = [i for i in human.review_items(w, reg, "2026-03") if i.status == "clean"]
+        blind = {b["conv_id"] for b in human.blind_sample(w, "2026-03")}
+        free = [i for i in items if not i.flags]
+        reg.set_review("2026-03", [i.conv_id for i in items[:-1]], decision="approved")
+    r, out = _run(ws, cycle_files["month1"])
+    assert r.status == "waiting" and "(1 of" in out  # one left undecided
+    with Registry(ws / "registry.sqlite") as reg:
+        reg.set_review("2026-03", [items[-1].conv_id, free[0].conv_id], decision="rejected")
+        reg.set_review("2026-03", [free[1].conv_id], edited=[*free[1].messages[:-1], {"role": "assistant", "content": "Edited."}])
+
+    def stop(*a, **kw):
+        raise _StopBeforeTraining
+    monkeypatch.setattr(round_mod, "_sft", stop)
+    with pytest.raises(_StopBeforeTraining):
+        _run(ws, cycle_files["month1"])
+    assert _steps(ws, "2026-03")[-2:] == ["select", "mix"]
+    new = [json.loads(line) for line in (ws / "rounds/2026-03/default/data/new.jsonl").read_text(encoding="utf-8").splitlines()]
+    ids = {human.conv_id({"messages": rec["messages"]}) for rec in new}
+    assert free[0].conv_id not in ids and items[-1].conv_id not in ids and not ids & blind and len(blind) == 2
+    assert [rec["messages"][-1]["content"] for rec in new if rec.get("review_edited") == free[1].conv_id] == ["Edited."]
+    counts = human.review_counts(human.review_items(w, Registry(ws / "registry.sqlite", readonly=True), "2026-03"))
+    assert len(new) == counts["clean"] - counts["rejected"] - len(blind) - sum(
+        "held out: fixed" in " ".join(i.flags) for i in items)
+    # Changing a decision makes select (and what follows) run again on the next `cycle run`.
+    with Registry(ws / "registry.sqlite") as reg:
+        reg.set_review("2026-03", [free[0].conv_id], decision="approved")
+    with pytest.raises(_StopBeforeTraining):
+        _run(ws, cycle_files["month1"])
+    new = (ws / "rounds/2026-03/default/data/new.jsonl").read_text(encoding="utf-8")
+    assert any(human.conv_id({"messages": json.loads(line)["messages"]}) == free[0].conv_id for line in new.splitlines())
+
+
+def test_the_human_gate_waits_for_picks_then_decides_by_them(tmp_path, make_workspace, cycle_files, standin_factory):
+    """human_verdict on real registry rows: waits (HumanWait) until enough picks, then ships or refuses."""
+    server = standin_factory()
+    ws = make_workspace(tmp_path / "ws", server.host, **{"gate.human_prompts": 4, "gate.human_min_win_rate": 0.6})
+    w = load_workspace(ws)
+    with Registry(ws / "registry.sqlite") as reg:
+        reg.begin_round("r", {})
+        reg.add_blind_pairs("r", "default", [{"pair_id": f"p{i}", "seq": i, "prompt": [{"role": "user", "content": "q"}],
+                                              "first_side": "live" if i % 2 else "candidate", "live_answer": f"L{i}",
+                                              "candidate_answer": f"C{i}"} for i in range(4)])
+        with pytest.raises(human.HumanWait, match="0 of 4 pairs picked"):
+            human.human_verdict(w, reg, "r", "default")
+        for p in reg.blind_pairs("r")[:3]:
+            reg.set_pick(p.pair_id, "a" if p.first_side == "candidate" else "b")
+        with pytest.raises(human.HumanWait, match="3 of 4"):
+            human.human_verdict(w, reg, "r", "default")
+        last = reg.blind_pairs("r")[3]
+        reg.set_pick(last.pair_id, "a" if last.first_side == "live" else "b")  # the live model wins this one
+        verdict = human.human_verdict(w, reg, "r", "default")
+        assert verdict["ship"] and verdict["win_rate"] == 0.75 and not verdict["reasons"]
+        second = reg.blind_pairs("r")[1]
+        reg.set_pick(second.pair_id, "a" if second.first_side == "live" else "b")  # the user changes their mind
+        reg.set_pick(reg.blind_pairs("r")[2].pair_id, "both_bad")
+        verdict = human.human_verdict(w, reg, "r", "default")  # 1 win + ½ (both bad) of 4
+        assert not verdict["ship"] and verdict["win_rate"] == 0.375
+        assert verdict["reasons"] == [f"the blind comparison's win rate 38% (95% CI {verdict['ci_low']:.0%}–{verdict['ci_high']:.0%}, "
+                                      "4 picks) is below gate.human_min_win_rate 60%"]

@@ -77,7 +77,8 @@ def test_preference_step_logs_to_mlflow(tiny_llama_dir, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "dpo.jsonl", rows)
     cfg = make_config(tiny_llama_dir, data, None, tmp_path / "run", report_to=["mlflow"]).updated(
         {"preference.method": "dpo", "preference.max_steps": 2, "preference.warmup_steps": 0})
-    train_preferences(cfg, data)
+    result = train_preferences(cfg, data)
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     client, runs = _mlflow_runs(tmp_path / "run")  # the store of training.output_dir, beside the SFT run's
     assert len(runs) == 1 and runs[0].data.tags["step"] == "dpo"
     assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == 2

@@ -18,7 +18,6 @@ from ..errors import EdentuneError
 from ..io import check_outputs, write_text_atomic
 from ..registry import REGISTRY_NAME, SHARED, Registry
 from .pending import DEPLOY_EVENTS
-from .workspace import LAYOUT
 
 # metric key -> (label, kind); kind "rate" prints as a percentage, "loss" as a number, "count" as an integer.
 METRICS = {
