@@ -30,12 +30,12 @@ from edentune.export.deploy import (
     DeployPlan,
     apply_deploy,
     check_gate,
-    check_host,
     deploy,
     plan_deploy,
     rollback,
 )
 from edentune.export.modelfile import CHATML_TEMPLATE, STOP_TOKENS
+from edentune.export.ollama import check_host
 from edentune.io import file_sha256
 from edentune.registry import Registry
 
@@ -368,7 +368,7 @@ def test_hosts_in_ollamas_own_forms_are_accepted():
 
 
 def test_an_unresolvable_host_is_named_as_such():
-    from edentune.export.deploy import _connect_reason
+    from edentune.export.ollama import _connect_reason
 
     try:
         try:

@@ -39,7 +39,8 @@ def deploy_round(ws_dir: str | Path, round_id: str | None = None, *, host: str |
     not older than the live round, its export and comparison are on disk and the comparison still
     says ship for the exported adapter (the deploy gate, re-checked), and Ollama answers with the
     base. Then each unit's deploy and live steps run as in a round."""
-    from ..export.deploy import check_base, ollama_host
+    from ..export.deploy import check_base
+    from ..export.ollama import ollama_host
     from .live import _check, _frozen_config
     from .round import _Steps, deploy_unit
 

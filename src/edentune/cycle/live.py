@@ -16,7 +16,8 @@ from pathlib import Path
 from ..config import RunConfig, load_config
 from ..errors import EdentuneError
 from ..export.api import REPORT_NAME, load_export
-from ..export.deploy import check_gate, full_name, ollama_host
+from ..export.gate import check_gate
+from ..export.ollama import full_name, ollama_host
 from ..registry import SHARED, Registry, RunRow
 from .lock import holds_workspace_lock
 from .workspace import Workspace, load_workspace

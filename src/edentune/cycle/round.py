@@ -190,7 +190,7 @@ def run_round(ws_dir: str | Path, new_files: list[str | Path], *, feedback: list
     round (`--host`), over the workspace's. `deploy=False` stops after the gate and the export
     (no Ollama needed): the round is accepted, not deployed, and `edentune cycle deploy`
     (deploy_later.py) deploys it later."""
-    from ..export.deploy import ollama_host
+    from ..export.ollama import ollama_host
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()

@@ -448,7 +448,7 @@ def init_workspace(path: str | Path, model: str = "qwen2.5-14b", personas: Mappi
 
         run = run.updated(quickstart_recipe())
     if host is not None:
-        from ..export.deploy import check_host
+        from ..export.ollama import check_host
 
         host = check_host(host)
     try:

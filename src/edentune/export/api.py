@@ -8,13 +8,13 @@ check still keeps the files (for inspection) and then raises with the numbers.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..registry import now as utc_now
 from ..errors import EdentuneError
 from ..io import EXPORT_MARKER, atomic_dir, check_output_dir, write_json_atomic, write_text_atomic
 from .gate import record_export_files
@@ -132,7 +132,7 @@ def export_adapter(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify:
     base_dir = base_model_dir(cfg)
     base_config = AutoConfig.from_pretrained(base_dir).to_dict()
     adapter = read_peft_adapter(adapter_dir, base_config)  # refusals happen here, before anything is written
-    report: dict = {"route": "adapter", "created": _now(), "adapter_dir": str(adapter_dir), "adapter_sha256": adapter_sha256(adapter_dir),
+    report: dict = {"route": "adapter", "created": utc_now(), "adapter_dir": str(adapter_dir), "adapter_sha256": adapter_sha256(adapter_dir),
                     "base": base_dir,
                     "ollama_base": cfg.export.ollama_base, "dtype": cfg.export.adapter_dtype,
                     "lora": {"r": adapter.r, "alpha_in_gguf": adapter.alpha, "tensors": len(adapter.pairs)}}
@@ -166,7 +166,7 @@ def export_merged(cfg, adapter_dir: str | Path, out_dir: str | Path, *, verify: 
     base_dir = base_model_dir(cfg)
     tok = _tokenizer(base_dir)
     model = merged_model(base_dir, adapter_dir).float().eval()
-    report: dict = {"route": "merged", "created": _now(), "adapter_dir": str(adapter_dir), "adapter_sha256": adapter_sha256(adapter_dir),
+    report: dict = {"route": "merged", "created": utc_now(), "adapter_dir": str(adapter_dir), "adapter_sha256": adapter_sha256(adapter_dir),
                     "base": base_dir, "dtype": dtype}
     with atomic_dir(out_dir, marker=EXPORT_MARKER, inputs=[adapter_dir]) as tmp:
         gguf_path = write_model_gguf(model, tok, tmp / "model.gguf", dtype, name=cfg.export.model_name)
@@ -195,9 +195,6 @@ def _tokenizer(base_dir: str):
 
     return load_tokenizer(base_dir)
 
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def load_export(out_dir: str | Path) -> dict:

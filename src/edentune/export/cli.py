@@ -58,13 +58,14 @@ def register(app: typer.Typer) -> None:
         """Create the exported model in Ollama (keeps the old one as <name>:previous), or roll back."""
         from ..config import load_config
         from . import deploy as d
+        from . import history
 
         cfg = load_config(config)
         if replace or allow_base_mismatch:
             cfg = cfg.updated({"export.replace": replace or cfg.export.replace,
                                "export.allow_base_mismatch": allow_base_mismatch or cfg.export.allow_base_mismatch})
-        where = registry or d.default_registry(cfg)
-        recorded = f"recorded in {d.registry_paths(where)[0]}"
+        where = registry or history.default_registry(cfg)
+        recorded = f"recorded in {history.registry_paths(where)[0]}"
         if rollback:
             rec = d.rollback(cfg, host=host, registry=where)
             console.print(f"[green]restored[/] {rec['model']} from {rec['restored_from']}; {recorded}", highlight=False, soft_wrap=True)

@@ -20,40 +20,25 @@
    the exported files with and without the adapter (a silently dropped adapter or a wrong
    template gives another answer).
 Both return data, never print; `deploy` and `rollback` record events in the registry when given one.
+The Ollama client is `ollama.py`, the gate `gate.py`, the registry of standalone deploys
+`history.py`, the replacement of an app's tag `replace.py`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import difflib
-import json
 import os
-import re
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..registry import now as utc_now
 from ..errors import EdentuneError
-from ..io import file_sha256
-from ..registry import REGISTRY_NAME, Registry
+from .history import open_registry, record_history
+from .ollama import MIN_OLLAMA_VERSION, OllamaRefused, OllamaServer, full_name, previous_name, remote_reason, version_tuple
 from .gate import GATE_HASH_FIELDS, check_export_files, check_gate, check_uploaded  # noqa: F401 - re-exported
-
-DEFAULT_HOST = "http://127.0.0.1:11434"
-# /api/create with from/files/adapters (the only form this module sends) exists since Ollama
-# v0.5.5 (its release notes; the older form took Modelfile text). Dev builds report 0.0.0.
-MIN_OLLAMA_VERSION = (0, 5, 5)
 SMOKE_PROMPT = "Introduce yourself in one sentence, then name three colours."
 SMOKE_OPTIONS = {"temperature": 0, "top_k": 1, "seed": 0, "num_predict": 24}
-_HOST_HINT = "give --host (or export.ollama_host / $OLLAMA_HOST) as http://HOST:PORT, e.g. http://127.0.0.1:11434"
-
-
-class OllamaRefused(EdentuneError):
-    """Ollama answered the request with an error status (as opposed to not answering at all)."""
-
-    def __init__(self, message: str, *, error: str, status: int, hint: str | None = None):
-        super().__init__(message, hint=hint)
-        self.error, self.status = error, status
 
 
 class DeployFailed(EdentuneError):
@@ -96,183 +81,6 @@ class DeployPlan:
     replace: dict | None = None  # deploying in place of an app's tag: what replace.plan_replace decided
 
 
-def full_name(name: str) -> str:
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-
-def previous_name(name: str) -> str:
-    repo, tag = full_name(name).rsplit(":", 1)
-    return f"{repo}:previous" if tag == "latest" else f"{repo}:{tag}-previous"
-
-
-def ollama_host(cfg, host: str | None = None) -> str:
-    """`--host`, else the config's `export.ollama_host`, else $OLLAMA_HOST, else Ollama's default."""
-    return check_host(host or cfg.export.ollama_host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST)
-
-
-def check_host(host: str) -> str:
-    """A host the client can use (ollama's own forms: `HOST`, `HOST:PORT`, `http(s)://HOST:PORT/path`), else an error."""
-    text = host.strip()
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        scheme, rest = "http", text
-    problem = None
-    if not text or any(c.isspace() or ord(c) < 32 for c in text):
-        problem = "it is empty or contains spaces"
-    elif scheme not in ("http", "https"):
-        problem = f"the scheme {scheme!r} is not http or https"
-    else:
-        try:
-            split = urllib.parse.urlsplit(f"{scheme}://{rest}")
-            split.port  # noqa: B018 - raises ValueError on a non-numeric or out-of-range port
-        except ValueError as err:
-            problem = str(err)
-        else:
-            if not split.hostname and not rest.startswith(":"):
-                problem = "it names no host"
-    if problem:
-        raise EdentuneError(f"malformed Ollama host {host!r}: {problem}", hint=_HOST_HINT)
-    return text
-
-
-UPLOAD_MIN_RATE = 1 << 20  # bytes/s: an upload moving at least this fast is given more time than its deadline
-
-
-class _Server:
-    """The Ollama a deploy talks to: a client for quick calls, one with the long read timeout for
-    blob upload, create and chat (which loads the model), and errors that name the host."""
-
-    def __init__(self, host: str, timeout: float, long_timeout: float, client=None, deadline: float = 60.0,
-                 long_deadline: float = 1200.0):
-        self.host, self.timeout, self.long_timeout = check_host(host), timeout, long_timeout
-        self.deadline, self.long_deadline = deadline, long_deadline  # overall, however slowly it trickles (netdeadline)
-        if client is not None:
-            self.quick = self.slow = client
-            return
-        import httpx
-        import ollama
-
-        from ..netdeadline import client_transport
-
-        try:
-            self.quick = ollama.Client(host=self.host, timeout=httpx.Timeout(self.timeout), transport=client_transport())
-            self.slow = ollama.Client(host=self.host, timeout=httpx.Timeout(self.long_timeout, connect=self.timeout),
-                                      transport=client_transport())
-        except (ValueError, httpx.InvalidURL) as err:
-            raise EdentuneError(f"malformed Ollama host {self.host!r}: {err}", hint=_HOST_HINT) from None
-
-    @classmethod
-    def for_config(cls, cfg, host: str | None = None, client=None) -> _Server:
-        return cls(ollama_host(cfg, host), cfg.export.ollama_timeout_s, cfg.export.ollama_create_timeout_s, client,
-                   cfg.export.ollama_deadline_s, cfg.export.ollama_create_deadline_s)
-
-    @classmethod
-    def for_plan(cls, plan: DeployPlan, client=None) -> _Server:
-        deadlines = (plan.cfg.export.ollama_deadline_s, plan.cfg.export.ollama_create_deadline_s) if plan.cfg else ()
-        return cls(plan.host, plan.timeout_s, plan.create_timeout_s, client, *deadlines)
-
-    def call(self, method: str, *args, slow: bool = False, what: str = "the request", **kwargs):
-        import httpx
-        import ollama
-
-        from ..netdeadline import deadline
-
-        client, timeout = (self.slow, self.long_timeout) if slow else (self.quick, self.timeout)
-        overall = self.long_deadline if slow else self.deadline
-        try:
-            with deadline(overall, min_rate=UPLOAD_MIN_RATE if slow else None) as limit:
-                return getattr(client, method)(*args, **kwargs)
-        except ollama.ResponseError as err:
-            if _looks_like_html(err.error):
-                raise self.not_ollama(f"it answered {what} with HTTP {err.status_code}") from None
-            raise OllamaRefused(f"Ollama at {self.host} refused {what}: {err.error} (HTTP {err.status_code})",
-                                error=str(err.error), status=err.status_code) from None
-        except ConnectionError as err:  # ollama's wrapper of httpx.ConnectError (refused, DNS)
-            raise EdentuneError(f"cannot reach Ollama at {self.host}: {_connect_reason(err)}",
-                                hint="start it with `ollama serve`, or check --host / export.ollama_host / $OLLAMA_HOST") from None
-        except httpx.TimeoutException as err:
-            if limit.expired:
-                key = "export.ollama_create_deadline_s" if slow else "export.ollama_deadline_s"
-                raise EdentuneError(f"Ollama at {self.host} did not finish {what} within the deadline of {overall:g} s: it answers "
-                                    "too slowly or never stops", hint=f"check that Ollama (not another program) listens at that host "
-                                    f"and port; for a slow server raise {key}") from None
-            key = "export.ollama_create_timeout_s" if slow else "export.ollama_timeout_s"
-            raise EdentuneError(
-                f"Ollama at {self.host} did not answer {what} within {timeout:g} s ({type(err).__name__})",
-                hint=f"check that Ollama (not another program) listens at that host and port; for a slow server raise {key}",
-            ) from None
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as err:
-            raise EdentuneError(f"malformed Ollama host {self.host!r}: {err}", hint=_HOST_HINT) from None
-        except httpx.TransportError as err:
-            raise EdentuneError(f"the connection to Ollama at {self.host} failed during {what}: {err or type(err).__name__}",
-                                hint="check that Ollama (not another program) listens at that host and port") from None
-        except ValueError as err:  # JSON that is not JSON, or not the shape of Ollama's answer (pydantic)
-            raise self.not_ollama(f"its answer to {what} is not Ollama's JSON ({str(err).splitlines()[0][:120]})") from None
-
-    def not_ollama(self, why: str) -> EdentuneError:
-        return EdentuneError(f"not an Ollama server at {self.host}: {why}",
-                             hint="check --host / export.ollama_host: it must be Ollama's API address (default port 11434)")
-
-    def version(self) -> str:
-        # ollama-python 0.6.3 has no method for /api/version; its _request_raw keeps the error mapping.
-        try:
-            response = self.call("_request_raw", "GET", "/api/version", what="GET /api/version")
-        except OllamaRefused as err:  # every Ollama has this endpoint
-            raise self.not_ollama(f"GET /api/version answered HTTP {err.status}") from None
-        try:
-            version = response.json()["version"]
-        except (ValueError, KeyError, TypeError):
-            raise self.not_ollama("GET /api/version did not return Ollama's {\"version\": ...}") from None
-        if not isinstance(version, str):
-            raise self.not_ollama("GET /api/version did not return a version string")
-        return version
-
-    def show(self, name: str) -> dict:
-        """The raw /api/show answer (the client's model drops fields such as `remote_host`)."""
-        response = self.call("_request_raw", "POST", "/api/show", json={"model": name}, what=f"/api/show for {name}")
-        try:
-            shown = response.json()
-        except ValueError:
-            raise self.not_ollama(f"/api/show for {name} is not JSON") from None
-        if not isinstance(shown, dict):
-            raise self.not_ollama(f"/api/show for {name} is not a JSON object")
-        return shown
-
-    def models(self) -> set[str]:
-        return {full_name(m.model) for m in self.call("list", what="GET /api/tags").models if m.model}
-
-
-def _looks_like_html(text) -> bool:
-    return isinstance(text, str) and text.lstrip()[:15].lower().startswith(("<!doctype", "<html"))
-
-
-def _connect_reason(err: BaseException) -> str:
-    cause = str(err.__context__ or err)
-    if any(s in cause for s in ("Name or service not known", "nodename nor servname", "getaddrinfo", "No address associated")):
-        return f"the host name does not resolve ({cause})"
-    if "refused" in cause.lower():
-        return "connection refused (nothing listens on that port)"
-    return cause
-
-
-def version_tuple(version: str) -> tuple[int, int, int] | None:
-    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", version.strip())
-    return tuple(int(x) for x in m.groups()) if m else None  # type: ignore[return-value]
-
-
-def remote_reason(name: str, shown: dict | None = None) -> str | None:
-    """Why `name` is a model that runs elsewhere (Ollama cloud models are tagged `:cloud` or
-    `…-cloud` and /api/show reports their `remote_host`), or None for a local model."""
-    if "://" in name:
-        return "it is a URL, not a local model"
-    tag = full_name(name).rsplit(":", 1)[1]
-    if tag == "cloud" or tag.endswith("-cloud"):
-        return "it is an Ollama cloud model (runs on ollama.com)"
-    if shown and (shown.get("remote_host") or shown.get("remote_model")):
-        return f"it is a remote model served by {shown.get('remote_host') or 'another host'}"
-    return None
-
-
 def base_template_matches(template: str | None, tok, system: str | None) -> bool:
     """Does the base's Go template render exactly what training's template renders?"""
     from . import parity
@@ -294,90 +102,13 @@ def base_template_matches(template: str | None, tok, system: str | None) -> bool
 def check_base(cfg, *, host: str | None = None, client=None) -> str:
     """Ollama answers at the host and has `export.ollama_base` locally (a missing base is never
     pulled silently); returns Ollama's version. Touches nothing."""
-    server = _Server.for_config(cfg, host, client)
+    server = OllamaServer.for_config(cfg, host, client)
     version = server.version()
     base = cfg.export.ollama_base
     if full_name(base) not in server.models():
         raise EdentuneError(f"base model {base!r} is not in Ollama at {server.host}",
                             hint=f"run `ollama pull {base}` first (edentune never lets Ollama pull it silently)")
     return version
-
-
-# -- registry: the standalone deploy's history (a cycle records its own deploys per round) -------
-
-LEGACY_HISTORY = "deployments.json"  # the JSON history of edentune before the SQLite registry
-
-
-def default_registry(cfg) -> Path:
-    return Path(cfg.training.output_dir) / REGISTRY_NAME
-
-
-def registry_paths(registry: str | Path) -> tuple[Path, Path | None]:
-    """(the SQLite registry, the legacy JSON history to import into it) for a `--registry` PATH:
-    a SQLite file; a folder (a cycle workspace): FOLDER/registry.sqlite; a legacy `.json` history:
-    registry.sqlite beside it. The legacy history is that .json, else a deployments.json beside
-    the SQLite file (the old default place), when it exists."""
-    path = Path(registry)
-    if path.suffix.lower() == ".json":
-        return path.parent / REGISTRY_NAME, path if path.exists() else None
-    if path.is_dir():
-        path = path / REGISTRY_NAME
-    legacy = path.parent / LEGACY_HISTORY
-    return path, legacy if legacy.exists() else None
-
-
-def open_registry(registry: str | Path) -> Registry:
-    """The registry for `registry` (see registry_paths), opened for writing (created or upgraded),
-    with the legacy JSON history imported once (the JSON file itself is only read). Any problem
-    is an EdentuneError, raised before the caller touches Ollama."""
-    path, legacy = registry_paths(registry)
-    imported = read_legacy_history(legacy) if legacy is not None else None
-    try:
-        reg = Registry(path)
-    except EdentuneError as err:
-        raise EdentuneError(f"deploy registry {err.args[0]}",
-                            hint="; ".join(filter(None, [err.hint, "nothing was changed in Ollama"]))) from None
-    if imported is not None:
-        try:
-            reg.import_events(history_events(imported), source=str(legacy.resolve()), sha256=file_sha256(legacy))
-        except BaseException:
-            reg.close()
-            raise
-    return reg
-
-
-def read_legacy_history(path: str | Path) -> list[dict]:
-    """The records of a deployments.json written by an older edentune; an unreadable file is an error."""
-    path = Path(path)
-    try:
-        history = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise EdentuneError(f"deploy history {path} cannot be read ({str(err)[:200]})",
-                            hint="repair it or move it aside (its records are imported into the registry once); "
-                                 "nothing was changed in Ollama") from None
-    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
-        raise EdentuneError(f"deploy history {path} is not a list of deploy records",
-                            hint="repair it or move it aside (its records are imported into the registry once); "
-                                 "nothing was changed in Ollama")
-    return history
-
-
-def history_events(records: list[dict]) -> list[dict]:
-    """One registry event per deploy/rollback record, with the cycle's event kinds: "deploy",
-    "error" (a failed deploy, rolled back) or "rollback"; the record itself under detail.records
-    (as in the cycle's deploy events). No round or persona: a standalone deploy has neither."""
-    events = []
-    for r in records:
-        kind = "rollback" if r.get("action") == "rollback" else "error" if r.get("status") == "rolled back" else "deploy"
-        detail = {"records": [r]} | ({"error": r.get("error")} if kind == "error" else {})
-        events.append({"kind": kind, "model": r["model"] if isinstance(r.get("model"), str) else None,
-                       "time": r["time"] if isinstance(r.get("time"), str) else None, "detail": detail})
-    return events
-
-
-def record_history(registry: Path, records: list[dict]) -> None:
-    with Registry(registry) as reg:
-        reg.record_events(history_events(records))
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -415,7 +146,7 @@ def plan_deploy(cfg, export_dir: str | Path, *, host: str | None = None, gate: s
         for mf in modelfiles.values():
             if why := remote_reason(mf.from_):
                 raise _remote_refusal(mf.from_, why)
-    server = _Server.for_config(cfg, host, client)
+    server = OllamaServer.for_config(cfg, host, client)
     version = server.version()
     parsed = version_tuple(version)
     if parsed is not None and parsed != (0, 0, 0) and parsed < MIN_OLLAMA_VERSION:
@@ -468,7 +199,7 @@ def apply_deploy(plan: DeployPlan, *, client=None, smoke: bool = True) -> list[d
     """Create the planned models in Ollama, confirm each with /api/show and (with `smoke`) the
     smoke check; on any failure restore what was there before and raise DeployFailed (with the
     records of what was tried). Returns one event record per model."""
-    server = _Server.for_plan(plan, client)
+    server = OllamaServer.for_plan(plan, client)
     references = smoke_references(plan) if smoke else {}  # before Ollama is touched: a failure here changes nothing
     touched: list[ModelPlan] = []
     records: list[dict] = []
@@ -518,7 +249,7 @@ def apply_deploy(plan: DeployPlan, *, client=None, smoke: bool = True) -> list[d
     return records
 
 
-def _create(server: _Server, mp: ModelPlan, route: str, gguf: Path, digest: str | None) -> None:
+def _create(server: OllamaServer, mp: ModelPlan, route: str, gguf: Path, digest: str | None) -> None:
     kwargs = dict(model=mp.name, system=mp.system, parameters=mp.parameters, stream=False)  # never `quantize` a GGUF
     if route == "adapter":
         kwargs.update(from_=mp.from_, adapters={gguf.name: digest}, template=mp.template)
@@ -529,7 +260,7 @@ def _create(server: _Server, mp: ModelPlan, route: str, gguf: Path, digest: str 
     server.call("create", slow=True, what=f"creating {mp.name}", **kwargs)
 
 
-def _confirm(server: _Server, mp: ModelPlan, adapter: bool) -> None:
+def _confirm(server: OllamaServer, mp: ModelPlan, adapter: bool) -> None:
     from .modelfile import STOP_TOKENS, parse_modelfile
 
     shown = parse_modelfile(server.show(mp.name).get("modelfile") or "")
@@ -549,7 +280,7 @@ def _confirm(server: _Server, mp: ModelPlan, adapter: bool) -> None:
         raise EdentuneError(f"Ollama created {mp.name} but it does not match the export: " + "; ".join(problems))
 
 
-def _undo(server: _Server, touched: list[ModelPlan]) -> dict[str, str]:
+def _undo(server: OllamaServer, touched: list[ModelPlan]) -> dict[str, str]:
     """Put back what each touched model was: the kept previous version, or nothing. Best effort:
     returns model -> what happened, including a failure to restore."""
     out = {}
@@ -573,7 +304,7 @@ def _undo_summary(undone: dict[str, str]) -> str:
 
 
 def _record(plan: DeployPlan, mp: ModelPlan, route: str, gguf: Path, digest: str | None) -> dict:
-    return {"action": "deploy", "status": "live", "model": mp.name, "time": _now(), "host": plan.host,
+    return {"action": "deploy", "status": "live", "model": mp.name, "time": utc_now(), "host": plan.host,
             "ollama_version": plan.ollama_version, "route": route, "from": mp.from_ if route == plan.route else f"./{gguf.name}",
             "gguf": gguf.name, "digest": digest, "previous": mp.previous, "export_dir": str(plan.export_dir),
             "adapter_sha256": plan.adapter_sha256, "template": mp.template_source, "gate": plan.gate}
@@ -607,7 +338,7 @@ def smoke_references(plan: DeployPlan, *, route: str | None = None, gguf: Path |
     return out
 
 
-def smoke_check(server: _Server, mp: ModelPlan, with_adapter: str, without_adapter: str) -> dict:
+def smoke_check(server: OllamaServer, mp: ModelPlan, with_adapter: str, without_adapter: str) -> dict:
     """Ask the created model the smoke prompt (greedy) and judge its answer against llama.cpp's."""
     response = server.call("chat", model=mp.name, messages=[{"role": "user", "content": SMOKE_PROMPT}], options=dict(SMOKE_OPTIONS),
                            stream=False, slow=True, what=f"the smoke-check chat with {mp.name}")
@@ -683,7 +414,7 @@ def rollback(cfg, *, name: str | None = None, host: str | None = None, registry:
         if registry is not None:
             record_history(registry, [record])
         return record
-    server = _Server.for_config(cfg, host, client)
+    server = OllamaServer.for_config(cfg, host, client)
     server.version()  # is it Ollama at all: a clear error before any other call
     name = full_name(name or cfg.export.model_name)
     previous = previous_name(name)
@@ -691,7 +422,7 @@ def rollback(cfg, *, name: str | None = None, host: str | None = None, registry:
         raise EdentuneError(f"no previous version of {name} in Ollama ({previous} not found)",
                             hint="rollback restores the model that the last `edentune deploy` replaced")
     server.call("copy", previous, name, what=f"restoring {name}")
-    record = {"action": "rollback", "model": name, "time": _now(), "host": server.host, "restored_from": previous}
+    record = {"action": "rollback", "model": name, "time": utc_now(), "host": server.host, "restored_from": previous}
     if registry is not None:
         record_history(registry, [record])
     return record
@@ -702,6 +433,3 @@ def _load_tokenizer(base_dir: str):
 
     return load_tokenizer(base_dir)
 
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

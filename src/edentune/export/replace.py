@@ -24,7 +24,8 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 
 from ..errors import EdentuneError
-from .deploy import DeployPlan, _now, _Server, full_name, previous_name
+from ..registry import now
+from .ollama import OllamaServer, full_name, previous_name
 
 BACKUP_SUFFIX = "-edentune-original"
 
@@ -39,7 +40,7 @@ def pull_warning(tag: str) -> str:
             f"(`edentune cycle status` notices; deploy again to reapply)")
 
 
-def model_digests(server: _Server, sizes: dict | None = None) -> dict[str, str]:
+def model_digests(server: OllamaServer, sizes: dict | None = None) -> dict[str, str]:
     """Ollama model name -> manifest digest (GET /api/tags); fills `sizes` (name -> bytes) when given."""
     listed = [m for m in server.call("list", what="GET /api/tags").models if m.model]
     if sizes is not None:
@@ -47,7 +48,7 @@ def model_digests(server: _Server, sizes: dict | None = None) -> dict[str, str]:
     return {full_name(m.model): m.digest or "" for m in listed}
 
 
-def _has_adapter(server: _Server, name: str) -> bool:
+def _has_adapter(server: OllamaServer, name: str) -> bool:
     from .modelfile import parse_modelfile
 
     return bool(parse_modelfile(server.show(name).get("modelfile") or "").adapter)
@@ -73,7 +74,7 @@ def _size_text(shown: dict, size: int) -> str:
     return " / ".join(filter(None, [params and f"{params} parameters", gb])) or "size unknown"
 
 
-def plan_replace(plan: DeployPlan, tag: str, *, allow_base_mismatch: bool = False, client=None) -> DeployPlan:
+def plan_replace(plan, tag: str, *, allow_base_mismatch: bool = False, client=None) -> object:  # the deploy plan, with .replace set
     """Retarget a deploy plan at `tag`: FROM the backup of the original (made by apply), refusing
     a base that differs from the trained one. Read-only: changes nothing in Ollama."""
     tag = full_name(tag)
@@ -81,7 +82,7 @@ def plan_replace(plan: DeployPlan, tag: str, *, allow_base_mismatch: bool = Fals
         raise EdentuneError(f"--replace {tag} publishes one model, this export holds {len(plan.models)} "
                             f"({', '.join(m.name for m in plan.models)})",
                             hint="an app calls one model name: export one persona (or adapter_mode per persona) for it")
-    server = _Server.for_plan(plan, client)
+    server = OllamaServer.for_plan(plan, client)
     sizes: dict[str, int] = {}
     digests = model_digests(server, sizes)
     backup = backup_name(tag)
@@ -126,11 +127,11 @@ def plan_replace(plan: DeployPlan, tag: str, *, allow_base_mismatch: bool = Fals
                    "from": new.from_, "base_mismatch": mismatch, "cost": cost})
 
 
-def finish_replace(plan: DeployPlan, records: list[dict], *, client=None) -> list[dict]:
+def finish_replace(plan, records: list[dict], *, client=None) -> list[dict]:
     """Add the tag's new digest and the `ollama pull` warning to the deploy records."""
     info = dict(plan.replace)
     try:
-        info["digest"] = model_digests(_Server.for_plan(plan, client)).get(info["tag"])
+        info["digest"] = model_digests(OllamaServer.for_plan(plan, client)).get(info["tag"])
     except EdentuneError:  # deployed and checked: only the record of the digest is missing (status says "unknown")
         info["digest"] = None
     info["warning"] = pull_warning(info["tag"])
@@ -141,7 +142,7 @@ def finish_replace(plan: DeployPlan, records: list[dict], *, client=None) -> lis
 
 def restore_original(cfg, tag: str, *, host: str | None = None, client=None) -> dict:
     """Put the original kept by the first replace back under `tag` (its digest checked after)."""
-    server = _Server.for_config(cfg, host, client)
+    server = OllamaServer.for_config(cfg, host, client)
     server.version()
     tag, backup = full_name(tag), backup_name(tag)
     digests = model_digests(server)
@@ -153,7 +154,7 @@ def restore_original(cfg, tag: str, *, host: str | None = None, client=None) -> 
     restored = model_digests(server).get(tag)
     if restored != digests[backup]:
         raise EdentuneError(f"restored {tag} from {backup} but its digest is {restored}, the original's {digests[backup]}")
-    return {"action": "rollback", "model": tag, "time": _now(), "host": server.host, "restored_from": backup,
+    return {"action": "rollback", "model": tag, "time": now(), "host": server.host, "restored_from": backup,
             "digest": restored, "replaced_digest": replaced}
 
 
@@ -169,7 +170,7 @@ def replacement_drift(records: list[dict], *, host: str | None = None, timeout: 
             continue
         entry = {"tag": info["tag"], "recorded_digest": info.get("digest"), "backup": info.get("backup")}
         try:
-            server = _Server(host or r.get("host"), timeout, timeout, client)
+            server = OllamaServer(host or r.get("host"), timeout, timeout, client)
             digests = model_digests(server)
         except EdentuneError as err:
             out.append(entry | {"state": "unknown", "error": str(err).splitlines()[0]})

@@ -172,7 +172,7 @@ def _show_blob(cfg) -> Path | None:
     """The `FROM` file `/api/show` names for export.ollama_base, when it exists on this machine."""
     import httpx
 
-    from .deploy import ollama_host
+    from .ollama import ollama_host
 
     try:
         host = ollama_host(cfg)
