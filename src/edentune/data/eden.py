@@ -46,7 +46,7 @@ from typing import Literal
 import yaml
 
 from edentune.data.clean import apply_check, check_broken, redact_quarantine, scrubber
-from edentune.data.records import Item, Rejected, Report
+from edentune.data.records import Item, Rejected, Report, apply_transform
 from edentune.data.scrub import scrub_text
 from edentune.data.validate import validate_record
 from edentune.errors import DataError
@@ -384,18 +384,7 @@ def _to_item(pair: Pair, db: Path, screen: ScreenMode, counts: Counter) -> Item:
 def _process(items: list[Item], report: Report, scrub: ScrubMode) -> list[Item]:
     """The data stage's checks, in `clean`'s order: validation, scrubbing, broken text."""
     report.lines += len(items)
-    ok = []
-    for item in items:
-        if item.error is None:
-            try:
-                item.record, fixes = validate_record(item.record)
-                item.repairs += fixes
-            except Rejected as e:
-                item.error = e
-        if item.error is not None:
-            report.reject(item, item.error)
-        else:
-            ok.append(item)
+    ok = apply_transform(items, validate_record, report)
     if scrub != "off":
         ok = apply_check(ok, report, scrubber(report, scrub))
         for item in ok:  # the title is usually the first message's start: same data, same care

@@ -232,17 +232,25 @@ def load(paths: Iterable[PathLike], transform: Transform, report: Report,
             if item.blank:
                 report.blank += 1
                 continue
-            if item.error is None:
-                try:
-                    item.record, fixes = transform(item.record)
-                    item.repairs += fixes
-                except Rejected as e:
-                    item.error = e
-            if item.error is not None:
-                report.reject(item, item.error)
-            else:
-                items.append(item)
-    return items
+            items.append(item)
+    return apply_transform(items, transform, report)
+
+
+def apply_transform(items: Iterable[Item], transform: Transform, report: Report) -> list[Item]:
+    """`transform` each readable item (its repairs counted); rejected and unreadable ones go to `report`."""
+    kept = []
+    for item in items:
+        if item.error is None:
+            try:
+                item.record, fixes = transform(item.record)
+                item.repairs += fixes
+            except Rejected as e:
+                item.error = e
+        if item.error is not None:
+            report.reject(item, item.error)
+        else:
+            kept.append(item)
+    return kept
 
 
 def write_outputs(paths: Iterable[PathLike], report: Report, records: list[dict], write: PathLike | None = None,
