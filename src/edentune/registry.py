@@ -25,6 +25,7 @@ import contextlib
 import datetime as dt
 import json
 import math
+import re
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -241,8 +242,9 @@ class LiveRow:
     since: str
 
 
-# The tables of every schema version (sqlite_sequence is SQLite's own, for AUTOINCREMENT).
-OWN_TABLES = {"schema_version", "rounds", "runs", "steps", "events", "live", "sqlite_sequence"}
+# The tables of every schema version, read from the migrations so that a new version cannot leave
+# its tables out (sqlite_sequence is SQLite's own, for AUTOINCREMENT).
+OWN_TABLES = {"schema_version", "sqlite_sequence", *re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", "".join(MIGRATIONS))}
 
 
 class Registry:
