@@ -17,10 +17,19 @@ SETTINGS = {"max_new_tokens": 16, "temperature": 0.0, "system_prompt": "You are 
 
 def results(name: str, adapter_sha256: str | None, *, persona: float = 1.0, ppl_val: float = 10.0) -> EvalResult:
     metrics = {"language_mixing": 0.0, "persona_adherence": persona, "keyword_hit_rate": 0.8, "case_pass_rate": 0.6,
-               "perplexity_validation": ppl_val, "perplexity_replay": 8.0, "n": 1}
+               "perplexity_validation": ppl_val, "perplexity_replay": 8.0, "n": CASES}
     return EvalResult(model=name, suite="default", suite_sha256=SUITE_SHA, settings=SETTINGS, adapter_sha256=adapter_sha256,
-                      created="now", metrics=metrics, by_category={}, by_language={},
-                      cases=[CaseResult(id="ok", category="general", question="q", answer="Paris.", seconds=1.0)])
+                      created="now", metrics=metrics, by_category={}, by_language={}, cases=cases(persona))
+
+
+CASES = 24  # enough for the paired gate to call a halved persona adherence worse (12 lost: exact p = 0.0005)
+
+
+def cases(persona: float) -> list[CaseResult]:
+    """The per-case results behind the metrics: `persona` of them keep the persona."""
+    kept = round(persona * CASES)
+    return [CaseResult(id=f"case-{i}", category="general", question="q", answer="Paris.", seconds=1.0,
+                       persona_ok=i < kept, failures=[] if i < kept else ["persona"]) for i in range(CASES)]
 
 
 def scored_comparison(out_dir: Path, adapter_sha256: str, *, better: bool = True, cfg: RunConfig | None = None,
