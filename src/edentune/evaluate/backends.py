@@ -7,18 +7,12 @@ A backend answers whole conversations (system turn already explicit) and times e
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from edentune.errors import EdentuneError
 
-
-@dataclass
-class Generation:
-    text: str
-    seconds: float  # latency the user would see for this answer
-    completion_tokens: int | None = None
+from .generation import Generation  # noqa: F401 - re-exported: the answer type every backend returns
 
 
 class Backend(Protocol):

@@ -15,7 +15,7 @@ import time
 
 from edentune.errors import EdentuneError
 
-from .backends import Generation
+from .generation import Generation
 
 
 def cpu_threads() -> int:
