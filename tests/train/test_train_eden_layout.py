@@ -8,8 +8,8 @@ import json
 from rich.console import Console
 
 from edentune.config import RunConfig
-from edentune.train.data import IGNORE
-from edentune.train.recipe import prepare_data
+from edentune.data.encode import IGNORE
+from edentune.train.run import prepare_data
 
 APP = "You are a test assistant."
 
