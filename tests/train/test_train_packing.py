@@ -112,7 +112,8 @@ def test_packed_and_padded_batches_give_the_same_per_token_loss(tiny_llama_dir):
 def test_batching_auto_packs_only_with_flash_attention_and_packed_trains_on_cpu(tiny_llama_dir, small_data, tmp_path):
     from train_helpers import make_config
 
-    from edentune.train.recipe import resolve_batching, train
+    from edentune.train import train
+    from edentune.train.recipe import resolve_batching
 
     assert resolve_batching("auto", "cpu") == "length_grouped"  # measured faster on CPU (docs/benchmarks.md)
     assert resolve_batching("packed", "cpu") == "packed"  # exact under SDPA: allowed when asked for

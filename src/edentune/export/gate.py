@@ -15,9 +15,8 @@ Two records meet here, and neither is trusted on its word:
   `ship` is never trusted. The scored adapter is taken from the candidate results file itself,
   and must be the adapter the export was made from.
 
-Results files may also carry `scored_sha256` ({file name: sha256} of the artifacts an
-evaluation backend scored, e.g. a GGUF): every such file that the export also holds must have
-the same hash there.
+Results of the gguf evaluation backend also record the served files they scored (`artifacts`):
+the adapter GGUF scored must be, byte for byte, the `adapter.gguf` the export holds.
 
 A plain hash is no signature: this catches mix-ups and edits, not someone who rewrites every
 record consistently (who could as well run `ollama create` by hand); see docs/security.md.
@@ -152,10 +151,17 @@ def check_gate(comparison_json: str | Path, export_report: dict, cfg, files: dic
             "results_checked": {side: str(p) for side, p in compared.items()}, "files_sha256": bound}
 
 
+# The gguf evaluation backend records the served files it scored as `artifacts` (evaluate/runner.py);
+# the ones an export also writes are named here by the export's file names.
+SCORED_EXPORT_FILES = {"adapter_gguf": "adapter.gguf"}
+
+
 def _scored_files(results: Path) -> dict[str, str]:
-    """`scored_sha256` of a results file: {file name: sha256} of the artifacts scored, when the backend records them."""
+    """{export file name: sha256} of the artifacts a results file scored, when its backend records them."""
     try:
-        scored = json.loads(results.read_text(encoding="utf-8")).get("scored_sha256") or {}
+        artifacts = json.loads(results.read_text(encoding="utf-8")).get("artifacts") or {}
     except (OSError, ValueError, AttributeError):
         return {}
-    return {str(k): v for k, v in scored.items() if isinstance(v, str)} if isinstance(scored, dict) else {}
+    if not isinstance(artifacts, dict):
+        return {}
+    return {name: artifacts[key] for key, name in SCORED_EXPORT_FILES.items() if isinstance(artifacts.get(key), str)}
