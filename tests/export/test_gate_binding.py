@@ -81,6 +81,22 @@ def test_another_rounds_adapter_gguf_copied_into_the_export(rounds, export_a, tm
     refused(rounds, export_a, gate, "adapter.gguf is not the file the export wrote")
 
 
+def test_results_that_scored_another_adapter_gguf(rounds, export_a, tmp_path):
+    # the gguf backend scored b's adapter GGUF, while the results name a's PEFT adapter
+    other = file_sha256(rounds["exports"]["b"] / "adapter.gguf")
+    gate = scored_comparison(tmp_path / "eval", rounds["sha"]["a"], scored={"adapter_gguf": other})
+    refused(rounds, export_a, gate, f"the candidate results scored adapter.gguf {other[:12]}")
+
+
+def test_results_that_scored_this_adapter_gguf_deploy(rounds, export_a, tmp_path):
+    same = file_sha256(export_a / "adapter.gguf")
+    gate = scored_comparison(tmp_path / "eval", rounds["sha"]["a"], scored={"adapter_gguf": same})
+    with OllamaStandIn(QWEN_BASE) as server:
+        res = deploy_cli(rounds, export_a, gate, server.host)
+        assert res.exit_code == 0, res.output
+        assert "eden:latest" in server.models
+
+
 def test_a_modelfile_changed_after_the_export(rounds, export_a, tmp_path):
     gate = scored_comparison(tmp_path / "eval", rounds["sha"]["a"])
     modelfile = export_a / "Modelfile"
