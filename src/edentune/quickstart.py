@@ -91,15 +91,13 @@ def make_workspace(opts: QuickstartOptions, suite: Path) -> Path:
     ws_dir = opts.out_dir / "workspace"
     if is_workspace(ws_dir):
         return load_workspace(ws_dir).dir
-    ws = init_workspace(ws_dir, model="embedded")
+    from .presets import quickstart_recipe
+
+    ws = init_workspace(ws_dir, model="embedded")  # the embedded model's recipe, at its default size
+    run = ws.config.run.updated({**quickstart_recipe(opts.max_steps, opts.max_seq_len, opts.max_new_tokens),
+                                 "evaluation.suite": str(suite), "export.verify": opts.verify_export})
     data = ws.config.model_dump(mode="json")
-    run = data["run"]
-    steps, every = opts.max_steps, max(1, opts.max_steps // 2)
-    run["model"].update(max_seq_len=opts.max_seq_len, overlong="drop")  # whole conversations: each <|im_end|> is seen
-    run["training"].update(max_steps=steps, warmup_steps=min(5, max(0, steps // 5)), logging_steps=max(1, steps // 20),
-                           eval_steps=every, save_steps=every)
-    run["evaluation"].update(suite=str(suite), max_new_tokens=opts.max_new_tokens)
-    run["export"].update(ollama_base="smollm2:135m", num_ctx=max(2048, opts.max_seq_len), verify=opts.verify_export)
+    data["run"] = run.model_dump(mode="json")
     cfg = WorkspaceConfig.model_validate(data)
     write_text_atomic(ws.config_path, render_workspace_yaml(cfg, str(ws_dir)))
     return ws.dir

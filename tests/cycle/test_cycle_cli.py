@@ -41,13 +41,13 @@ def test_init_with_personas(tmp_path):
 
 def test_init_embedded_takes_the_quickstart_recipe_and_host(tmp_path):
     from edentune.config import config_for_model
-    from edentune.quickstart import QuickstartOptions, quickstart_config
+    from edentune.presets import quickstart_recipe
 
     res = runner.invoke(app, ["cycle", "init", str(tmp_path / "ws"), "--model", "embedded", "--host", "http://10.0.0.7:11434"])
     assert res.exit_code == 0, res.output
     run = load_workspace(tmp_path / "ws").config
     assert run.ollama.host == "http://10.0.0.7:11434"
-    quick = quickstart_config(QuickstartOptions(), tmp_path / "t.jsonl", tmp_path / "v.jsonl")
+    quick = config_for_model("embedded").updated(quickstart_recipe())  # what `edentune quickstart` starts from
     for section in ("model", "training", "lora", "quantization"):
         ours, theirs = getattr(run.run, section).model_dump(), getattr(quick, section).model_dump()
         ours.pop("output_dir", None), theirs.pop("output_dir", None)
