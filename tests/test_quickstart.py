@@ -78,12 +78,14 @@ class _StopAtTheFirstRound(Exception):
 ])
 def test_quickstart_names_the_quantization_the_backend_runs(tmp_path, monkeypatch, backend, says, never):
     import edentune.cycle.round
+    import edentune.presets
     import edentune.train.run
 
     def stop(*_args, **_kwargs):
         raise _StopAtTheFirstRound
 
     monkeypatch.setattr(edentune.train.run, "select_backend", lambda requested: backend)
+    monkeypatch.setattr(edentune.presets, "fast_cpu_4bit", lambda: True)  # the 4-bit recipe, whatever this CPU is
     monkeypatch.setattr(edentune.cycle.round, "run_round", stop)
     console = Console(record=True, width=200)
     with pytest.raises(_StopAtTheFirstRound):

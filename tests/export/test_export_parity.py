@@ -58,6 +58,7 @@ def test_adapter_trained_by_edentune_exports_with_parity_on_the_qwen2_twin(tmp_p
     twin, export it, and pass the llama.cpp parity check (the llama model takes the same path
     in tests/test_quickstart.py)."""
     from edentune.export import export_adapter
+    from edentune.presets import fast_cpu_4bit  # QLoRA where bitsandbytes is fast here, else plain LoRA
     from edentune.train import train
 
     sample = Path(__file__).resolve().parents[2] / "src/edentune/data/sample/eden_sample.jsonl"
@@ -65,7 +66,7 @@ def test_adapter_trained_by_edentune_exports_with_parity_on_the_qwen2_twin(tmp_p
     (tmp_path / "train.jsonl").write_text("\n".join(short[:20]) + "\n", encoding="utf-8")
     (tmp_path / "val.jsonl").write_text("\n".join(short[20:]) + "\n", encoding="utf-8")
     cfg = embedded_cfg("qwen2", tmp_path).updated({
-        "model.max_seq_len": 256, "model.overlong": "truncate", "quantization.load_in_4bit": True,
+        "model.max_seq_len": 256, "model.overlong": "truncate", "quantization.load_in_4bit": fast_cpu_4bit(),
         "lora.r": 8, "lora.alpha": 16.0, "training.output_dir": str(tmp_path / "run"), "training.warmup_steps": 0,
         "training.max_steps": 3, "training.eval_steps": 3, "training.save_steps": 3, "training.learning_rate": 1e-3,
         "data.train_files": [str(tmp_path / "train.jsonl")], "data.validation_files": [str(tmp_path / "val.jsonl")],

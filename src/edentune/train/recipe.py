@@ -32,6 +32,8 @@ from edentune.data.encode import Encoded
 from .distributed import check_supported, current_processes, load_device
 from .dropout import use_cheap_lora_dropout
 from .monitor import MonitorCallback, RichProgressCallback
+from edentune.presets import fast_cpu_4bit
+
 from .run import RunDir, prepare_data, write_manifest
 
 log = logging.getLogger(__name__)
@@ -350,6 +352,10 @@ class TorchEngine:
                          else DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
         if t.offload_checkpoints and not device.startswith("cuda"):
             self.console.print(f"note: training.offload_checkpoints applies to CUDA only; on {device} the checkpoints stay where they are")
+        if device == "cpu" and cfg.quantization.load_in_4bit and not fast_cpu_4bit():
+            self.console.print("[yellow]warning:[/] bitsandbytes' 4-bit layers are about 30x slower on this CPU (x86 without "
+                               "AVX512: every weight is dequantized at each step); for a small model set "
+                               "quantization.load_in_4bit: false, or train where a GPU or AVX512 is")
         if device == "cpu" and t.optimizer.startswith("paged"):
             self.console.print("note: paged optimizers need CUDA; bitsandbytes uses the non-paged 8-bit AdamW on CPU")
         if self.main:
