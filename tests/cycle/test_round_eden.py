@@ -143,7 +143,7 @@ def test_cli_two_rounds_with_the_round_runner_stubbed(tmp_path, monkeypatch):
     init_workspace(ws, model="embedded")
     calls = []
 
-    def fake_run_round(ws_dir, new_files, *, feedback=None, round_id=None, console=None):
+    def fake_run_round(ws_dir, new_files, *, feedback=None, round_id=None, console=None, **_):
         calls.append(([json.loads(line) for f in new_files for line in Path(f).read_text(encoding="utf-8").splitlines()],
                       feedback, round_id))
         with load_workspace(ws_dir).open_registry() as reg:

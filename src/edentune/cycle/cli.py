@@ -148,7 +148,8 @@ def register(app: typer.Typer) -> None:
 
             with workspace_lock(directory, "cycle run"):  # the import writes into the round: under the round's lock
                 eden = eden_import.prepare(directory, eden_db, round_id, err_console)
-                result = run_round(directory, [*new, *eden.new], feedback=[*feedback, *eden.feedback] or None, round_id=eden.round_id,
+                # run_round's own lock is the one held here: the undecorated function (functools.wraps' __wrapped__)
+                result = getattr(run_round, "__wrapped__", run_round)(directory, [*new, *eden.new], feedback=[*feedback, *eden.feedback] or None, round_id=eden.round_id,
                                    console=err_console, host=host, deploy=not no_deploy)
                 eden_import.record(directory, eden)
         else:

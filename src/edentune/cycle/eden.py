@@ -56,7 +56,10 @@ def prepare(ws_dir: str | Path, db: str | Path | None, round_id: str | None, con
 
     ws = load_workspace(ws_dir)
     with ws.open_registry() as reg:
-        round_id = _pick_round(reg, round_id, Console(quiet=True))
+        # An unfinished round is continued only on its own earlier import (the files it ingested).
+        running = [r for r in reg.rounds() if r.status == "running"]
+        earlier = [import_dir(ws, running[0].id) / CHATS] if round_id is None and len(running) == 1 else []
+        round_id = _pick_round(reg, round_id, Console(quiet=True), [f for f in earlier if f.is_file()])
         existing = reg.round(round_id)
         since = last_watermark(reg)
     out = import_dir(ws, round_id)

@@ -61,9 +61,6 @@ def read_holder(ws_dir: str | Path) -> dict | None:
     return holder if isinstance(holder, dict) else None
 
 
-_HELD: set[str] = set()  # workspaces (real paths) whose lock this process holds
-
-
 def _holder_text(holder: dict | None) -> str:
     if not holder or not isinstance(holder.get("pid"), int):
         return "another edentune process (it has not written its name yet)"
@@ -109,12 +106,10 @@ def workspace_lock(ws_dir: str | Path, command: str) -> Iterator[None]:
     it. The lock file exists only while it is held (removed before the lock is let go), so a
     command leaves the workspace as it found it."""
     path = Path(ws_dir) / LOCK_NAME
-    key = os.path.realpath(ws_dir)
-    if fcntl is None or key in _HELD:  # Windows (pragma: no cover); or this process holds it already (nested API calls)
+    if fcntl is None:  # pragma: no cover - Windows
         yield
         return
     fd = _open_locked(path, ws_dir, command)
-    _HELD.add(key)
     try:
         holder = {"pid": os.getpid(), "command": command,
                   "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
@@ -122,7 +117,6 @@ def workspace_lock(ws_dir: str | Path, command: str) -> Iterator[None]:
         os.pwrite(fd, (json.dumps(holder, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"), 0)
         yield
     finally:
-        _HELD.discard(key)
         with contextlib.suppress(OSError):
             os.unlink(path)  # still holding it: whoever opened this inode meanwhile sees it is gone and retries
         os.close(fd)  # releases the flock
