@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import month_records, write_jsonl  # tests/cycle/conftest.py: at import, while it is the `conftest` module
 from typer.testing import CliRunner
 
 from edentune.cli import app
@@ -153,7 +154,6 @@ def test_run_passes_its_arguments_and_prints_the_round(ws, tmp_path, monkeypatch
 def test_run_preflight_against_a_trickling_ollama_ends_at_the_deadline(tmp_path, trickle_server):
     """Ollama's headers at once, then one byte every 0.25 s: the preflight ends at
     export.ollama_deadline_s with a message naming it; nothing in the workspace changes."""
-    from conftest import month_records, write_jsonl
     from edentune.cycle.workspace import init_workspace
 
     ws = init_workspace(tmp_path / "ws", model="embedded")
