@@ -415,6 +415,7 @@ def test_code_metric_is_over_the_cases_that_ask_for_code_for_every_model():
     from edentune.evaluate.runner import EvalResult
 
     cfg = RunConfig()
+    cfg.evaluation.gate_test = "tolerance"  # one case each: what is checked is that both sides are measured, not significance
     asks = Case(id="asks", prompt="write code", expected_behavior="provides_running_code")
     chat = Case(id="chat", prompt="hello", expected_language="en")
     base = [check_answer(asks, Generation("I cannot write code.", 0.1), cfg, FAST),
