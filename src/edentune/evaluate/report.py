@@ -294,7 +294,7 @@ def summary(c: Comparison) -> dict:
         "suite_sha256": c.suite_sha256,
         "base_results_path": c.base_results_path, "base_results_sha256": c.base_results_sha256,
         "candidate_results_path": c.candidate_results_path, "candidate_results_sha256": c.candidate_results_sha256,
-        "settings": c.settings,
+        "settings": c.settings, "backends": c.backends, "candidate_artifacts": c.candidate_artifacts,
         "tolerance": c.tolerance, "max_forgetting": c.max_forgetting, "korean_consistency": c.korean_consistency,
         "metrics": {r.key: {"base": r.base, "candidate": r.candidate, "verdict": r.verdict, "gating": r.gating,
                             **({"detail": r.detail, "p_value": r.p_value, "interval": r.interval, "flipped": r.flipped} if r.detail else {})}
