@@ -8,6 +8,7 @@ Ollama unchanged."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,8 @@ def test_cycle_rollback_and_status_with_ollama_replace(tiny_qwen2_dir, tmp_path)
     from edentune.export import export_adapter
     from edentune.export.api import base_model_dir, smoke_base_gguf
     from edentune.export.modelfile import CHATML_TEMPLATE
-    from edentune.io import write_json_atomic
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))  # gate_results, as tests/cycle/test_rollback.py
+    from gate_results import scored_comparison
 
     spec = importlib.util.spec_from_file_location("export_conftest", Path(__file__).resolve().parents[1] / "export" / "conftest.py")
     mod = importlib.util.module_from_spec(spec)
@@ -120,9 +122,8 @@ def test_cycle_rollback_and_status_with_ollama_replace(tiny_qwen2_dir, tmp_path)
         ws.round_dir("2026-01", "default").mkdir(parents=True)
         ws.frozen_config_path("2026-01", "default").write_text(render_config_yaml(cfg))
         export = export_adapter(cfg, mod.make_adapter(tiny_qwen2_dir, tmp_path / "ad"), ws.export_dir("2026-01", "default"), verify=False)
-        write_json_atomic(ws.eval_dir("2026-01", "default") / "comparison.json",
-                          {"ship": True, "reasons": [], "candidate_adapter_sha256": export.report["adapter_sha256"],
-                           "suite_sha256": "0" * 64, "base_results_sha256": "1" * 64, "candidate_results_sha256": "2" * 64})
+        # real results files and a real compare: the gate re-derives its verdict from them (export/gate.py)
+        scored_comparison(ws.eval_dir("2026-01", "default"), export.report["adapter_sha256"], cfg=cfg)
         reg.set_run("2026-01", "default", status="accepted", export_dir=str(export.out_dir))
         reg.finish_round("2026-01", "accepted")
     runner = CliRunner()
