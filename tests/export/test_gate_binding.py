@@ -116,7 +116,8 @@ def test_ship_false_flipped_to_true_with_both_results_intact(rounds, export_a, t
     gate = scored_comparison(tmp_path / "eval", rounds["sha"]["a"], better=False)
     verdict = json.loads(gate.read_text())
     gate.write_text(json.dumps(verdict | {"ship": True, "reasons": []}))
-    refused(rounds, export_a, gate, "the comparison does not ship (Persona adherence is worse (1 → 0.5)), whatever comparison.json says")
+    refused(rounds, export_a, gate, "the comparison does not ship (Persona adherence is worse (24/24 → 12/24, p=0.00049")
+    refused(rounds, export_a, gate, "whatever comparison.json says")
 
 
 def test_results_paths_pointed_at_missing_files(rounds, export_a, tmp_path):
