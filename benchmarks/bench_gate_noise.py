@@ -1,6 +1,6 @@
 """How often does the gate call a NO-CHANGE candidate worse? The old rule vs the paired tests.
 
-The same month (the quickstart's training split of the bundled sample) is trained K times on the
+The same month (the quickstart's first month of the bundled sample, cleaned, 90 % of it) is trained K times on the
 embedded model, with K training seeds and nothing else different. Any two of these adapters are
 the same model up to training noise, so a gate comparing one (as the live model) with another (as
 the candidate) should call no metric worse, except by the chance its test allows. Every ordered
@@ -16,7 +16,7 @@ Reported: the share of ordered pairs in which each gate calls at least one gatin
 and per metric. Cheap on purpose (few steps, the quickstart's 8 cases); on 2 CPU cores each
 adapter takes about two minutes.
 
-    python benchmarks/bench_gate_noise.py --seeds 6 --steps 10 --out docs/results/bench_gate_noise.json
+    python benchmarks/bench_gate_noise.py --seeds 5 --steps 5 --lora --out docs/results/bench_gate_noise.json
 """
 
 from __future__ import annotations
@@ -49,11 +49,16 @@ def main() -> None:
 
     from rich.console import Console
 
+    from edentune.cycle.workspace import init_workspace, is_workspace, load_workspace
+    from edentune.data.clean import clean
+    from edentune.data.split import split_records
     from edentune.evaluate.backends import backend_from_spec
     from edentune.evaluate.compare import compare
     from edentune.evaluate.runner import EvalResult, evaluate, perplexity_sets
-    from edentune.evaluate.suite import Suite, load_suite
-    from edentune.quickstart import QuickstartOptions, _spread, prepare_data, quickstart_config
+    from edentune.evaluate.suite import load_suite
+    from edentune.io import write_jsonl_atomic
+    from edentune.presets import quickstart_recipe
+    from edentune.quickstart import split_months, write_suite
     from edentune.train import train
 
     quiet = Console(file=io.StringIO())
@@ -62,14 +67,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-gate-") as scratch:
         tmp = a.work or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
-        opts = QuickstartOptions(out_dir=tmp, max_steps=a.steps, max_new_tokens=a.max_new_tokens, eval_cases=a.cases)
-        train_file, val_file = prepare_data(tmp / "data", quiet)
-        base_cfg = quickstart_config(opts, train_file, val_file)
+        # The quickstart's first month, cleaned and split as the cycle does, on the embedded recipe.
+        records, _ = clean(split_months(tmp)[:1])
+        train_records, val_records = split_records(records, 0.1)
+        train_file, val_file = tmp / "data" / "train.jsonl", tmp / "data" / "validation.jsonl"
+        write_jsonl_atomic(train_file, train_records)
+        write_jsonl_atomic(val_file, val_records)
+        ws_dir = tmp / "workspace"  # `cycle init --model embedded`: the embedded model's recipe
+        ws = load_workspace(ws_dir) if is_workspace(ws_dir) else init_workspace(ws_dir, model="embedded")
+        base_cfg = ws.config.run.updated({**quickstart_recipe(a.steps, 384, a.max_new_tokens),
+                                "data.train_files": [str(train_file)], "data.validation_files": [str(val_file)],
+                                "evaluation.suite": str(write_suite(tmp, a.cases))})
         if a.lora:
             base_cfg = base_cfg.updated({"quantization.load_in_4bit": False})
-        full = load_suite(base_cfg.evaluation.suite)
-        suite = Suite(full.name, full.path, _spread(full.cases, a.cases))
-        validation, replay = perplexity_sets(base_cfg, limit=40)
+        suite = load_suite(base_cfg.evaluation.suite)
+        validation, replay = perplexity_sets(base_cfg, [str(val_file)], limit=40)
         seconds = []
         for seed in range(a.seeds):
             t0 = time.perf_counter()
