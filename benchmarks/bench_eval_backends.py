@@ -32,9 +32,9 @@ def child(backend: str, work: Path, sides: list[str], ppl_limit: int) -> dict:
     from edentune.config import config_for_model
     from edentune.evaluate.backends import backend_from_spec
     from edentune.evaluate.runner import evaluate, perplexity_sets
-    from edentune.evaluate.suite import Suite, load_suite
+    from edentune.evaluate.suite import load_suite
     from edentune.models import resolve_model_dir
-    from edentune.quickstart import SAMPLE_DIR, QuickstartOptions, _spread
+    from edentune.quickstart import SAMPLE_DIR, QuickstartOptions, write_suite
 
     torch.set_num_threads(os.cpu_count() or 1)
     opts = QuickstartOptions()
@@ -52,8 +52,7 @@ def child(backend: str, work: Path, sides: list[str], ppl_limit: int) -> dict:
                 if "lora_B" in name:
                     p.normal_(0, 0.005)
         model.save_pretrained(adapter)
-    full = load_suite(cfg.evaluation.suite)
-    suite = Suite(full.name, full.path, _spread(full.cases, opts.eval_cases))
+    suite = load_suite(write_suite(work, opts.eval_cases))  # the quickstart's 8-case subset
     validation, replay = perplexity_sets(cfg, limit=ppl_limit)
     load1 = os.getloadavg()[0]
     out = {"backend": backend, "cases": len(suite.cases), "max_new_tokens": opts.max_new_tokens,
